@@ -6,7 +6,12 @@ This is the only module that knows about GGUF files and the package that ships t
 from __future__ import annotations
 
 import importlib.util
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
+from unittest import mock
+
+import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -73,11 +78,14 @@ def load_model(
     if isinstance(dtype, str):
         dtype = _parse_dtype(dtype)
     hf_logging.disable_progress_bar()
+    # The GGUF converter draws its own tqdm bar that the logging switch above does not reach.
+    quiet_gguf = mock.patch.object(gguf_utils, "tqdm", partial(gguf_utils.tqdm, disable=True)) if extra else nullcontext()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype or "auto", attn_implementation=attn_implementation, **extra
-        )
+        with quiet_gguf:
+            tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype or "auto", attn_implementation=attn_implementation, **extra
+            )
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {error}") from error
     finally:

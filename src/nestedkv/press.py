@@ -1,0 +1,140 @@
+"""kvpress presses: glue between a model's prefill and the pure ``scoring`` and ``budgets`` modules.
+
+``NestedKVPress`` is the method of the paper; ``HeadAdaptivePress`` gives any kvpress scorer the
+same head-adaptive budgets and cache storage. Both work as kvpress presses: as a context manager
+around a forward pass or ``model.generate``, or with kvpress's ``kv-press-text-generation``
+pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from kvpress import BasePress, ScorerPress
+from torch import nn
+
+from nestedkv.budgets import BUDGETS, compute_n_kept, head_adaptive_keep
+from nestedkv.scoring import NestedKVConfig, nestedkv_score
+
+STORAGES = ("masked",)
+"""How unequal per-head budgets are held: ``masked`` keeps every key and hides evicted ones from
+attention with kvpress's fake-key patch (memory is not freed)."""
+
+
+def check_ratio(compression_ratio: float) -> None:
+    """Raise a clear ``ValueError`` unless ``0 <= compression_ratio < 1``."""
+    if not 0 <= compression_ratio < 1:
+        raise ValueError(f"compression_ratio must be in [0, 1) (fraction of KV removed), got {compression_ratio}")
+
+
+def check_storage(storage: str) -> None:
+    if storage not in STORAGES:
+        raise ValueError(f"unknown storage {storage!r}; choose one of {', '.join(STORAGES)}")
+
+
+def compress_head_adaptive(
+    module: nn.Module,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scores: torch.Tensor,
+    compression_ratio: float,
+    alpha_safeguard: float,
+    storage: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply a head-adaptive budget to one layer's cache.
+
+    keys, values: ``(B, H, N, d)``; scores: ``(B, H, N)``. With ``masked`` storage the returned
+    tensors are the inputs, and ``module.masked_key_indices`` (read by kvpress's attention patch)
+    names the evicted (batch, head, position) triples.
+    """
+    if module.config._attn_implementation == "eager":
+        raise ValueError("head-adaptive budgets with masked storage need attn_implementation='sdpa' (not 'eager')")
+    keep = head_adaptive_keep(scores, compute_n_kept(keys.shape[2], compression_ratio), alpha_safeguard)
+    module.masked_key_indices = tuple((~keep).nonzero(as_tuple=True))
+    return keys, values
+
+
+@dataclass
+class NestedKVPress(NestedKVConfig, ScorerPress):
+    """NestedKV: key-only, training-free KV cache eviction (Chen et al., arXiv 2605.26678).
+
+    After each layer's prefill, every position of every KV head is scored from its L2-normalised
+    key alone (:func:`nestedkv.scoring.nestedkv_score`: three anchors, head-adaptive mixing,
+    surprise gate, pinned sinks), then a budget picks what stays: ``head-adaptive`` (the paper's,
+    AdaKV rule with safeguard ``alpha_safeguard``) or ``uniform`` (every head keeps the same count).
+
+    ``compression_ratio`` is the fraction of context positions removed (0.9 keeps 10 %).
+    keys/values in the cache: ``(batch, kv_heads, N, head_dim)``; scores ``(batch, kv_heads, N)``.
+    Every score switch of :class:`~nestedkv.scoring.NestedKVConfig` is a constructor argument.
+    ``scales=("global",), budget="uniform", n_sink=0`` ranks exactly as kvpress's ``KeyDiffPress``.
+    """
+
+    budget: str = "head-adaptive"
+    alpha_safeguard: float = 0.20
+    storage: str = "masked"
+
+    def __post_init__(self) -> None:
+        check_ratio(self.compression_ratio)
+        NestedKVConfig.__post_init__(self)
+        if self.budget not in BUDGETS:
+            raise ValueError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
+        if not 0 <= self.alpha_safeguard <= 1:
+            raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
+        check_storage(self.storage)
+
+    def score(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
+        return nestedkv_score(keys, self)
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        if self.compression_ratio == 0:
+            return keys, values
+        n_kept = compute_n_kept(keys.shape[2], self.compression_ratio)
+        if n_kept < self.n_sink + self.n_recent:
+            raise ValueError(
+                f"compression_ratio {self.compression_ratio} keeps {n_kept} of {keys.shape[2]} positions per head, "
+                f"fewer than the {self.n_sink} sink + {self.n_recent} recent positions that are always kept"
+            )
+        if self.budget == "uniform":
+            return super().compress(module, hidden_states, keys, values, attentions, kwargs)
+        scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
+        return compress_head_adaptive(
+            module, keys, values, scores, self.compression_ratio, self.alpha_safeguard, self.storage
+        )
+
+
+@dataclass
+class HeadAdaptivePress(BasePress):
+    """Head-adaptive budgets (AdaKV, arXiv 2407.11550) for any kvpress ``ScorerPress``.
+
+    Like kvpress's ``AdaKVPress`` with the storage of :class:`NestedKVPress`. Scores of the wrapped
+    press must be comparable across heads.
+    """
+
+    press: ScorerPress
+    alpha_safeguard: float = 0.20
+    storage: str = "masked"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.press, ScorerPress):
+            raise TypeError(f"HeadAdaptivePress wraps a kvpress ScorerPress, got {type(self.press).__name__}")
+        check_storage(self.storage)
+
+    def post_init_from_model(self, model) -> None:
+        self.press.post_init_from_model(model)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.press.compression_ratio
+
+    @compression_ratio.setter
+    def compression_ratio(self, value: float) -> None:
+        self.press.compression_ratio = value
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        if self.compression_ratio == 0:
+            return keys, values
+        scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs)
+        return compress_head_adaptive(
+            module, keys, values, scores, self.compression_ratio, self.alpha_safeguard, self.storage
+        )

@@ -1,0 +1,298 @@
+"""The NestedKV score: pure tensor functions, one per step of the spec (``NESTEDKV_SPEC.md``).
+
+NestedKV (Chen et al., "NestedKV: Nested Memory Routing for Long-Context KV Cache Compression",
+arXiv 2605.26678) scores every cached position of every KV head from the L2-normalised keys alone:
+each key is compared with three anchors at three time scales (global, block, sliding window), the
+three anomalies are mixed with head-adaptive weights, and a surprise gate routes positions where
+the scales disagree to the strongest single scale. Higher score = more worth keeping.
+
+Shapes: ``keys`` is ``(..., N, d)`` (usually ``(batch, kv_heads, N, head_dim)``); scores are
+``(..., N)``. Everything is computed in float32, costs O(N·d) per head, and never builds an N×N
+tensor. No model, no kvpress: these functions can be checked by hand.
+
+Choices the paper leaves open (marked [open] in the spec) are made here, each in one place:
+
+* trailing block: a last block shorter than half a block is merged into the block before it,
+  so that no block anchor averages a handful of keys (see :func:`block_bounds`);
+* constant vectors: a min-max normalisation of a constant vector gives all zeros;
+* sinks and min-max: the ``n_sink`` first positions are left out of every within-head statistic
+  (min-max ranges, top/bottom-10 % gaps, surprise range and mean), because sink keys are outliers
+  that would squeeze everyone else's range; they are pinned to the top of the score anyway;
+* surprise is the population standard deviation across scales (any constant factor is removed
+  by the min-max normalisation that follows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCALES = ("global", "block", "window")
+"""The three anchors, slowest first: stable (global), episodic (block), current (sliding window)."""
+
+MIXINGS = ("adaptive", "fixed", "uniform")
+GATES = ("soft", "off", "max")
+NORMALISATIONS = ("minmax", "rank")
+
+PINNED = float("inf")
+"""Score given to protected positions (sinks, recent window): above every real score in [0, 1]."""
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+@dataclass
+class NestedKVConfig:
+    """Hyperparameters and ablation switches of the NestedKV score; defaults are the paper's.
+
+    scales: any non-empty subset of ``SCALES``. mixing: ``adaptive`` (the paper's
+    ``softmax(log w0 + beta * gap)``), ``fixed`` (the prior ``w0``) or ``uniform``. gate: ``soft``
+    (the paper's sigmoid gate), ``off`` (blend only) or ``max`` (always the winning scale).
+    normalisation: ``minmax`` (the paper's) or ``rank``. block_size ``None`` means
+    ``clip(N // 32, 128, 256)``. n_recent protects the last positions too (0 in the paper).
+    """
+
+    scales: tuple[str, ...] = SCALES
+    mixing: str = "adaptive"
+    gate: str = "soft"
+    normalisation: str = "minmax"
+    n_sink: int = 4
+    n_recent: int = 0
+    window: int = 64
+    block_size: int | None = None
+    prior: tuple[float, float, float] = (0.4, 0.4, 0.2)
+    beta: float = 3.0
+    tau: float = 0.60
+    kappa: float = 10.0
+    gap_fraction: float = 0.10
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scales, str):
+            self.scales = (self.scales,)
+        self.scales = tuple(self.scales)
+        if not self.scales:
+            raise ValueError(f"scales must name at least one of {', '.join(SCALES)}")
+        for scale in self.scales:
+            _check_choice("scale", scale, SCALES)
+        if len(set(self.scales)) != len(self.scales):
+            raise ValueError(f"scales {self.scales} names a scale twice")
+        # Canonical order keeps the prior aligned with the scales whatever order the user typed.
+        self.scales = tuple(s for s in SCALES if s in self.scales)
+        _check_choice("mixing", self.mixing, MIXINGS)
+        _check_choice("gate", self.gate, GATES)
+        _check_choice("normalisation", self.normalisation, NORMALISATIONS)
+        for name in ("n_sink", "n_recent"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1 or None, got {self.block_size}")
+        if len(self.prior) != len(SCALES) or min(self.prior) <= 0:
+            raise ValueError(f"prior must be three positive weights for {SCALES}, got {self.prior}")
+        if not 0 < self.gap_fraction <= 0.5:
+            raise ValueError(f"gap_fraction must be in (0, 0.5], got {self.gap_fraction}")
+
+
+# --- step 1: normalise ------------------------------------------------------------------------
+
+
+def normalise_keys(keys: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``k / max(||k||, eps)`` in float32. ``(..., N, d) -> (..., N, d)``; a zero key stays zero."""
+    keys = keys.float()
+    return keys / keys.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+# --- step 2: anchors --------------------------------------------------------------------------
+
+
+def default_block_size(n: int) -> int:
+    """The paper's block size ``b = clip(floor(N / 32), 128, 256)``."""
+    return min(max(n // 32, 128), 256)
+
+
+def block_bounds(n: int, block_size: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start and end (exclusive) of the contiguous block holding each position. ``-> (N,), (N,)``.
+
+    [open] A trailing block shorter than ``block_size // 2`` joins the block before it.
+    """
+    positions = torch.arange(n, device=device)
+    block_id = positions // block_size
+    n_blocks = -(-n // block_size)
+    if n_blocks > 1 and 0 < n % block_size < block_size // 2:
+        block_id = block_id.clamp(max=n_blocks - 2)
+    starts = block_id * block_size
+    ends = torch.minimum(starts + block_size, torch.tensor(n, device=device))
+    ends = torch.where(block_id == block_id[-1], torch.tensor(n, device=device), ends)
+    return starts, ends
+
+
+def window_bounds(n: int, window: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal window ``[max(0, i - W + 1), i]`` of each position as (start, exclusive end). ``-> (N,), (N,)``."""
+    positions = torch.arange(n, device=device)
+    return (positions - window + 1).clamp_min(0), positions + 1
+
+
+def span_means(k_hat: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Mean of ``k_hat[..., starts[i]:ends[i], :]`` for every i, by prefix sums. ``(..., N, d) -> (..., N, d)``.
+
+    The prefix sums run over ``k_hat`` minus its global mean: a random walk instead of a sum that
+    grows with N, so that float32 differences of prefix sums stay accurate on long contexts.
+    """
+    centre = k_hat.mean(dim=-2, keepdim=True)
+    prefix = torch.nn.functional.pad((k_hat - centre).cumsum(dim=-2), (0, 0, 1, 0))
+    sums = prefix[..., ends, :] - prefix[..., starts, :]
+    return sums / (ends - starts).unsqueeze(-1).to(k_hat.dtype) + centre
+
+
+def anchors(k_hat: torch.Tensor, config: NestedKVConfig) -> dict[str, torch.Tensor]:
+    """The anchors of the configured scales, each broadcastable to ``k_hat``'s ``(..., N, d)``.
+
+    global: ``(..., 1, d)`` mean over the whole context; block: ``(..., N, d)`` mean of the block
+    holding each position; window: ``(..., N, d)`` causal mean over the last W positions.
+    """
+    n = k_hat.shape[-2]
+    result = {}
+    if "global" in config.scales:
+        result["global"] = k_hat.mean(dim=-2, keepdim=True)
+    if "block" in config.scales:
+        size = config.block_size or default_block_size(n)
+        result["block"] = span_means(k_hat, *block_bounds(n, size, k_hat.device))
+    if "window" in config.scales:
+        result["window"] = span_means(k_hat, *window_bounds(n, config.window, k_hat.device))
+    return result
+
+
+# --- step 3: per-scale anomaly and its normalisation ------------------------------------------
+
+
+def cosine_anomaly(k_hat: torch.Tensor, anchor: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``-cos(k_hat_i, anchor_i)``. ``(..., N, d), (..., N or 1, d) -> (..., N)``; zero key gives 0."""
+    return -(k_hat * anchor).sum(dim=-1) / anchor.norm(dim=-1).clamp_min(eps)
+
+
+def minmax(x: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Min-max normalise along the last axis to [0, 1]. ``(..., N) -> (..., N)``.
+
+    The range is taken over ``x[..., start:]`` (positions before ``start`` are clamped into
+    [0, 1]); [open] a constant vector maps to all zeros.
+    """
+    stats = x[..., start:]
+    low = stats.amin(dim=-1, keepdim=True)
+    span = stats.amax(dim=-1, keepdim=True) - low
+    scaled = (x - low) / span.clamp_min(torch.finfo(x.dtype).tiny)
+    return torch.where(span > 0, scaled, torch.zeros_like(x)).clamp(0.0, 1.0)
+
+
+def rank_normalise(x: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Rank of each entry among ``x[..., start:]``, scaled to [0, 1]. ``(..., N) -> (..., N)``.
+
+    Positions before ``start`` get 1 (they are protected sinks). Ties are broken by position.
+    """
+    stats = x[..., start:]
+    n = stats.shape[-1]
+    ranks = stats.argsort(dim=-1, stable=True).argsort(dim=-1).to(x.dtype) / max(n - 1, 1)
+    head = torch.ones_like(x[..., :start])
+    return torch.cat([head, ranks], dim=-1)
+
+
+# --- step 4: head-adaptive mixing -------------------------------------------------------------
+
+
+def discriminative_gap(a: torch.Tensor, fraction: float = 0.10, start: int = 0) -> torch.Tensor:
+    """``mean(top fraction of a) - mean(bottom fraction of a)`` over ``a[..., start:]``. ``(..., N) -> (...)``.
+
+    At least one entry is averaged on each side.
+    """
+    stats = a[..., start:]
+    k = max(1, int(fraction * stats.shape[-1]))
+    top = stats.topk(k, dim=-1).values.mean(dim=-1)
+    bottom = stats.topk(k, dim=-1, largest=False).values.mean(dim=-1)
+    return top - bottom
+
+
+def mixing_weights(gaps: torch.Tensor, prior: torch.Tensor, beta: float, mixing: str = "adaptive") -> torch.Tensor:
+    """Weights of the scales. ``gaps (..., S), prior (S,) -> (..., S)`` summing to 1.
+
+    adaptive: ``softmax(log w0 + beta * gap)``; fixed: ``w0`` renormalised; uniform: ``1 / S``.
+    """
+    prior = prior.to(gaps) / prior.sum()
+    if mixing == "adaptive":
+        return torch.softmax(prior.log() + beta * gaps, dim=-1)
+    if mixing == "fixed":
+        return prior.expand_as(gaps)
+    _check_choice("mixing", mixing, ("uniform",))
+    return torch.full_like(gaps, 1.0 / gaps.shape[-1])
+
+
+# --- step 5: surprise-gated routing -----------------------------------------------------------
+
+
+def surprise_gate(a: torch.Tensor, tau: float, kappa: float, start: int = 0) -> torch.Tensor:
+    """Gate ``alpha(i) = sigmoid(kappa * (s_hat(i) - tau))``. ``a (..., S, N) -> (..., N)``.
+
+    Surprise ``s(i)`` is the (population) std of the S normalised anomalies at i; ``s_hat`` is its
+    within-head min-max normalisation minus its mean (both over positions ``start:``).
+    """
+    surprise = minmax(a.std(dim=-2, correction=0), start)
+    centred = surprise - surprise[..., start:].mean(dim=-1, keepdim=True)
+    return torch.sigmoid(kappa * (centred - tau))
+
+
+# --- the whole score --------------------------------------------------------------------------
+
+
+def check_context_length(n: int, config: NestedKVConfig) -> None:
+    """Raise a clear ``ValueError`` when N positions are too few for the configured score."""
+    if n <= config.n_sink:
+        raise ValueError(f"context of {n} tokens is not longer than the {config.n_sink} sink tokens")
+    if "block" in config.scales:
+        size = config.block_size or default_block_size(n)
+        if n < size:
+            raise ValueError(
+                f"context of {n} tokens is shorter than one block of {size} tokens; "
+                "use a longer context, a smaller block_size, or drop the block scale"
+            )
+
+
+def nestedkv_score(keys: torch.Tensor, config: NestedKVConfig | None = None) -> torch.Tensor:
+    """NestedKV score of every position. ``keys (..., N, d) -> scores (..., N)`` in float32.
+
+    Real scores lie in [0, 1]; protected positions (the first ``n_sink``, the last ``n_recent``)
+    score :data:`PINNED`. Higher is kept first.
+    """
+    config = config or NestedKVConfig()
+    n = keys.shape[-2]
+    check_context_length(n, config)
+    start = config.n_sink
+    normalise = minmax if config.normalisation == "minmax" else rank_normalise
+
+    k_hat = normalise_keys(keys, config.eps)  # step 1
+    anchor = anchors(k_hat, config)  # step 2
+    a = torch.stack(  # step 3: (..., S, N)
+        [normalise(cosine_anomaly(k_hat, anchor[s], config.eps), start) for s in config.scales], dim=-2
+    )
+    gaps = discriminative_gap(a, config.gap_fraction, start)  # step 4: (..., S)
+    prior = torch.tensor([config.prior[SCALES.index(s)] for s in config.scales])
+    weights = mixing_weights(gaps, prior, config.beta, config.mixing)
+    blend = (weights.unsqueeze(-1) * a).sum(dim=-2)
+    if config.gate == "off":  # step 5
+        score = blend
+    else:
+        winner = a.amax(dim=-2)
+        gate = torch.ones_like(blend) if config.gate == "max" else surprise_gate(a, config.tau, config.kappa, start)
+        score = (1 - gate) * blend + gate * winner
+    return pin_protected(score, config.n_sink, config.n_recent)  # step 6
+
+
+def pin_protected(scores: torch.Tensor, n_sink: int, n_recent: int) -> torch.Tensor:
+    """Pin the first ``n_sink`` and last ``n_recent`` positions to the top. ``(..., N) -> (..., N)``."""
+    scores = scores.clone()
+    scores[..., :n_sink] = PINNED
+    if n_recent:
+        scores[..., -n_recent:] = PINNED
+    return scores
