@@ -6,14 +6,12 @@ This is the only module that knows about GGUF files and the package that ships t
 from __future__ import annotations
 
 import importlib.util
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from unittest import mock
 
-import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
 import torch
+import transformers.modeling_gguf_pytorch_utils as gguf_utils
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -79,7 +77,7 @@ def load_model(
         dtype = _parse_dtype(dtype)
     hf_logging.disable_progress_bar()
     # The GGUF converter draws its own tqdm bar that the logging switch above does not reach.
-    quiet_gguf = mock.patch.object(gguf_utils, "tqdm", partial(gguf_utils.tqdm, disable=True)) if extra else nullcontext()
+    quiet_gguf = mock.patch.object(gguf_utils, "tqdm", partial(gguf_utils.tqdm, disable=True))
     try:
         with quiet_gguf:
             tokenizer = AutoTokenizer.from_pretrained(source, **extra)

@@ -12,14 +12,17 @@ from dataclasses import dataclass
 
 import torch
 from kvpress import BasePress, ScorerPress
-from torch import nn
+from kvpress.presses.base_press import is_prefilling
 
 from nestedkv.budgets import BUDGETS, compute_n_kept, head_adaptive_keep
+from nestedkv.cache import RaggedLayer
 from nestedkv.scoring import NestedKVConfig, nestedkv_score
 
-STORAGES = ("masked",)
-"""How unequal per-head budgets are held: ``masked`` keeps every key and hides evicted ones from
-attention with kvpress's fake-key patch (memory is not freed)."""
+STORAGES = ("ragged", "masked")
+"""How unequal per-head budgets are held. ``ragged``: each head's kept positions are packed into
+one buffer per layer (:class:`~nestedkv.cache.RaggedLayer`), so evicted memory is freed.
+``masked``: kvpress's mechanism, every key is kept and evicted ones are hidden from attention by
+fake keys during decoding (nothing is freed)."""
 
 
 def check_ratio(compression_ratio: float) -> None:
@@ -33,30 +36,42 @@ def check_storage(storage: str) -> None:
         raise ValueError(f"unknown storage {storage!r}; choose one of {', '.join(STORAGES)}")
 
 
-def compress_head_adaptive(
-    module: nn.Module,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    scores: torch.Tensor,
-    compression_ratio: float,
-    alpha_safeguard: float,
-    storage: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply a head-adaptive budget to one layer's cache.
+class HeadAdaptiveStorage:
+    """Head-adaptive budgets held as ``storage`` says; mixed into a press that defines
+    ``compression_ratio``, ``alpha_safeguard``, ``storage`` and ``head_scores``.
 
-    keys, values: ``(B, H, N, d)``; scores: ``(B, H, N)``. With ``masked`` storage the returned
-    tensors are the inputs, and ``module.masked_key_indices`` (read by kvpress's attention patch)
-    names the evicted (batch, head, position) triples.
+    ``masked`` storage goes through kvpress's ``compress`` protocol (keys and values come back
+    whole, ``module.masked_key_indices`` names the evicted triples); ``ragged`` storage replaces
+    the layer of the cache in the forward hook, since it changes the cache's layout.
     """
-    if module.config._attn_implementation == "eager":
-        raise ValueError("head-adaptive budgets with masked storage need attn_implementation='sdpa' (not 'eager')")
-    keep = head_adaptive_keep(scores, compute_n_kept(keys.shape[2], compression_ratio), alpha_safeguard)
-    module.masked_key_indices = tuple((~keep).nonzero(as_tuple=True))
-    return keys, values
+
+    def keep_mask(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
+        """Which (batch, head, position) stay. ``keys (B, H, N, d) -> bool (B, H, N)``."""
+        if module.config._attn_implementation == "eager":
+            raise ValueError("head-adaptive budgets need attn_implementation='sdpa' (or another non-eager one)")
+        scores = self.head_scores(module, hidden_states, keys, values, attentions, kwargs)
+        return head_adaptive_keep(scores, compute_n_kept(keys.shape[2], self.compression_ratio), self.alpha_safeguard)
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        if self.compression_ratio > 0:
+            keep = self.keep_mask(module, hidden_states, keys, values, attentions, kwargs)
+            module.masked_key_indices = tuple((~keep).nonzero(as_tuple=True))
+        return keys, values
+
+    def forward_hook(self, module, input, kwargs, output):
+        if self.storage == "masked" or self.compression_ratio == 0:
+            return super().forward_hook(module, input, kwargs, output)
+        hidden_states, cache = kwargs["hidden_states"], kwargs["past_key_values"]
+        if not is_prefilling(kwargs["cache_position"], hidden_states.shape[1]):
+            return output
+        layer = cache.layers[module.layer_idx]
+        keep = self.keep_mask(module, hidden_states, layer.keys, layer.values, output[1], kwargs)
+        cache.layers[module.layer_idx] = RaggedLayer.from_keep(layer.keys, layer.values, keep)
+        return output
 
 
 @dataclass
-class NestedKVPress(NestedKVConfig, ScorerPress):
+class NestedKVPress(HeadAdaptiveStorage, NestedKVConfig, ScorerPress):
     """NestedKV: key-only, training-free KV cache eviction (Chen et al., arXiv 2605.26678).
 
     After each layer's prefill, every position of every KV head is scored from its L2-normalised
@@ -72,7 +87,7 @@ class NestedKVPress(NestedKVConfig, ScorerPress):
 
     budget: str = "head-adaptive"
     alpha_safeguard: float = 0.20
-    storage: str = "masked"
+    storage: str = "ragged"
 
     def __post_init__(self) -> None:
         check_ratio(self.compression_ratio)
@@ -84,27 +99,29 @@ class NestedKVPress(NestedKVConfig, ScorerPress):
         check_storage(self.storage)
 
     def score(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
-        return nestedkv_score(keys, self)
-
-    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
-        if self.compression_ratio == 0:
-            return keys, values
         n_kept = compute_n_kept(keys.shape[2], self.compression_ratio)
         if n_kept < self.n_sink + self.n_recent:
             raise ValueError(
                 f"compression_ratio {self.compression_ratio} keeps {n_kept} of {keys.shape[2]} positions per head, "
                 f"fewer than the {self.n_sink} sink + {self.n_recent} recent positions that are always kept"
             )
+        return nestedkv_score(keys, self)
+
+    head_scores = score
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         if self.budget == "uniform":
-            return super().compress(module, hidden_states, keys, values, attentions, kwargs)
-        scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
-        return compress_head_adaptive(
-            module, keys, values, scores, self.compression_ratio, self.alpha_safeguard, self.storage
-        )
+            return ScorerPress.compress(self, module, hidden_states, keys, values, attentions, kwargs)
+        return HeadAdaptiveStorage.compress(self, module, hidden_states, keys, values, attentions, kwargs)
+
+    def forward_hook(self, module, input, kwargs, output):
+        if self.budget == "uniform":
+            return ScorerPress.forward_hook(self, module, input, kwargs, output)
+        return HeadAdaptiveStorage.forward_hook(self, module, input, kwargs, output)
 
 
 @dataclass
-class HeadAdaptivePress(BasePress):
+class HeadAdaptivePress(HeadAdaptiveStorage, BasePress):
     """Head-adaptive budgets (AdaKV, arXiv 2407.11550) for any kvpress ``ScorerPress``.
 
     Like kvpress's ``AdaKVPress`` with the storage of :class:`NestedKVPress`. Scores of the wrapped
@@ -113,7 +130,7 @@ class HeadAdaptivePress(BasePress):
 
     press: ScorerPress
     alpha_safeguard: float = 0.20
-    storage: str = "masked"
+    storage: str = "ragged"
 
     def __post_init__(self) -> None:
         if not isinstance(self.press, ScorerPress):
@@ -131,10 +148,5 @@ class HeadAdaptivePress(BasePress):
     def compression_ratio(self, value: float) -> None:
         self.press.compression_ratio = value
 
-    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
-        if self.compression_ratio == 0:
-            return keys, values
-        scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs)
-        return compress_head_adaptive(
-            module, keys, values, scores, self.compression_ratio, self.alpha_safeguard, self.storage
-        )
+    def head_scores(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
+        return self.press.score(module, hidden_states, keys, values, attentions, kwargs)

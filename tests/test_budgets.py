@@ -1,0 +1,71 @@
+"""Budget invariants, by hand and as properties (hypothesis)."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nestedkv.budgets import compute_n_kept, head_adaptive_keep, keep_indices, uniform_keep
+from nestedkv.scoring import NestedKVConfig, nestedkv_score
+
+
+def test_head_adaptive_hand_case():
+    # 2 heads, 6 positions, keep 3 per head on average = 6 per layer, safeguard 1 per head
+    scores = torch.tensor([[[0.9, 0.8, 0.7, 0.6, 0.5, 0.4], [0.1, 0.0, 0.0, 0.0, 0.0, 0.0]]])
+    keep = head_adaptive_keep(scores, n_kept=3, alpha_safeguard=0.34)
+    assert keep[0, 0].tolist() == [True] * 5 + [False]
+    assert keep[0, 1].tolist() == [True] + [False] * 5  # only its safeguard
+
+
+def test_uniform_keep_takes_the_best_of_each_head():
+    scores = torch.tensor([[[0.1, 0.5, 0.3], [0.9, 0.2, 0.4]]])
+    assert uniform_keep(scores, 2).tolist() == [[[False, True, True], [True, False, True]]]
+
+
+def test_keep_indices_are_sorted_positions():
+    keep = torch.tensor([[[True, False, True], [False, True, False]]])
+    assert [[idx.tolist() for idx in row] for row in keep_indices(keep)] == [[[0, 2], [1]]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 5),
+    n=st.integers(8, 200),
+    ratio=st.floats(0.0, 0.99),
+    alpha=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_head_adaptive_invariants(batch, heads, n, ratio, alpha, seed):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(batch, heads, n, generator=generator)
+    scores[..., :2] = float("inf")  # two pinned positions (sinks)
+    n_kept = max(compute_n_kept(n, ratio), 2)
+    keep = head_adaptive_keep(scores, n_kept, alpha)
+
+    # the layer keeps exactly its budget
+    assert (keep.sum(dim=(1, 2)) == heads * n_kept).all()
+    # every head keeps at least its safeguard, and its own best positions
+    n_safe = int(alpha * n_kept)
+    assert (keep.sum(dim=-1) >= n_safe).all()
+    own_best = uniform_keep(scores, n_safe)
+    assert (keep | ~own_best).all()
+    # pinned positions are always kept
+    assert keep[..., :2].all()
+    # every kept pair outranks every evicted pair that is not protected by a safeguard
+    if n_kept < n:
+        competing = ~own_best
+        lowest_kept = scores.masked_fill(~(keep & competing), float("inf")).flatten(1).amin(dim=1)
+        highest_evicted = scores.masked_fill(keep, -float("inf")).flatten(1).amax(dim=1)
+        assert (lowest_kept >= highest_evicted).all()
+    # deterministic
+    assert torch.equal(keep, head_adaptive_keep(scores.clone(), n_kept, alpha))
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(130, 600), ratio=st.floats(0.5, 0.97), seed=st.integers(0, 2**16))
+def test_nestedkv_scores_through_the_budget_keep_sinks(n, ratio, seed):
+    keys = torch.randn(1, 3, n, 16, generator=torch.Generator().manual_seed(seed))
+    scores = nestedkv_score(keys, NestedKVConfig(scales=("global", "window")))
+    keep = head_adaptive_keep(scores, compute_n_kept(n, ratio), 0.2)
+    assert keep[..., :4].all()
+    assert keep.sum() == 3 * compute_n_kept(n, ratio)

@@ -1,0 +1,133 @@
+"""NestedKVPress on real models: the default SmolLM2 and tiny random models of other shapes."""
+
+import pytest
+import torch
+from kvpress import KeyDiffPress
+from transformers import (
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from nestedkv import load_model
+from nestedkv.bench.ruler import build_samples
+from nestedkv.budgets import compute_n_kept
+from nestedkv.cache import summarize_cache
+from nestedkv.generate import answer_question
+from nestedkv.models import ModelLoadError
+from nestedkv.press import HeadAdaptivePress, NestedKVPress
+
+
+def prefill(model, input_ids, press):
+    cache = DynamicCache()
+    with press(model):
+        model.model(input_ids=input_ids, past_key_values=cache)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def context_ids(tokenizer):
+    sample = build_samples("niah_single_2", 1, tokenizer, 1024, seed=11)[0]
+    return tokenizer(sample.context, return_tensors="pt").input_ids
+
+
+def test_global_scale_uniform_budget_no_sinks_keeps_what_keydiff_keeps(model, context_ids):
+    ours = prefill(model, context_ids, NestedKVPress(0.75, scales=("global",), budget="uniform", n_sink=0))
+    keydiff = prefill(model, context_ids, KeyDiffPress(compression_ratio=0.75))
+    n_kept = compute_n_kept(context_ids.shape[1], 0.75)
+    for ours_layer, keydiff_layer in zip(ours.layers, keydiff.layers, strict=True):
+        assert ours_layer.keys.shape[2] == n_kept
+        assert torch.equal(ours_layer.keys, keydiff_layer.keys)
+        assert torch.equal(ours_layer.values, keydiff_layer.values)
+
+
+def test_head_adaptive_budget_on_the_real_model(model, context_ids):
+    press = NestedKVPress(0.9)
+    cache = prefill(model, context_ids, press)
+    n = context_ids.shape[1]
+    summary = summarize_cache(model, cache, n)
+    n_kept = compute_n_kept(n, 0.9)
+    heads = model.config.num_key_value_heads
+    for per_head in summary.kept:
+        assert sum(per_head) == heads * n_kept
+        assert min(per_head) >= int(0.2 * n_kept)
+    assert len({tuple(per_head) for per_head in summary.kept}) > 1, "budgets should differ across layers"
+    assert summary.kept_fraction == pytest.approx(n_kept / n)
+
+
+def test_needle_at_2k_tokens_is_answered_with_nestedkv_at_r075(model, tokenizer):
+    sample = build_samples("niah_single_1", 1, tokenizer, 2048, seed=0)[0]
+    answer = answer_question(
+        model, tokenizer, sample.context, sample.question, NestedKVPress(compression_ratio=0.75),
+        answer_prefix=sample.answer_prefix, max_new_tokens=24,
+    )
+    assert sample.answers[0] in answer.text
+    assert answer.cache.context_length > 1800
+    assert sum(map(sum, answer.cache.kept)) == 30 * 3 * compute_n_kept(answer.cache.context_length, 0.75)
+
+
+def test_press_works_as_a_context_manager_around_generate(model, tokenizer):
+    sample = build_samples("niah_single_1", 1, tokenizer, 1024, seed=1)[0]
+    messages = [{"role": "user", "content": sample.context + "\n" + sample.question}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with NestedKVPress(compression_ratio=0.5)(model):
+        output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    assert sample.answers[0] in tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
+
+
+def test_head_adaptive_press_wraps_any_scorer(model, context_ids):
+    cache = prefill(model, context_ids, HeadAdaptivePress(KeyDiffPress(compression_ratio=0.8)))
+    summary = summarize_cache(model, cache, context_ids.shape[1])
+    assert summary.kept_fraction == pytest.approx(compute_n_kept(context_ids.shape[1], 0.8) / context_ids.shape[1])
+
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+
+
+@pytest.mark.parametrize(
+    ("model_class", "config"),
+    [
+        (LlamaForCausalLM, LlamaConfig(**TINY, num_key_value_heads=2)),
+        (Qwen3ForCausalLM, Qwen3Config(**TINY, num_key_value_heads=1, head_dim=16)),
+        (MistralForCausalLM, MistralConfig(**TINY, num_key_value_heads=2, sliding_window=4096)),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("budget", ["head-adaptive", "uniform"])
+def test_other_architectures_and_dtypes(model_class, config, dtype, budget):
+    torch.manual_seed(0)
+    config._attn_implementation = "sdpa"
+    tiny = model_class(config).to(dtype).eval()
+    input_ids = torch.randint(0, 128, (1, 400))
+    cache = prefill(tiny, input_ids, NestedKVPress(0.75, budget=budget))
+    summary = summarize_cache(tiny, cache, 400)
+    assert summary.kept_fraction == pytest.approx(compute_n_kept(400, 0.75) / 400)
+    with torch.no_grad():
+        positions = torch.arange(400, 403)[None]
+        logits = tiny(input_ids=input_ids[:, :3], past_key_values=cache, position_ids=positions).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_bad_input_is_named(model, tokenizer):
+    with pytest.raises(ValueError, match=r"compression_ratio must be in \[0, 1\)"):
+        NestedKVPress(compression_ratio=1.0)
+    with pytest.raises(ValueError, match=r"compression_ratio must be in \[0, 1\)"):
+        NestedKVPress(compression_ratio=-0.1)
+    with pytest.raises(ValueError, match="unknown budget 'greedy'"):
+        NestedKVPress(0.5, budget="greedy")
+    with pytest.raises(ValueError, match="unknown storage"):
+        NestedKVPress(0.5, storage="disk")
+    with pytest.raises(ValueError, match="context is empty"):
+        answer_question(model, tokenizer, "  ", "What?", NestedKVPress(0.5))
+    with pytest.raises(ValueError, match="shorter than one block"):
+        answer_question(model, tokenizer, "A short context about a cat.", "What?", NestedKVPress(0.5))
+    with pytest.raises(ValueError, match="fewer than the 4 sink"):
+        answer_question(model, tokenizer, "word " * 300, "What?", NestedKVPress(0.99))
+    with pytest.raises(ModelLoadError, match="no GGUF file"):
+        load_model("/nonexistent/model.gguf")
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        load_model(str(__import__("pathlib").Path(__file__).parent))
