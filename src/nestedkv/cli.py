@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from importlib import resources
 
@@ -11,13 +12,13 @@ from nestedkv.generate import answer_question
 from nestedkv.models import DEFAULT_MODEL, ModelLoadError, load_model
 from nestedkv.press import NestedKVPress
 
-DEMO_QUESTION = "What is the special magic number for Kellynch Hall mentioned in the provided text?"
 DEMO_RATIO = 0.75
 
 
-def demo_context() -> str:
-    """The shipped demo context: ~2.9k tokens of Persuasion with one invented fact buried in it."""
-    return resources.files("nestedkv").joinpath("data/demo_context.txt").read_text(encoding="utf-8")
+def demo_sample() -> dict[str, str]:
+    """The shipped demo: a RULER niah_single_1 sample of ~2.9k tokens (``nestedkv.bench.ruler``,
+    seed 5), one 7-digit number hidden in filler text; keys context, question, answer_prefix, answer."""
+    return json.loads(resources.files("nestedkv").joinpath("data/demo.json").read_text(encoding="utf-8"))
 
 
 # --- NestedKV options, generated from the press's own fields so the two never drift apart ------
@@ -70,8 +71,12 @@ def press_from_args(args: argparse.Namespace) -> NestedKVPress:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    answer_prefix = args.answer_prefix
     if args.context is None:
-        context, question = demo_context(), args.question or DEMO_QUESTION
+        demo = demo_sample()
+        context, question = demo["context"], args.question or demo["question"]
+        if args.question is None and answer_prefix is None:
+            answer_prefix = demo["answer_prefix"]
     else:
         try:
             with open(args.context, encoding="utf-8") as handle:
@@ -85,10 +90,10 @@ def _generate(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     answer = answer_question(
         model, tokenizer, context, question, press if press.compression_ratio > 0 else None,
-        max_new_tokens=args.max_new_tokens,
+        answer_prefix=answer_prefix or "", max_new_tokens=args.max_new_tokens,
     )
     print(f"question: {question}")
-    print(f"answer:   {answer.text.strip()}")
+    print(f"answer:   {(answer_prefix or '') + answer.text}".rstrip())
     print(f"press:    NestedKV, compression ratio {press.compression_ratio} ({press.budget} budget, {press.storage})")
     print(answer.cache.format())
 
@@ -101,10 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="compress a context with NestedKV and answer a question about it",
         description="Compress a context (query-agnostic) and answer a question greedily. Without "
-        "--context, runs the shipped demo: a fact buried in ~2.9k tokens of Jane Austen.",
+        "--context, runs the shipped demo: a 7-digit number hidden in ~2.9k tokens of filler.",
     )
     generate.add_argument("--context", help="text file holding the context (default: the shipped demo)")
     generate.add_argument("--question", help="question about the context")
+    generate.add_argument("--answer-prefix", default=None, help="text the answer starts with (primes the model)")
     generate.add_argument("--ratio", type=float, default=DEMO_RATIO, help="fraction of KV removed (default: 0.75)")
     generate.add_argument("--model", default=None, help=f"HF id, local dir or .gguf file (default: {DEFAULT_MODEL})")
     generate.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the model's)")

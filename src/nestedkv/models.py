@@ -84,7 +84,7 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype or "auto", attn_implementation=attn_implementation, **extra
             )
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, ImportError) as error:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {error}") from error
     finally:
         hf_logging.enable_progress_bar()
