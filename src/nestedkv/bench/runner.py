@@ -1,0 +1,218 @@
+"""The benchmark runner: methods × ratios × context lengths × tasks, on the same samples.
+
+Compression happens after each layer's attention, so the prefill's hidden states, keys and values
+do not depend on the method. The runner therefore prefills each sample once, capturing what every
+layer's press hook would see (:func:`prefill_once`), replays that hook for every (method, ratio)
+on a fresh cache holding the full keys and values (:func:`compress_replay`), and decodes with
+kvpress's own greedy loop. A test checks that this gives exactly the answers of kvpress's
+pipeline for the same press.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from kvpress import BasePress, KVPressTextGenerationPipeline
+from tqdm.auto import tqdm
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
+
+from nestedkv.bench.methods import ABLATIONS, NO_COMPRESSION, PEERS, check_method, make_press
+from nestedkv.bench.metrics import score_sample
+from nestedkv.bench.ruler import TASKS, Sample, build_samples
+from nestedkv.bench.store import KEY_FIELDS, ResultStore
+from nestedkv.cache import attention_modules
+from nestedkv.press import check_ratio
+from nestedkv.prompts import encode_prompt
+
+RATIOS = (0.5, 0.75, 0.9, 0.95)
+
+
+@dataclass
+class EvalConfig:
+    """What one benchmark run measures. ``model`` is the name recorded with every result."""
+
+    model: str
+    tasks: tuple[str, ...] = TASKS
+    lengths: tuple[int, ...] = (4096,)
+    ratios: tuple[float, ...] = RATIOS
+    methods: tuple[str, ...] = (NO_COMPRESSION, "nestedkv", *ABLATIONS, *PEERS)
+    samples: int = 5
+    seed: int = 0
+    query_aware: bool = False
+    squad_path: str | None = None
+    hotpot_path: str | None = None
+
+    def __post_init__(self) -> None:
+        for method in self.methods:
+            check_method(method)
+        for ratio in self.ratios:
+            check_ratio(ratio)
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+
+    def jobs(self) -> list[tuple[str, float]]:
+        """(method, ratio) pairs: the baseline once at ratio 0, every other method at every ratio."""
+        return [(m, 0.0) for m in self.methods if m == NO_COMPRESSION] + [
+            (m, r) for m in self.methods if m != NO_COMPRESSION for r in self.ratios
+        ]
+
+
+PRESETS: dict[str, dict] = {
+    # ~20 minutes on 2 CPU cores with the default model: one sample per task at 2k tokens.
+    "quick": dict(
+        lengths=(2048,),
+        ratios=(0.75, 0.9),
+        samples=1,
+        methods=(NO_COMPRESSION, "nestedkv", "keydiff", "snapkv", "streamingllm", "knorm", "expected-attention"),
+    ),
+    # The measurement of docs/benchmarks.md: 4k tokens, four ratios, every method and ablation.
+    "full": dict(lengths=(4096,), ratios=RATIOS, samples=20),
+}
+
+
+# --- prefill once, compress many times --------------------------------------------------------
+
+
+@dataclass
+class Prefill:
+    """One context's prefill: the full cache and what each layer's press hook received."""
+
+    context_length: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    hook_kwargs: list[dict] = field(repr=False)
+    attentions: list[torch.Tensor | None] = field(repr=False)
+
+
+@torch.no_grad()
+def prefill_once(model: PreTrainedModel, context_ids: torch.Tensor) -> Prefill:
+    """Prefill ``context_ids (1, N)`` without compression, capturing every attention layer's inputs."""
+    captured: list[tuple[dict, torch.Tensor | None]] = []
+
+    def capture(module, args, kwargs, output):
+        captured.append(({k: v for k, v in kwargs.items() if k != "past_key_values"}, output[1]))
+
+    hooks = [module.register_forward_hook(capture, with_kwargs=True) for module in attention_modules(model)]
+    cache = DynamicCache()
+    try:
+        model.model(input_ids=context_ids.to(model.device), past_key_values=cache)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return Prefill(
+        context_length=context_ids.shape[1],
+        keys=[layer.keys for layer in cache.layers],
+        values=[layer.values for layer in cache.layers],
+        hook_kwargs=[kwargs for kwargs, _ in captured],
+        attentions=[attentions for _, attentions in captured],
+    )
+
+
+@torch.no_grad()
+def compress_replay(model: PreTrainedModel, prefill: Prefill, press: BasePress | None) -> DynamicCache:
+    """A cache holding ``prefill``'s context as ``press`` would have compressed it during prefill.
+
+    The press's own forward hook runs on every layer with the captured inputs, inside the press's
+    context manager (so ``post_init_from_model`` and its other set-up run as in a real prefill).
+    The full keys and values are shared, never modified: presses build new tensors.
+    """
+    cache = DynamicCache()
+    for keys, values in zip(prefill.keys, prefill.values, strict=True):
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    modules = attention_modules(model)
+    for module in modules:
+        module.masked_key_indices = None  # a real prefill resets kvpress's head-wise masks too
+    if press is None:
+        return cache
+    with press(model):
+        for module, kwargs, attentions in zip(modules, prefill.hook_kwargs, prefill.attentions, strict=True):
+            press.forward_hook(module, (), {**kwargs, "past_key_values": cache}, (None, attentions))
+    return cache
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def plan_samples(config: EvalConfig, tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, Sample]]:
+    """(length, sample) pairs, sample index outermost: an interrupted run covers every task evenly."""
+    per_task = {
+        (length, task): build_samples(
+            task,
+            config.samples,
+            tokenizer,
+            length,
+            config.seed,
+            squad_path=config.squad_path,
+            hotpot_path=config.hotpot_path,
+        )
+        for length in config.lengths
+        for task in config.tasks
+    }
+    return [
+        (length, per_task[length, task][index])
+        for index in range(config.samples)
+        for length in config.lengths
+        for task in config.tasks
+    ]
+
+
+def run(
+    config: EvalConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    store: ResultStore,
+    *,
+    progress: bool = True,
+) -> int:
+    """Measure every (sample, method, ratio) of ``config`` not yet in ``store``; return how many were added."""
+    pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
+    jobs = config.jobs()
+    planned = plan_samples(config, tokenizer)
+
+    def key(length: int, sample: Sample, method: str, ratio: float) -> tuple:
+        return (config.model, length, sample.task, sample.index, config.seed, method, ratio, config.query_aware)
+
+    todo = [
+        (length, sample, [job for job in jobs if key(length, sample, *job) not in store]) for length, sample in planned
+    ]
+    total = len(planned) * len(jobs)
+    remaining = sum(len(pending) for *_, pending in todo)
+    bar = tqdm(total=total, initial=total - remaining, disable=not progress, unit="answer", dynamic_ncols=True)
+    added = 0
+    for length, sample, pending in todo:
+        if not pending:
+            continue
+        context, question = sample.context, sample.question
+        if config.query_aware:  # the question is compressed along with the context
+            context, question = context + question, ""
+        context_ids, question_ids = encode_prompt(tokenizer, context, question, sample.answer_prefix)
+        bar.set_postfix_str(f"{length} {sample.task}#{sample.index} prefill")
+        prefill = prefill_once(model, context_ids)
+        for method, ratio in pending:
+            bar.set_postfix_str(f"{length} {sample.task}#{sample.index} {method} r={ratio}")
+            start = time.perf_counter()
+            with torch.no_grad():
+                cache = compress_replay(model, prefill, make_press(method, ratio))
+                prediction = pipe.generate_answer(
+                    question_ids.to(model.device), cache, prefill.context_length, sample.max_new_tokens
+                )
+            record = {
+                **dict(zip(KEY_FIELDS, key(length, sample, method, ratio), strict=True)),
+                "metric": sample.metric,
+                "answers": list(sample.answers),
+                "prediction": prediction,
+                "score": score_sample(sample.metric, prediction, sample.answers),
+                "context_tokens": prefill.context_length,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+            store.add(record)
+            added += 1
+            bar.update()
+    bar.close()
+    return added
