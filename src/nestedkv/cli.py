@@ -5,12 +5,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 from importlib import resources
+from pathlib import Path
 
 from nestedkv.generate import answer_question
 from nestedkv.models import DEFAULT_MODEL, ModelLoadError, load_model
 from nestedkv.press import NestedKVPress
+from nestedkv.speed import (
+    QUICK,
+    BenchSettings,
+    check_device,
+    format_markdown,
+    random_model,
+    run_bench,
+    tiny_llama_config,
+)
 
 DEMO_RATIO = 0.75
 
@@ -35,6 +46,10 @@ def _tuple_of(kind: type):
             raise argparse.ArgumentTypeError(message) from None
 
     return parse
+
+
+def _joined(values: tuple) -> str:
+    return ",".join(map(str, values))
 
 
 def _optional_int(text: str) -> int | None:
@@ -98,6 +113,33 @@ def _generate(args: argparse.Namespace) -> None:
     print(answer.cache.format())
 
 
+def _bench(args: argparse.Namespace) -> None:
+    check_device(args.device)
+    if args.out is not None and not Path(args.out).parent.is_dir():
+        raise ValueError(f"cannot write {args.out}: no directory {Path(args.out).parent}")
+    overrides = {name: getattr(args, name) for name in ("length", "ratios", "scaling_lengths")}
+    overrides = {name: value for name, value in overrides.items() if value is not None}
+    if args.no_peak_memory:
+        overrides["peak_memory"] = False
+    settings = dataclasses.replace(QUICK if args.quick else BenchSettings(), **overrides)
+    if args.tiny_random_model:
+        config = tiny_llama_config()
+        model, name, scaling_config = random_model(config, device=args.device), "tiny random Llama", config
+    else:
+        model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+        name, scaling_config = args.model or DEFAULT_MODEL, None
+    report = run_bench(
+        model, settings, model_name=name, scaling_config=scaling_config,
+        progress=lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True),
+    )
+    report = {"command": shlex.join(["nestedkv", *args.argv]), **report}
+    print(format_markdown(report))
+    if args.out is not None:
+        with open(args.out, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+        print(f"\nwrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nestedkv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -118,11 +160,39 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=48)
     add_press_options(generate)
     generate.set_defaults(run=_generate)
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure KV bytes, peak memory, prefill/scoring/decoding time and scaling with context length",
+        description="Speed and memory benchmark (not the test suite): no compression, NestedKV ragged and masked, "
+        "KeyDiff, at each compression ratio, on a context of random tokens; then scoring time and cache bytes "
+        "against context length on Llama-3.2-1B's shape (random weights, no download). Prints Markdown tables.",
+    )
+    bench.add_argument("--model", default=None, help=f"HF id, local dir or .gguf file (default: {DEFAULT_MODEL})")
+    bench.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    bench.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the model's)")
+    full, quick = BenchSettings(), QUICK
+    bench.add_argument("--length", type=int, default=None, help=f"context tokens (default: {full.length})")
+    bench.add_argument("--ratios", type=_tuple_of(float), default=None, help=f"default: {_joined(full.ratios)}")
+    bench.add_argument(
+        "--scaling-lengths", type=_tuple_of(int), default=None, help=f"default: {_joined(full.scaling_lengths)}"
+    )
+    bench.add_argument("--out", default=None, help="also write the report as JSON to this file")
+    bench.add_argument(
+        "--quick", action="store_true",
+        help=f"short run: length {quick.length}, r={_joined(quick.ratios)}, scaling to {max(quick.scaling_lengths)}, "
+        f"{quick.repeats} repeat, {quick.decode_tokens} decoded tokens (explicit options win)",
+    )
+    bench.add_argument("--no-peak-memory", action="store_true", help="skip the fresh-process memory measurements")
+    bench.add_argument("--tiny-random-model", action="store_true", help=argparse.SUPPRESS)  # for the tests
+    bench.set_defaults(run=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.run(args)
     except (ValueError, ModelLoadError) as error:

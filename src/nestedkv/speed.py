@@ -1,0 +1,675 @@
+"""Speed and memory of KV cache compression: the library behind ``nestedkv bench``.
+
+What is measured, for one model and one context of ``N`` tokens (uniformly random token ids: cost
+does not depend on what the text says), for no compression, NestedKV with ragged storage, NestedKV
+with kvpress's masking, and KeyDiff, at every compression ratio ``r``:
+
+* KV bytes held right after prefill, from :func:`nestedkv.cache.summarize_cache`;
+* memory (:class:`PeakMemory`): each configuration runs once more in a fresh process started
+  with ``multiprocessing``'s spawn method, so that its high-water mark is its own. In that
+  process the model is loaded and warmed up, freed heap is handed back to the OS
+  (``malloc_trim``), the kernel's RSS high-water mark is reset (``/proc/self/clear_refs``), and
+  the configuration prefills and decodes. Figures are bytes above the resident memory just before
+  the prefill. On CUDA they come from the CUDA allocator (``max_memory_allocated`` after
+  ``reset_peak_memory_stats``, above ``memory_allocated`` before the prefill);
+* prefill time (median of ``repeats`` runs after ``warmup`` runs), so the press's overhead over
+  an uncompressed prefill; decoding speed (1 / median time of one greedy step).
+
+Separately, the scorers alone on the same keys (:func:`scoring_times`), and their scaling with
+context length on keys of a larger model's shape (:func:`scaling`; Llama-3.2-1B by default, with
+random weights for the real-prefill check of cache bytes). Times are wall-clock seconds from
+``time.perf_counter`` (CUDA synchronised before each reading); bytes are bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import gc
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from typing import Any
+
+import psutil
+import torch
+from kvpress import BasePress, KeyDiffPress
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from nestedkv.budgets import compute_n_kept
+from nestedkv.cache import summarize_cache
+from nestedkv.press import NestedKVPress, check_ratio
+from nestedkv.scoring import NestedKVConfig, check_context_length, nestedkv_score
+
+METHODS = ("none", "nestedkv-ragged", "nestedkv-masked", "keydiff")
+"""Configurations compared: no compression, NestedKV (head-adaptive budget) held ragged or masked,
+and kvpress's KeyDiff (uniform budget, dense cache)."""
+
+DEVICES = ("cpu", "cuda")
+RATIOS = (0.5, 0.75, 0.9, 0.95)
+SCALING_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
+VERIFY_RATIO = 0.9
+"""Compression ratio of the real prefills that check the scaling table's cache bytes."""
+
+WARMUP_TOKENS = 16
+"""Tokens of the short uncompressed generation that warms a fresh process up before measuring."""
+
+
+def llama_1b_config() -> LlamaConfig:
+    """The shape of Llama-3.2-1B (16 layers, 8 KV heads of 64 dims), built locally: no download."""
+    return LlamaConfig(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=64, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000, tie_word_embeddings=True,
+    )
+
+
+def tiny_llama_config() -> LlamaConfig:
+    """A tiny Llama (2 layers, 4 heads over 2 KV heads of 16 dims) that the tests run the benchmark on."""
+    return LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=128, max_position_embeddings=16384,
+    )
+
+
+def random_model(config: LlamaConfig, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> PreTrainedModel:
+    """A randomly initialised Llama of ``config``'s shape (seed 0) with SDPA attention, in eval mode."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+# --- settings and checks --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What ``nestedkv bench`` runs. Lengths are in tokens.
+
+    length: the context of the memory and time table. ratios: fractions of the KV removed.
+    scaling_lengths: contexts of the scaling table; those up to ``verify_max_length`` are also
+    prefilled for real to check the cache bytes. decode_tokens: timed greedy steps (after
+    ``warmup`` untimed ones). repeats / warmup: timed / untimed runs of each measurement.
+    peak_memory: measure memory in fresh processes (the slowest part). seed: of the token ids.
+    """
+
+    length: int = 2048
+    ratios: tuple[float, ...] = RATIOS
+    scaling_lengths: tuple[int, ...] = SCALING_LENGTHS
+    decode_tokens: int = 32
+    repeats: int = 3
+    warmup: int = 1
+    verify_max_length: int = 4096
+    peak_memory: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.ratios:
+            raise ValueError("give at least one compression ratio")
+        for ratio in self.ratios:
+            check_ratio(ratio)
+        config = NestedKVConfig()
+        for length in (self.length, *self.scaling_lengths):
+            check_context_length(length, config)
+            for ratio in self.ratios:
+                if compute_n_kept(length, ratio) < config.n_sink:
+                    raise ValueError(
+                        f"compression ratio {ratio} keeps {compute_n_kept(length, ratio)} of {length} positions per "
+                        f"head, fewer than NestedKV's {config.n_sink} sink positions"
+                    )
+        if len(set(self.scaling_lengths)) < 2:
+            raise ValueError("give at least two different scaling lengths: the exponent is fitted across them")
+        for name in ("decode_tokens", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+
+
+QUICK = BenchSettings(
+    length=1024, ratios=(0.9,), scaling_lengths=(1024, 2048, 4096, 8192), decode_tokens=8, repeats=1,
+    verify_max_length=1024,
+)
+"""A short run: under two minutes on one CPU thread with the default model, loading included."""
+
+
+def check_device(device: str) -> str:
+    """Return ``device`` if it is ``cpu``, or ``cuda`` on a machine that has it; else a clear ``ValueError``."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device on this machine")
+    return device
+
+
+def make_press(method: str, ratio: float) -> BasePress | None:
+    """The press of one configuration of :data:`METHODS` at compression ratio ``ratio``."""
+    if method == "none":
+        return None
+    if method == "keydiff":
+        return KeyDiffPress(compression_ratio=ratio)
+    if method in ("nestedkv-ragged", "nestedkv-masked"):
+        return NestedKVPress(compression_ratio=ratio, storage=method.removeprefix("nestedkv-"))
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+# --- prefill and decode ---------------------------------------------------------------------------
+
+
+def random_input_ids(model: PreTrainedModel, length: int, seed: int = 0) -> torch.Tensor:
+    """``(1, length)`` token ids drawn uniformly from the model's vocabulary, on the model's device."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(model.get_input_embeddings().num_embeddings, (1, length), generator=generator)
+    return ids.to(model.device)
+
+
+def prefill(
+    model: PreTrainedModel, input_ids: torch.Tensor, press: BasePress | None
+) -> tuple[DynamicCache, torch.Tensor]:
+    """Prefill ``input_ids (1, N)`` under ``press`` (none: no compression).
+
+    As kvpress's pipeline does, the context goes through the decoder only; the output head is applied
+    to the last position alone. Returns the cache and the greedy next token ``(1, 1)``.
+    """
+    cache = DynamicCache()
+    with torch.no_grad(), press(model) if press is not None else nullcontext():
+        hidden = model.model(input_ids=input_ids, past_key_values=cache).last_hidden_state
+        next_token = model.get_output_embeddings()(hidden[:, -1:]).argmax(dim=-1)
+    return cache, next_token
+
+
+def decode_step_times(
+    model: PreTrainedModel, cache: DynamicCache, next_token: torch.Tensor, context_length: int, steps: int,
+    warmup: int = 0,
+) -> list[float]:
+    """Greedy-decode ``warmup + steps`` tokens from ``cache``; seconds taken by each of the last ``steps``.
+
+    Positions are passed explicitly (a ragged cache's ``get_seq_length`` counts its dense tail only).
+    """
+    times = []
+    with torch.no_grad():
+        for step in range(warmup + steps):
+            position = torch.tensor([[context_length + step]], device=model.device)
+            _synchronize(model.device)
+            start = time.perf_counter()
+            logits = model(input_ids=next_token, past_key_values=cache, position_ids=position).logits
+            next_token = logits[:, -1:].argmax(dim=-1)
+            _synchronize(model.device)
+            if step >= warmup:
+                times.append(time.perf_counter() - start)
+    return times
+
+
+def _synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device | str) -> tuple[float, Any]:
+    """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones, and the last call's result.
+
+    The previous result is dropped before each call, so that two results never coexist.
+    """
+    times, result = [], None
+    for run in range(warmup + repeats):
+        result = None
+        _synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        _synchronize(device)
+        if run >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+# --- memory in a fresh process ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """Memory of one configuration, in bytes above what was resident just before its prefill.
+
+    prefill_peak: high-water mark during the prefill. peak: high-water mark over prefill and
+    decoding. retained_after_prefill: still resident once the prefill is over (cache and small
+    change). CPU: process RSS; CUDA: bytes allocated by the CUDA caching allocator.
+    """
+
+    prefill_peak: int
+    peak: int
+    retained_after_prefill: int
+
+
+def _trim_heap() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc's ``malloc_trim``, where there is one)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_bytes(field: str) -> int:
+    """A ``kB`` field (VmRSS, VmHWM) of ``/proc/self/status``, in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def check_peak_memory_supported(device: str) -> None:
+    """CPU peak memory needs Linux's resettable RSS high-water mark; raise a clear ``ValueError`` without it."""
+    if device == "cpu" and not os.access("/proc/self/clear_refs", os.W_OK):
+        raise ValueError("peak memory on CPU needs Linux (/proc/self/clear_refs); turn it off (--no-peak-memory)")
+
+
+class _MemoryProbe:
+    """Reads memory above a baseline: RSS and its high-water mark on CPU, the allocator on CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        _trim_heap()
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.baseline = torch.cuda.memory_allocated(device)
+        else:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # resets VmHWM to the current RSS
+            self.baseline = _status_bytes("VmRSS")
+        self.device = device
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.baseline
+        return _status_bytes("VmHWM") - self.baseline
+
+    def current(self) -> int:
+        _trim_heap()
+        if self.cuda:
+            return torch.cuda.memory_allocated(self.device) - self.baseline
+        return _status_bytes("VmRSS") - self.baseline
+
+
+def _memory_of_one_configuration(
+    model_dir: str, dtype: torch.dtype, attn_implementation: str, device: str, threads: int, method: str,
+    ratio: float, length: int, decode_tokens: int, seed: int,
+) -> PeakMemory:
+    """Runs in a fresh process: load the saved model, warm up, then measure one configuration."""
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+    model = model.to(device).eval()
+    with torch.no_grad():
+        for tensor in model.state_dict().values():  # page in weights that loading left memory-mapped
+            tensor.sum()
+    input_ids = random_input_ids(model, length, seed)
+    cache, token = prefill(model, input_ids[:, :WARMUP_TOKENS], None)
+    decode_step_times(model, cache, token, WARMUP_TOKENS, 1)
+    del cache, token
+    press = make_press(method, ratio)
+    probe = _MemoryProbe(model.device)
+    cache, token = prefill(model, input_ids, press)
+    prefill_peak = probe.peak()
+    retained = probe.current()
+    decode_step_times(model, cache, token, length, decode_tokens)
+    # The kernel batches its RSS counters per CPU (some hundred KiB), so a later reading of the
+    # high-water mark can come out a little lower than an earlier one.
+    return PeakMemory(prefill_peak, max(prefill_peak, probe.peak()), retained)
+
+
+def measure_memory(
+    model: PreTrainedModel, configurations: Sequence[tuple[str, float]], length: int, decode_tokens: int,
+    seed: int = 0,
+) -> list[PeakMemory]:
+    """:class:`PeakMemory` of each ``(method, ratio)``, each measured in its own fresh spawned process.
+
+    The model is saved once to a temporary directory for the processes to load. Every process
+    prefills the same ``length`` random tokens (``seed``) and decodes ``decode_tokens`` greedily.
+    """
+    device = model.device.type
+    check_peak_memory_supported(device)
+    context = multiprocessing.get_context("spawn")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="nestedkv-bench-") as model_dir:
+        hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(model_dir)
+        finally:
+            hf_logging.enable_progress_bar()
+        for method, ratio in configurations:
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                job = pool.submit(
+                    _memory_of_one_configuration, model_dir, model.dtype, model.config._attn_implementation, device,
+                    torch.get_num_threads(), method, ratio, length, decode_tokens, seed,
+                )
+                results.append(job.result())
+    return results
+
+
+# --- the memory and time table ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigurationResult:
+    """One row of the memory and time table (``ratio`` 0 for no compression).
+
+    bytes_full / bytes_held: K+V bytes of the uncompressed context / held after prefill.
+    kept_fraction: share of (layer, head, position) attention still reads; target_fraction:
+    ``compute_n_kept(N, r) / N``, what the budget asks for. prefill_s: median seconds;
+    decode_tokens_per_s: 1 / median seconds of one greedy step. memory: ``None`` when not measured.
+    """
+
+    method: str
+    ratio: float
+    bytes_full: int
+    bytes_held: int
+    kept_fraction: float
+    target_fraction: float
+    prefill_s: float
+    decode_tokens_per_s: float
+    memory: PeakMemory | None = None
+
+
+def measure_configuration(
+    model: PreTrainedModel, input_ids: torch.Tensor, method: str, ratio: float, settings: BenchSettings
+) -> ConfigurationResult:
+    """Bytes held after prefill, prefill time and decoding speed of one configuration (no memory)."""
+    length = input_ids.shape[1]
+    prefill_s, (cache, token) = median_time(
+        lambda: prefill(model, input_ids, make_press(method, ratio)), settings.repeats, settings.warmup, model.device
+    )
+    summary = summarize_cache(model, cache, length)
+    steps = decode_step_times(model, cache, token, length, settings.decode_tokens, warmup=settings.warmup)
+    return ConfigurationResult(
+        method, ratio, summary.bytes_full, summary.bytes_held, summary.kept_fraction,
+        compute_n_kept(length, ratio) / length, prefill_s, 1 / statistics.median(steps),
+    )
+
+
+def configurations(ratios: Sequence[float]) -> list[tuple[str, float]]:
+    """``(method, ratio)`` of every row: no compression once, then each press at each ratio."""
+    return [("none", 0.0)] + [(method, ratio) for ratio in ratios for method in METHODS[1:]]
+
+
+@dataclass(frozen=True)
+class ScoringTimes:
+    """Seconds to score one prefill's keys, all layers together (medians): NestedKV's score
+    (:func:`~nestedkv.scoring.nestedkv_score`) and KeyDiff's (``KeyDiffPress.score``) on the same keys."""
+
+    nestedkv_s: float
+    keydiff_s: float
+
+
+def scoring_times(keys: Sequence[torch.Tensor], repeats: int, warmup: int) -> ScoringTimes:
+    """Time both scorers over ``keys``: one ``(B, H, N, d)`` tensor per layer."""
+    config, keydiff = NestedKVConfig(), KeyDiffPress()
+    device = keys[0].device
+
+    def nestedkv() -> None:
+        for layer_keys in keys:
+            nestedkv_score(layer_keys, config)
+
+    def keydiff_score() -> None:
+        for layer_keys in keys:
+            keydiff.score(None, None, layer_keys, None, None, None)
+
+    return ScoringTimes(
+        median_time(nestedkv, repeats, warmup, device)[0], median_time(keydiff_score, repeats, warmup, device)[0]
+    )
+
+
+# --- scaling with context length ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScalingRow:
+    """Cost at one context length on a model of the scaling shape.
+
+    nestedkv_s / keydiff_s: scoring all layers (median seconds for one layer's keys, times the
+    number of layers). bytes_full: uncompressed K+V; bytes_held: ragged NestedKV cache at each
+    ratio, computed (packed K+V plus int64 offsets). verified_bytes_held: measured by
+    ``summarize_cache`` after a real prefill at :data:`VERIFY_RATIO` (``None`` above
+    ``verify_max_length``); verify_prefill_s: that prefill's seconds (one run).
+    """
+
+    length: int
+    nestedkv_s: float
+    keydiff_s: float
+    bytes_full: int
+    bytes_held: dict[str, int]
+    verified_bytes_held: int | None = None
+    verify_prefill_s: float | None = None
+
+
+def ragged_cache_bytes(config: LlamaConfig, length: int, ratio: float, itemsize: int) -> int:
+    """Bytes a ragged NestedKV cache holds after prefilling ``length`` tokens at ``ratio`` (batch 1):
+    every layer packs ``kv_heads * compute_n_kept(length, ratio)`` keys and values, plus
+    ``kv_heads + 1`` int64 offsets."""
+    kv_heads, layers = config.num_key_value_heads, config.num_hidden_layers
+    if ratio == 0:  # nothing to evict: the press leaves the dense cache in place
+        return 2 * layers * kv_heads * length * config.head_dim * itemsize
+    packed = 2 * kv_heads * compute_n_kept(length, ratio) * config.head_dim * itemsize
+    return layers * (packed + (kv_heads + 1) * torch.int64.itemsize)
+
+
+def scaling(
+    config: LlamaConfig, lengths: Sequence[int], ratios: Sequence[float], *, repeats: int, warmup: int,
+    verify_max_length: int, device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+) -> list[ScalingRow]:
+    """Scoring time and cache bytes against context length for a model of ``config``'s shape.
+
+    Scorers are timed on random keys ``(1, kv_heads, N, head_dim)`` of ``dtype``. For lengths up
+    to ``verify_max_length`` a random model of that shape also prefills N random tokens with
+    NestedKV (ragged) at :data:`VERIFY_RATIO`, and the bytes held are measured.
+    """
+    itemsize = dtype.itemsize
+    layers, keydiff = config.num_hidden_layers, KeyDiffPress()
+    verify = [n for n in lengths if n <= verify_max_length]
+    model = random_model(config, dtype, device) if verify else None
+    rows = []
+    for length in lengths:
+        generator = torch.Generator().manual_seed(seed)
+        keys = torch.randn(1, config.num_key_value_heads, length, config.head_dim, generator=generator)
+        keys = keys.to(device=device, dtype=dtype)
+        nestedkv_s = median_time(lambda keys=keys: nestedkv_score(keys), repeats, warmup, device)[0]
+        keydiff_s = median_time(lambda keys=keys: keydiff.score(None, None, keys, None, None, None), repeats, warmup,
+                                device)[0]
+        del keys
+        verified = prefill_s = None
+        if length in verify:
+            input_ids = random_input_ids(model, length, seed)
+            prefill_s, (cache, _) = median_time(
+                lambda input_ids=input_ids: prefill(model, input_ids, NestedKVPress(VERIFY_RATIO)), 1, 0, device
+            )
+            verified = summarize_cache(model, cache, length).bytes_held
+            del cache
+        rows.append(ScalingRow(
+            length, layers * nestedkv_s, layers * keydiff_s, 2 * layers * config.num_key_value_heads * length
+            * config.head_dim * itemsize,
+            {str(r): ragged_cache_bytes(config, length, r, itemsize) for r in sorted({*ratios, VERIFY_RATIO})},
+            verified, prefill_s,
+        ))
+    return rows
+
+
+def fitted_exponent(lengths: Sequence[int], seconds: Sequence[float]) -> float:
+    """Least-squares slope of log(seconds) against log(length): 1 is linear, 2 quadratic."""
+    xs, ys = [math.log(n) for n in lengths], [math.log(t) for t in seconds]
+    x_mean, y_mean = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys, strict=True)) / sum((x - x_mean) ** 2 for x in xs)
+
+
+# --- the whole benchmark ----------------------------------------------------------------------
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """CPU (and GPU) name, cores, memory, torch threads, library versions and the date (UTC)."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    info = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        **{name: version(name) for name in ("torch", "transformers", "kvpress", "nestedkv")},
+        "device": device,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def run_bench(
+    model: PreTrainedModel, settings: BenchSettings, *, model_name: str, scaling_config: LlamaConfig | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+    """Run the whole benchmark on ``model`` (on its device) and return a JSON-ready report.
+
+    scaling_config: shape of the scaling model (default: :func:`llama_1b_config`). progress
+    receives one line before each stage.
+    """
+    device = model.device.type
+    length = settings.length
+    if length + settings.warmup + settings.decode_tokens > model.config.max_position_embeddings:
+        raise ValueError(
+            f"--length {length} plus {settings.warmup + settings.decode_tokens} decoded tokens exceeds the model's "
+            f"{model.config.max_position_embeddings} positions"
+        )
+    if settings.peak_memory:
+        check_peak_memory_supported(device)
+    report: dict[str, Any] = {"machine": machine_info(device), "settings": asdict(settings)}
+    report["model"] = {
+        "name": model_name, "dtype": str(model.dtype).removeprefix("torch."),
+        "parameters": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers,
+        "kv_heads": model.config.num_key_value_heads, "head_dim": model.config.head_dim,
+    }
+    input_ids = random_input_ids(model, length, settings.seed)
+    rows = []
+    for method, ratio in configurations(settings.ratios):
+        progress(f"prefill and decode: {method} at r={ratio}")
+        rows.append(measure_configuration(model, input_ids, method, ratio, settings))
+    progress("scoring time on the uncompressed keys")
+    cache, _ = prefill(model, input_ids, None)
+    report["scoring"] = asdict(scoring_times([layer.keys for layer in cache.layers], settings.repeats, settings.warmup))
+    del cache
+    if settings.peak_memory:
+        progress(f"memory: {len(rows)} fresh processes")
+        memories = measure_memory(model, [(r.method, r.ratio) for r in rows], length, settings.decode_tokens,
+                                  settings.seed)
+        rows = [ConfigurationResult(**{**asdict(r), "memory": m}) for r, m in zip(rows, memories, strict=True)]
+    report["configurations"] = [asdict(row) for row in rows]
+    scaling_config = scaling_config or llama_1b_config()
+    scaling_dtype = torch.bfloat16
+    progress(f"scaling: {', '.join(map(str, settings.scaling_lengths))} tokens")
+    scaling_rows = scaling(
+        scaling_config, settings.scaling_lengths, settings.ratios, repeats=settings.repeats, warmup=settings.warmup,
+        verify_max_length=settings.verify_max_length, device=device, dtype=scaling_dtype, seed=settings.seed,
+    )
+    lengths = [row.length for row in scaling_rows]
+    report["scaling"] = {
+        "shape": {key: getattr(scaling_config, key) for key in
+                  ("num_hidden_layers", "num_key_value_heads", "head_dim", "hidden_size", "num_attention_heads")},
+        "dtype": str(scaling_dtype).removeprefix("torch."),
+        "verify_ratio": VERIFY_RATIO,
+        "rows": [asdict(row) for row in scaling_rows],
+        "nestedkv_exponent": fitted_exponent(lengths, [row.nestedkv_s for row in scaling_rows]),
+        "keydiff_exponent": fitted_exponent(lengths, [row.keydiff_s for row in scaling_rows]),
+    }
+    return report
+
+
+# --- Markdown -----------------------------------------------------------------------------------
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: a header line, the memory and time table, scoring, scaling."""
+    machine, model, settings = report["machine"], report["model"], report["settings"]
+    hardware = machine.get("gpu") or f"{machine['cpu']}, {machine['torch_threads']} torch thread(s)"
+    length = settings["length"]
+    lines = [
+        f"{model['name']} ({model['parameters'] / 1e6:.1f} M parameters, {model['dtype']}) on {machine['device']} "
+        f"({hardware}); context {length} random tokens; {machine['date']}",
+        "",
+        "| method | r | KV held (MiB) | held / full | target (1 - r, rounded) | peak prefill (MiB) "
+        "| peak prefill+decode (MiB) | retained after prefill (MiB) | prefill (s) | vs no compression "
+        "| decode (tok/s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = report["configurations"]
+    baseline = next(row for row in rows if row["method"] == "none")
+    for row in rows:
+        memory = row["memory"] or {}
+        peaks = [_mib(memory[key]) if memory else "-" for key in ("prefill_peak", "peak", "retained_after_prefill")]
+        overhead = "-" if row is baseline else f"{row['prefill_s'] / baseline['prefill_s'] - 1:+.1%}"
+        lines.append(
+            f"| {row['method']} | {row['ratio']:g} | {_mib(row['bytes_held'])} "
+            f"| {row['bytes_held'] / row['bytes_full']:.4f} "
+            f"| {row['target_fraction']:.4f} | {' | '.join(peaks)} | {row['prefill_s']:.3f} | {overhead} "
+            f"| {row['decode_tokens_per_s']:.1f} |"
+        )
+    scoring = report["scoring"]
+    plain = baseline["prefill_s"]
+    lines += [
+        "",
+        f"Scoring the {length}-token prefill's keys ({model['layers']} layers x {model['kv_heads']} KV heads x "
+        f"{model['head_dim']} dims), median:",
+        "",
+        "| scorer | time (ms) | share of an uncompressed prefill | vs KeyDiff |",
+        "|---|---|---|---|",
+        f"| NestedKV | {scoring['nestedkv_s'] * 1e3:.2f} | {scoring['nestedkv_s'] / plain:.1%} "
+        f"| {scoring['nestedkv_s'] / scoring['keydiff_s']:.1f}x |",
+        f"| KeyDiff | {scoring['keydiff_s'] * 1e3:.2f} | {scoring['keydiff_s'] / plain:.1%} | 1.0x |",
+    ]
+    scale = report["scaling"]
+    shape = scale["shape"]
+    ratios = list(scale["rows"][0]["bytes_held"])
+    lines += [
+        "",
+        f"Scaling: {shape['num_hidden_layers']} layers x {shape['num_key_value_heads']} KV heads x {shape['head_dim']} "
+        f"dims, {scale['dtype']} keys; scoring time = one layer's median x {shape['num_hidden_layers']}; ragged "
+        f"bytes computed, and measured on a real prefill (random weights, r={scale['verify_ratio']}) where shown:",
+        "",
+        "| N | NestedKV (ms) | us / token | local exponent | KeyDiff (ms) | KV full (MiB) | "
+        + " | ".join(f"held r={r} (MiB)" for r in ratios) + " | measured held (MiB) | real prefill (s) |",
+        "|---" * (8 + len(ratios)) + "|",
+    ]
+    previous = None
+    for row in scale["rows"]:
+        local = "-" if previous is None else (
+            f"{math.log(row['nestedkv_s'] / previous['nestedkv_s']) / math.log(row['length'] / previous['length']):.2f}"
+        )
+        verified = "-" if row["verified_bytes_held"] is None else _mib(row["verified_bytes_held"])
+        prefill_s = "-" if row["verify_prefill_s"] is None else f"{row['verify_prefill_s']:.2f}"
+        lines.append(
+            f"| {row['length']} | {row['nestedkv_s'] * 1e3:.1f} | {row['nestedkv_s'] / row['length'] * 1e6:.2f} "
+            f"| {local} | {row['keydiff_s'] * 1e3:.1f} | {_mib(row['bytes_full'])} | "
+            + " | ".join(_mib(row["bytes_held"][r]) for r in ratios) + f" | {verified} | {prefill_s} |"
+        )
+        previous = row
+    lines += [
+        "",
+        f"Fitted exponent of scoring time against N: NestedKV {scale['nestedkv_exponent']:.2f}, "
+        f"KeyDiff {scale['keydiff_exponent']:.2f} (1 = linear).",
+    ]
+    return "\n".join(lines)
