@@ -24,8 +24,21 @@ def test_generate_demo_answers_and_reports_the_cache(session_model, capsys):
 def test_generate_with_a_context_file_and_ablation_switches(session_model, capsys, tmp_path):
     context = tmp_path / "context.txt"
     context.write_text(cli.demo_sample()["context"], encoding="utf-8")
-    argv = ["generate", "--context", str(context), "--question", "What is the special magic number?",
-            "--ratio", "0.5", "--scales", "global,window", "--budget", "uniform", "--max-new-tokens", "4"]
+    argv = [
+        "generate",
+        "--context",
+        str(context),
+        "--question",
+        "What is the special magic number?",
+        "--ratio",
+        "0.5",
+        "--scales",
+        "global,window",
+        "--budget",
+        "uniform",
+        "--max-new-tokens",
+        "4",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "(uniform budget" in out

@@ -75,8 +75,13 @@ def test_head_adaptive_budget_on_the_real_model(model, context_ids):
 def test_needle_at_2k_tokens_is_answered_with_nestedkv_at_r075(model, tokenizer):
     sample = build_samples("niah_single_1", 1, tokenizer, 2048, seed=0)[0]
     answer = answer_question(
-        model, tokenizer, sample.context, sample.question, NestedKVPress(compression_ratio=0.75),
-        answer_prefix=sample.answer_prefix, max_new_tokens=24,
+        model,
+        tokenizer,
+        sample.context,
+        sample.question,
+        NestedKVPress(compression_ratio=0.75),
+        answer_prefix=sample.answer_prefix,
+        max_new_tokens=24,
     )
     assert sample.answers[0] in answer.text
     assert answer.cache.context_length > 1800
@@ -201,8 +206,13 @@ def test_ragged_matches_masked_on_other_architectures(model_class, config):
 def test_ragged_cache_with_pipeline_and_generate(model, tokenizer):
     sample = build_samples("niah_single_1", 1, tokenizer, 1024, seed=2)[0]
     answer = answer_question(
-        model, tokenizer, sample.context, sample.question, NestedKVPress(0.5, storage="ragged"),
-        answer_prefix=sample.answer_prefix, max_new_tokens=24,
+        model,
+        tokenizer,
+        sample.context,
+        sample.question,
+        NestedKVPress(0.5, storage="ragged"),
+        answer_prefix=sample.answer_prefix,
+        max_new_tokens=24,
     )
     assert sample.answers[0] in answer.text
     assert answer.cache.bytes_held < 0.51 * answer.cache.bytes_full

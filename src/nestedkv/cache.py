@@ -11,7 +11,8 @@ Keys keep the RoPE phases of their original positions, since the cache stores ro
 :func:`ragged_attention` reads, for each KV head, only that head's packed positions plus the tail.
 It is reached through transformers' attention registry, wrapped once at import (like kvpress's
 own patch): when the key tensor handed to attention is the tail of a ragged layer, attention is
-computed per head from the ragged layer; any other call goes to the original function.
+computed per head from the ragged layer; any other call goes to the original function, with the
+attention mask cut to the layer's key length when layers hold different numbers of positions.
 """
 
 from __future__ import annotations
@@ -108,6 +109,11 @@ def _reads_ragged_layers(attention):
         reference = getattr(key, "ragged_layer", None)
         layer = reference() if reference is not None else None
         if layer is None or layer.keys is not key:
+            if attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
+                # transformers sizes the mask from layer 0's cache; a press that keeps fewer positions in
+                # deeper layers (PyramidKV) needs its last columns: the compressed context is fully visible
+                # to the new tokens, whose causal part comes last.
+                attention_mask = attention_mask[..., -key.shape[-2] :]
             return attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return ragged_attention(query, layer, scale), None

@@ -10,6 +10,11 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from nestedkv.bench.methods import METHODS
+from nestedkv.bench.report import write_report
+from nestedkv.bench.ruler import TASKS, task_names
+from nestedkv.bench.runner import PRESETS, EvalConfig, run
+from nestedkv.bench.store import ResultStore
 from nestedkv.generate import answer_question
 from nestedkv.models import DEFAULT_MODEL, ModelLoadError, load_model
 from nestedkv.press import NestedKVPress
@@ -140,6 +145,34 @@ def _bench(args: argparse.Namespace) -> None:
         print(f"\nwrote {args.out}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    options = dict(PRESETS[args.preset])
+    for name in ("tasks", "lengths", "ratios", "methods", "samples"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    config = EvalConfig(
+        model=args.model or DEFAULT_MODEL, seed=args.seed, query_aware=args.query_aware,
+        squad_path=args.squad, hotpot_path=args.hotpot, **options,
+    )
+    unknown = set(config.tasks) - set(task_names(args.squad, args.hotpot))
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(sorted(unknown))}; choose from {', '.join(task_names())}")
+    store = ResultStore(args.out or f"results/{args.preset}")
+    print(f"results: {store.path} ({len(store)} already there)", file=sys.stderr)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    added = run(config, model, tokenizer, store)
+    print(f"{added} new results in {store.path}; `nestedkv report --results {store.path.parent}` summarises them")
+
+
+def _report(args: argparse.Namespace) -> None:
+    store = Path(args.results) / "results.jsonl"
+    if not store.is_file():
+        raise ValueError(f"no results store at {store}: run `nestedkv eval --out {args.results}` first")
+    out = Path(args.out or args.results)
+    print(write_report(ResultStore(args.results), out, args.heatmap_ratio))
+    print(f"wrote {out / 'report.md'}, {out / 'score_vs_ratio.png'}, {out / 'task_heatmap.png'}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nestedkv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +219,39 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-peak-memory", action="store_true", help="skip the fresh-process memory measurements")
     bench.add_argument("--tiny-random-model", action="store_true", help=argparse.SUPPRESS)  # for the tests
     bench.set_defaults(run=_bench)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="benchmark methods x ratios x lengths x tasks (RULER, built locally), resumable",
+        description="Run every (sample, method, ratio) not yet in the results store. Each sample is "
+        "prefilled once and every method is applied to that same prefill. Interrupt at will: "
+        "running the same command again resumes.",
+    )
+    evaluate.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="default: quick (~20 min)")
+    evaluate.add_argument("--tasks", type=_tuple_of(str), help=f"comma list (default: all of {', '.join(TASKS)})")
+    evaluate.add_argument("--lengths", type=_tuple_of(int), help="context lengths in tokens, prompt included")
+    evaluate.add_argument("--ratios", type=_tuple_of(float), help="compression ratios")
+    evaluate.add_argument("--methods", type=_tuple_of(str), help=f"comma list of: none, {', '.join(METHODS)}")
+    evaluate.add_argument("--samples", type=int, help="samples per task and length")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--query-aware", action="store_true", help="compress the question with the context")
+    evaluate.add_argument("--squad", help="SQuAD v2 json: adds RULER's real qa_1")
+    evaluate.add_argument("--hotpot", help="HotpotQA json: adds RULER's real qa_2")
+    evaluate.add_argument("--out", help="results directory (default: results/<preset>)")
+    evaluate.add_argument("--model", default=None, help=f"HF id, local dir or .gguf file (default: {DEFAULT_MODEL})")
+    evaluate.add_argument("--dtype", default=None)
+    evaluate.add_argument("--device", default=None)
+    evaluate.set_defaults(run=_eval)
+
+    report = commands.add_parser(
+        "report", help="Markdown tables and PNG plots from a results store",
+        description="Mean score per method and ratio (95 %% CI), per-task tables, a score-vs-ratio plot and a "
+        "task x method heat map. Only samples measured with every (method, ratio) are counted.",
+    )
+    report.add_argument("--results", default="results/quick", help="results directory (default: results/quick)")
+    report.add_argument("--out", help="where to write report.md and the plots (default: the results directory)")
+    report.add_argument("--heatmap-ratio", type=float, help="ratio of the heat map (default: 0.9, else the largest)")
+    report.set_defaults(run=_report)
     return parser
 
 

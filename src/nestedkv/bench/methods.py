@@ -27,9 +27,13 @@ from nestedkv.press import NestedKVPress
 
 @dataclass(frozen=True)
 class Method:
+    """``ratio_free_scores``: the press's scores do not depend on the ratio, so the runner may score
+    a sample once and reuse the scores for every ratio (worth it for expensive scorers)."""
+
     name: str
     description: str
     make: Callable[[float], BasePress]
+    ratio_free_scores: bool = False
 
 
 NO_COMPRESSION = "none"
@@ -67,12 +71,16 @@ METHODS: dict[str, Method] = {
         Method("knorm", "KNorm (kvpress)", lambda r: KnormPress(compression_ratio=r)),
         Method("tova", "TOVA (kvpress)", lambda r: TOVAPress(compression_ratio=r)),
         Method(
-            "expected-attention", "ExpectedAttention (kvpress)", lambda r: ExpectedAttentionPress(compression_ratio=r)
+            "expected-attention",
+            "ExpectedAttention (kvpress)",
+            lambda r: ExpectedAttentionPress(compression_ratio=r),
+            ratio_free_scores=True,
         ),
         Method(
             "adakv-expected-attention",
             "AdaKV + ExpectedAttention (kvpress, masked)",
             lambda r: AdaKVPress(press=ExpectedAttentionPress(compression_ratio=r)),
+            ratio_free_scores=True,
         ),
         Method("pyramidkv", "PyramidKV (kvpress)", lambda r: PyramidKVPress(compression_ratio=r)),
     ]

@@ -11,6 +11,7 @@ pipeline for the same press.
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from nestedkv.bench.methods import ABLATIONS, NO_COMPRESSION, PEERS, check_method, make_press
+from nestedkv.bench.methods import ABLATIONS, METHODS, NO_COMPRESSION, PEERS, check_method, make_press
 from nestedkv.bench.metrics import score_sample
 from nestedkv.bench.ruler import TASKS, Sample, build_samples
 from nestedkv.bench.store import KEY_FIELDS, ResultStore
@@ -136,6 +137,24 @@ def compress_replay(model: PreTrainedModel, prefill: Prefill, press: BasePress |
     return cache
 
 
+def reuse_scores(press: BasePress, memo: dict[int, torch.Tensor]) -> BasePress:
+    """Make ``press`` (a ``ScorerPress``, or a press wrapping one in ``.press``) score each layer once per
+    ``memo``: later presses of the same method on the same prefill reuse the stored scores.
+
+    Only for methods whose scores do not depend on the ratio (``Method.ratio_free_scores``).
+    """
+    scorer = getattr(press, "press", press)
+    compute = scorer.score
+
+    def score(module, *args):
+        if module.layer_idx not in memo:
+            memo[module.layer_idx] = compute(module, *args)
+        return memo[module.layer_idx].clone()  # some presses (AdaKV) write into their scores
+
+    scorer.score = score
+    return press
+
+
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -194,21 +213,28 @@ def run(
         context_ids, question_ids = encode_prompt(tokenizer, context, question, sample.answer_prefix)
         bar.set_postfix_str(f"{length} {sample.task}#{sample.index} prefill")
         prefill = prefill_once(model, context_ids)
+        score_memos: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
         for method, ratio in pending:
             bar.set_postfix_str(f"{length} {sample.task}#{sample.index} {method} r={ratio}")
             start = time.perf_counter()
-            with torch.no_grad():
-                cache = compress_replay(model, prefill, make_press(method, ratio))
-                prediction = pipe.generate_answer(
-                    question_ids.to(model.device), cache, prefill.context_length, sample.max_new_tokens
-                )
+            press = make_press(method, ratio)
+            if method in METHODS and METHODS[method].ratio_free_scores:
+                press = reuse_scores(press, score_memos[method])
+            outcome: dict = {"context_tokens": prefill.context_length}
+            try:
+                with torch.no_grad():
+                    cache = compress_replay(model, prefill, press)
+                    prediction = pipe.generate_answer(
+                        question_ids.to(model.device), cache, prefill.context_length, sample.max_new_tokens
+                    )
+                outcome |= {"prediction": prediction, "score": score_sample(sample.metric, prediction, sample.answers)}
+            except (RuntimeError, ValueError, AssertionError) as error:  # a method that fails must not stop the run
+                outcome |= {"prediction": None, "score": None, "error": f"{type(error).__name__}: {error}"}
             record = {
                 **dict(zip(KEY_FIELDS, key(length, sample, method, ratio), strict=True)),
                 "metric": sample.metric,
                 "answers": list(sample.answers),
-                "prediction": prediction,
-                "score": score_sample(sample.metric, prediction, sample.answers),
-                "context_tokens": prefill.context_length,
+                **outcome,
                 "seconds": round(time.perf_counter() - start, 3),
             }
             store.add(record)

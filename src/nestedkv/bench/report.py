@@ -1,0 +1,176 @@
+"""Turn a results store into Markdown tables and PNG plots.
+
+Scores are in [0, 100]. A method's score at a ratio is the unweighted mean over tasks of the
+per-task mean (RULER's headline); its 95 % confidence interval is the normal approximation
+``1.96 * sqrt(sum_t s_t^2 / n_t) / T`` from the per-task sample standard deviations ``s_t``
+(shown only when every task has at least two samples).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean, stdev
+
+from nestedkv.bench.methods import NO_COMPRESSION
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Scores of one (method, ratio) over tasks: per-task sample scores."""
+
+    scores: dict[str, list[float]]
+
+    @property
+    def n(self) -> int:
+        return min(len(values) for values in self.scores.values())
+
+    def task_mean(self, task: str) -> float:
+        return mean(self.scores[task])
+
+    @property
+    def mean(self) -> float:
+        return mean(self.task_mean(task) for task in self.scores)
+
+    @property
+    def ci95(self) -> float | None:
+        if self.n < 2:
+            return None
+        variance = sum(stdev(values) ** 2 / len(values) for values in self.scores.values())
+        return 1.96 * math.sqrt(variance) / len(self.scores)
+
+
+def collect(records: Iterable[dict]) -> tuple[dict[tuple[str, float], Cell], list[str]]:
+    """Group records by (method, ratio). Only samples measured for *every* (method, ratio) are kept,
+    so that every cell compares the same samples; returns the cells and the sorted task names."""
+    by_job: dict[tuple[str, float], dict[tuple, float]] = defaultdict(dict)
+    for record in records:
+        if record.get("score") is None:  # the method failed on this sample (see its "error")
+            continue
+        sample = (record["model"], record["length"], record["task"], record["index"], record["seed"],
+                  record["query_aware"])
+        by_job[record["method"], record["ratio"]][sample] = record["score"]
+    if not by_job:
+        raise ValueError("the results store is empty: run `nestedkv eval` first")
+    common = set.intersection(*(set(samples) for samples in by_job.values()))
+    if not common:
+        raise ValueError("no sample has been measured with every (method, ratio) yet")
+    tasks = sorted({sample[2] for sample in common})
+    cells = {}
+    for job, samples in by_job.items():
+        per_task: dict[str, list[float]] = {task: [] for task in tasks}
+        for sample in sorted(common):
+            per_task[sample[2]].append(samples[sample])
+        cells[job] = Cell(per_task)
+    return cells, tasks
+
+
+def _methods_and_ratios(cells: dict[tuple[str, float], Cell]) -> tuple[list[str], list[float]]:
+    methods = list(dict.fromkeys(method for method, _ in cells))  # insertion order = run order
+    ratios = sorted({ratio for method, ratio in cells if method != NO_COMPRESSION})
+    return methods, ratios
+
+
+def _format(cell: Cell | None) -> str:
+    if cell is None:
+        return "–"
+    ci = cell.ci95
+    return f"{cell.mean:.1f}" + (f" ± {ci:.1f}" if ci is not None else "")
+
+
+def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str]) -> str:
+    """A mean table (method × ratio, with CI) and one per-task table per ratio."""
+    methods, ratios = _methods_and_ratios(cells)
+    n = next(iter(cells.values())).n
+    lines = [
+        f"Mean score over {len(tasks)} tasks (0-100, ± 95 % CI), {n} sample(s) per task, "
+        f"{n * len(tasks)} samples per cell; the same samples in every cell.",
+        "",
+        "| method | " + " | ".join(f"r={r}" for r in ratios) + " |",
+        "|---|" + "---:|" * len(ratios),
+    ]
+    for method in methods:
+        if method == NO_COMPRESSION:
+            lines.append(f"| {method} (r=0) | " + " | ".join([_format(cells[method, 0.0])] * len(ratios)) + " |")
+        else:
+            lines.append(f"| {method} | " + " | ".join(_format(cells.get((method, r))) for r in ratios) + " |")
+    for ratio in ratios:
+        lines += ["", f"Per task at r={ratio} (mean of {n} sample(s) each):", ""]
+        lines.append("| method | " + " | ".join(tasks) + " | mean |")
+        lines.append("|---|" + "---:|" * (len(tasks) + 1))
+        for method in methods:
+            cell = cells.get((method, 0.0 if method == NO_COMPRESSION else ratio))
+            if cell is None:
+                continue
+            row = " | ".join(f"{cell.task_mean(task):.0f}" for task in tasks)
+            lines.append(f"| {method} | {row} | {cell.mean:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_score_vs_ratio(cells: dict[tuple[str, float], Cell], path: Path) -> None:
+    """Mean score against compression ratio, one line per method (the baseline dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods, ratios = _methods_and_ratios(cells)
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for method in methods:
+        if method == NO_COMPRESSION:
+            axes.axhline(cells[method, 0.0].mean, color="black", linestyle="--", label="no compression")
+            continue
+        style = dict(linewidth=2.5, color="crimson") if method == "nestedkv" else dict(linewidth=1, alpha=0.8)
+        measured = [r for r in ratios if (method, r) in cells]
+        axes.plot(measured, [cells[method, r].mean for r in measured], marker="o", label=method, **style)
+    axes.set_xlabel("compression ratio (fraction of KV removed)")
+    axes.set_ylabel("mean RULER score")
+    axes.set_xticks(ratios)
+    axes.legend(fontsize=7, ncol=2)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_task_heatmap(cells: dict[tuple[str, float], Cell], tasks: list[str], ratio: float, path: Path) -> None:
+    """Per-task mean score of every method at one ratio, as a task × method heat map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in _methods_and_ratios(cells)[0] if (m, 0.0 if m == NO_COMPRESSION else ratio) in cells]
+    grid = [[cells[m, 0.0 if m == NO_COMPRESSION else ratio].task_mean(t) for m in methods] for t in tasks]
+    figure, axes = plt.subplots(figsize=(1 + 0.6 * len(methods), 1 + 0.4 * len(tasks)))
+    image = axes.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    axes.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=8)
+    axes.set_yticks(range(len(tasks)), tasks, fontsize=8)
+    for row, values in enumerate(grid):
+        for column, value in enumerate(values):
+            axes.text(column, row, f"{value:.0f}", ha="center", va="center", fontsize=6,
+                      color="white" if value < 50 else "black")
+    axes.set_title(f"score per task at r={ratio} (baseline at r=0)")
+    figure.colorbar(image, ax=axes, fraction=0.03)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(records: Iterable[dict], out: Path, heatmap_ratio: float | None = None) -> str:
+    """Write ``report.md``, ``score_vs_ratio.png`` and ``task_heatmap.png`` into ``out``; return the Markdown."""
+    cells, tasks = collect(records)
+    _, ratios = _methods_and_ratios(cells)
+    if heatmap_ratio is None:
+        heatmap_ratio = 0.9 if 0.9 in ratios else ratios[-1]
+    elif heatmap_ratio not in ratios:
+        raise ValueError(f"no results at ratio {heatmap_ratio}; measured ratios: {ratios}")
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown_tables(cells, tasks)
+    (out / "report.md").write_text(text, encoding="utf-8")
+    plot_score_vs_ratio(cells, out / "score_vs_ratio.png")
+    plot_task_heatmap(cells, tasks, heatmap_ratio, out / "task_heatmap.png")
+    return text

@@ -1,0 +1,136 @@
+"""The benchmark: prefill-once replay against kvpress's pipeline, the resumable store, the report."""
+
+import json
+
+import pytest
+from kvpress import KVPressTextGenerationPipeline
+
+from nestedkv.bench.methods import make_press
+from nestedkv.bench.report import collect, write_report
+from nestedkv.bench.ruler import build_samples
+from nestedkv.bench.runner import EvalConfig, compress_replay, prefill_once, reuse_scores, run
+from nestedkv.bench.store import ResultStore
+from nestedkv.prompts import encode_prompt
+
+
+def test_prefill_once_gives_exactly_the_pipeline_answers(model, tokenizer):
+    sample = build_samples("niah_single_2", 1, tokenizer, 1024, seed=7)[0]
+    pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
+    context_ids, question_ids = encode_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix)
+    prefill = prefill_once(model, context_ids)
+    # a masked (head-wise) method first: its masks must not leak into the methods replayed after it
+    methods = ["adakv-expected-attention", "keydiff", "nestedkv", "snapkv", "block-keydiff", "none"]
+    for method in methods:
+        cache = compress_replay(model, prefill, make_press(method, 0.75))
+        replayed = pipe.generate_answer(question_ids, cache, prefill.context_length, max_new_tokens=12)
+        expected = pipe(
+            sample.context,
+            question=sample.question,
+            answer_prefix=sample.answer_prefix,
+            press=make_press(method, 0.75),
+            max_new_tokens=12,
+        )["answer"]
+        assert replayed == expected, method
+    # scores reused across ratios (expensive ratio-free scorers) give the answers of fresh presses
+    memo = {}
+    for ratio in (0.5, 0.9):
+        press = reuse_scores(make_press("adakv-expected-attention", ratio), memo)
+        replayed = pipe.generate_answer(
+            question_ids, compress_replay(model, prefill, press), prefill.context_length, 12
+        )
+        expected = pipe(
+            sample.context,
+            question=sample.question,
+            answer_prefix=sample.answer_prefix,
+            press=make_press("adakv-expected-attention", ratio),
+            max_new_tokens=12,
+        )["answer"]
+        assert replayed == expected, ratio
+    assert sorted(memo) == list(range(model.config.num_hidden_layers))
+
+
+SMALL = dict(
+    tasks=("niah_single_1", "niah_single_2"),
+    lengths=(512,),
+    ratios=(0.5, 0.9),
+    methods=("none", "nestedkv", "knorm"),
+    samples=1,
+)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_run_is_resumable_and_loses_no_finished_result(model, tokenizer, tmp_path):
+    config = EvalConfig(model="smollm2-test", **SMALL)
+    expected_total = 2 * (1 + 2 * 2)  # 2 samples x (baseline + 2 methods x 2 ratios)
+
+    class FailingStore(ResultStore):
+        def add(self, record):
+            if len(self) == 3:
+                raise Interrupted  # as if the user pressed Ctrl-C after three results
+            super().add(record)
+
+    with pytest.raises(Interrupted):
+        run(config, model, tokenizer, FailingStore(tmp_path), progress=False)
+    assert len(ResultStore(tmp_path)) == 3
+    # a torn half line, as a kill during a write would leave
+    with (tmp_path / "results.jsonl").open("a") as handle:
+        handle.write('{"model": "smollm2-te')
+    with pytest.warns(UserWarning, match="skipping an unreadable line"):
+        store = ResultStore(tmp_path)
+    assert run(config, model, tokenizer, store, progress=False) == expected_total - 3
+    with pytest.warns(UserWarning):
+        records = list(ResultStore(tmp_path))
+    assert len(records) == expected_total
+    assert len({(r["task"], r["method"], r["ratio"]) for r in records}) == expected_total
+    assert all(0 <= r["score"] <= 100 and r["context_tokens"] <= 512 for r in records)
+    with pytest.warns(UserWarning):
+        assert run(config, model, tokenizer, ResultStore(tmp_path), progress=False) == 0
+
+
+def record(task, method, ratio, index, score):
+    return dict(
+        model="m",
+        length=4096,
+        task=task,
+        index=index,
+        seed=0,
+        method=method,
+        ratio=ratio,
+        query_aware=False,
+        score=score,
+    )
+
+
+def test_report_tables_confidence_intervals_and_plots(tmp_path):
+    records = [record("a", "none", 0.0, i, s) for i, s in enumerate([100, 100])]
+    records += [record("b", "none", 0.0, i, s) for i, s in enumerate([100, 0])]
+    records += [record("a", "nestedkv", 0.5, i, s) for i, s in enumerate([100, 0])]
+    records += [record("b", "nestedkv", 0.5, i, s) for i, s in enumerate([0, 0])]
+    records.append(record("a", "nestedkv", 0.5, 2, 100))  # sample 2 has no baseline: not counted
+    cells, tasks = collect(records)
+    assert tasks == ["a", "b"]
+    assert cells["none", 0.0].mean == 75.0
+    assert cells["nestedkv", 0.5].mean == 25.0
+    # 1.96 * sqrt(s_a^2 / 2 + s_b^2 / 2) / 2 with s_a = 70.71, s_b = 0
+    assert cells["nestedkv", 0.5].ci95 == pytest.approx(1.96 * 50 / 2)
+    text = write_report(records, tmp_path)
+    assert "| nestedkv | 25.0 ± 49.0 |" in text
+    assert "2 sample(s) per task" in text
+    assert (tmp_path / "score_vs_ratio.png").stat().st_size > 1000
+    assert (tmp_path / "task_heatmap.png").stat().st_size > 1000
+
+
+def test_report_refuses_an_empty_store(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        write_report([], tmp_path)
+
+
+def test_store_records_are_json_lines(tmp_path):
+    store = ResultStore(tmp_path)
+    store.add(record("a", "none", 0.0, 0, 100.0))
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["method"] == "none"
+    assert ("m", 4096, "a", 0, 0, "none", 0.0, False) in ResultStore(tmp_path)
