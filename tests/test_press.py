@@ -4,7 +4,7 @@ import contextlib
 
 import pytest
 import torch
-from kvpress import KeyDiffPress
+from kvpress import KeyDiffPress, PyramidKVPress
 from transformers import (
     DynamicCache,
     LlamaConfig,
@@ -221,3 +221,17 @@ def test_ragged_cache_with_pipeline_and_generate(model, tokenizer):
     with NestedKVPress(compression_ratio=0.5, storage="ragged")(model):
         output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
     assert sample.answers[0] in tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
+
+
+def test_layers_of_different_lengths_decode():
+    """PyramidKV keeps fewer positions in deeper layers; the attention mask is cut to each layer's keys."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**TINY, "num_hidden_layers": 4}, num_key_value_heads=2)
+    config._attn_implementation = "sdpa"
+    tiny = LlamaForCausalLM(config).eval()
+    input_ids = torch.randint(0, 128, (1, 1500))
+    cache = prefill(tiny, input_ids, PyramidKVPress(compression_ratio=0.5))
+    assert len({layer.keys.shape[2] for layer in cache.layers}) == 4
+    with torch.no_grad():
+        logits = tiny(input_ids=input_ids[:, :5], past_key_values=cache, position_ids=torch.arange(1500, 1505)[None])
+    assert torch.isfinite(logits.logits).all()
