@@ -1,6 +1,7 @@
 """The benchmark: prefill-once replay against kvpress's pipeline, the resumable store, the report."""
 
 import json
+from pathlib import Path
 
 import pytest
 from kvpress import KVPressTextGenerationPipeline
@@ -93,6 +94,7 @@ def test_run_is_resumable_and_loses_no_finished_result(model, tokenizer, tmp_pat
 def record(task, method, ratio, index, score):
     return dict(
         model="m",
+        benchmark="ruler-local",
         length=4096,
         task=task,
         index=index,
@@ -133,4 +135,45 @@ def test_store_records_are_json_lines(tmp_path):
     store.add(record("a", "none", 0.0, 0, 100.0))
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["method"] == "none"
-    assert ("m", 4096, "a", 0, 0, "none", 0.0, False) in ResultStore(tmp_path)
+    assert ("m", "ruler-local", 4096, "a", 0, 0, "none", 0.0, False) in ResultStore(tmp_path)
+
+
+def test_hub_benchmark_from_a_local_file(model, tokenizer, tmp_path):
+    data = Path(__file__).parent / "data" / "hub" / "longbench_trec.jsonl"
+    config = EvalConfig(
+        model="smollm2-test",
+        benchmark="longbench",
+        subset="trec",
+        data_files=str(data),
+        methods=("none", "knorm"),
+        ratios=(0.5,),
+        samples=2,
+    )
+    assert run(config, model, tokenizer, ResultStore(tmp_path), progress=False) == 4
+    records = list(ResultStore(tmp_path))
+    assert {(r["benchmark"], r["length"], r["task"], r["metric"]) for r in records} == {
+        ("longbench", None, "trec", "classification_score_first_line")
+    }
+    assert all(0 <= r["score"] <= 100 for r in records)
+
+
+def test_bad_benchmark_settings_are_named():
+    with pytest.raises(ValueError, match="unknown benchmark 'longbook'"):
+        EvalConfig(model="m", benchmark="longbook")
+    with pytest.raises(ValueError, match="unknown longbench subset 'nope'"):
+        EvalConfig(model="m", benchmark="longbench", subset="nope")
+    with pytest.raises(ValueError, match="unknown method 'h2o'"):
+        EvalConfig(model="m", methods=("h2o",))
+
+
+@pytest.mark.slow
+def test_quick_preset_end_to_end(default_model, tmp_path, monkeypatch, capsys):
+    """The README's quick benchmark, as a user runs it: eval, then report (~20 minutes here)."""
+    from nestedkv import cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: default_model)
+    assert cli.main(["eval", "--preset", "quick", "--out", str(tmp_path)]) == 0
+    assert cli.main(["report", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| nestedkv |" in out and "Mean score over 13 tasks" in out
+    assert (tmp_path / "task_heatmap.png").exists()

@@ -10,10 +10,11 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from nestedkv.bench.hub import BENCHMARKS as HUB_BENCHMARKS
 from nestedkv.bench.methods import METHODS
 from nestedkv.bench.report import write_report
 from nestedkv.bench.ruler import TASKS, task_names
-from nestedkv.bench.runner import PRESETS, EvalConfig, run
+from nestedkv.bench.runner import LOCAL_RULER, PRESETS, EvalConfig, run
 from nestedkv.bench.store import ResultStore
 from nestedkv.generate import answer_question
 from nestedkv.models import DEFAULT_MODEL, ModelLoadError, load_model
@@ -152,12 +153,17 @@ def _eval(args: argparse.Namespace) -> None:
             options[name] = getattr(args, name)
     config = EvalConfig(
         model=args.model or DEFAULT_MODEL, seed=args.seed, query_aware=args.query_aware,
-        squad_path=args.squad, hotpot_path=args.hotpot, **options,
+        squad_path=args.squad, hotpot_path=args.hotpot, benchmark=args.benchmark, subset=args.subset,
+        data_files=args.data_files, **options,
     )
-    unknown = set(config.tasks) - set(task_names(args.squad, args.hotpot))
-    if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(sorted(unknown))}; choose from {', '.join(task_names())}")
-    store = ResultStore(args.out or f"results/{args.preset}")
+    if config.benchmark == LOCAL_RULER:
+        unknown = set(config.tasks or ()) - set(task_names(args.squad, args.hotpot))
+        if unknown:
+            raise ValueError(f"unknown task(s) {', '.join(sorted(unknown))}; choose from {', '.join(task_names())}")
+        default_out = f"results/{args.preset}"
+    else:
+        default_out = f"results/{config.benchmark}-{config.subset or 'all'}"
+    store = ResultStore(args.out or default_out)
     print(f"results: {store.path} ({len(store)} already there)", file=sys.stderr)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     added = run(config, model, tokenizer, store)
@@ -235,9 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--samples", type=int, help="samples per task and length")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--query-aware", action="store_true", help="compress the question with the context")
+    evaluate.add_argument(
+        "--benchmark", default=LOCAL_RULER, choices=(LOCAL_RULER, *HUB_BENCHMARKS),
+        help=f"default: {LOCAL_RULER} (built offline); the others load from the hub (docs/hub_benchmarks.md)",
+    )
+    evaluate.add_argument("--subset", help="hub benchmark subset (a task, or RULER's length)")
+    evaluate.add_argument("--data-files", help="local parquet/jsonl copy of a hub benchmark")
     evaluate.add_argument("--squad", help="SQuAD v2 json: adds RULER's real qa_1")
     evaluate.add_argument("--hotpot", help="HotpotQA json: adds RULER's real qa_2")
-    evaluate.add_argument("--out", help="results directory (default: results/<preset>)")
+    evaluate.add_argument("--out", help="results directory (default: results/<preset> or results/<benchmark>-<subset>)")
     evaluate.add_argument("--model", default=None, help=f"HF id, local dir or .gguf file (default: {DEFAULT_MODEL})")
     evaluate.add_argument("--dtype", default=None)
     evaluate.add_argument("--device", default=None)

@@ -147,7 +147,7 @@ def subsets(benchmark: str) -> tuple[str, ...]:
     return tables[benchmark]
 
 
-def _task_name(benchmark: str, name: str) -> str:
+def resolve_subset(benchmark: str, name: str) -> str:
     """The subset ``name`` (a subset argument or a row's ``task``) stands for, checked;
     LongBench-E accepts ``qasper``, ``qasper_e`` or ``qasper-e`` for ``qasper_e``."""
     if benchmark == "longbench-e":
@@ -215,7 +215,7 @@ def _row_task(benchmark: str, subset: str | None, row: Mapping[str, Any]) -> str
         return subset
     if "task" not in row:
         raise ValueError(f"without a subset, every {benchmark} row needs a task column")
-    return _task_name(benchmark, str(row["task"]))
+    return resolve_subset(benchmark, str(row["task"]))
 
 
 def _to_sample(benchmark: str, task: str, index: int, row: Mapping[str, Any]) -> HubSample:
@@ -267,7 +267,7 @@ def load_hub_samples(
     if n is not None and n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if subset is not None:
-        subset = _task_name(benchmark, subset)
+        subset = resolve_subset(benchmark, subset)
     elif data_files is None:
         raise ValueError(f"choose a {benchmark} subset to load from the hub: one of {choices}")
     by_task: dict[str, list[Mapping[str, Any]]] = {}

@@ -16,6 +16,7 @@ from pathlib import Path
 from statistics import mean, stdev
 
 from nestedkv.bench.methods import NO_COMPRESSION
+from nestedkv.bench.store import KEY_FIELDS, sample_key
 
 
 @dataclass(frozen=True)
@@ -50,20 +51,19 @@ def collect(records: Iterable[dict]) -> tuple[dict[tuple[str, float], Cell], lis
     for record in records:
         if record.get("score") is None:  # the method failed on this sample (see its "error")
             continue
-        sample = (record["model"], record["length"], record["task"], record["index"], record["seed"],
-                  record["query_aware"])
-        by_job[record["method"], record["ratio"]][sample] = record["score"]
+        by_job[record["method"], record["ratio"]][sample_key(record)] = record["score"]
     if not by_job:
         raise ValueError("the results store is empty: run `nestedkv eval` first")
     common = set.intersection(*(set(samples) for samples in by_job.values()))
     if not common:
         raise ValueError("no sample has been measured with every (method, ratio) yet")
-    tasks = sorted({sample[2] for sample in common})
+    task_of = KEY_FIELDS.index("task")  # position of the task in a sample key (method and ratio come later)
+    tasks = sorted({sample[task_of] for sample in common})
     cells = {}
     for job, samples in by_job.items():
         per_task: dict[str, list[float]] = {task: [] for task in tasks}
-        for sample in sorted(common):
-            per_task[sample[2]].append(samples[sample])
+        for sample in sorted(common, key=repr):
+            per_task[sample[task_of]].append(samples[sample])
         cells[job] = Cell(per_task)
     return cells, tasks
 

@@ -11,7 +11,7 @@ pipeline for the same press.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from nestedkv.bench.hub import BENCHMARKS as HUB_BENCHMARKS
+from nestedkv.bench.hub import load_hub_samples, resolve_subset, subsets
 from nestedkv.bench.methods import ABLATIONS, METHODS, NO_COMPRESSION, PEERS, check_method, make_press
 from nestedkv.bench.metrics import score_sample
 from nestedkv.bench.ruler import TASKS, Sample, build_samples
@@ -29,14 +31,21 @@ from nestedkv.press import check_ratio
 from nestedkv.prompts import encode_prompt
 
 RATIOS = (0.5, 0.75, 0.9, 0.95)
+LOCAL_RULER = "ruler-local"
+"""RULER's tasks built offline by :mod:`nestedkv.bench.ruler`; the other benchmarks come from the hub."""
 
 
 @dataclass
 class EvalConfig:
-    """What one benchmark run measures. ``model`` is the name recorded with every result."""
+    """What one benchmark run measures. ``model`` is the name recorded with every result.
+
+    ``benchmark``: ``ruler-local`` (RULER built offline at ``lengths``) or a hub benchmark of
+    :mod:`nestedkv.bench.hub` with its ``subset`` (or a local copy in ``data_files``). ``tasks``:
+    ``None`` runs every task of the benchmark.
+    """
 
     model: str
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] | None = None
     lengths: tuple[int, ...] = (4096,)
     ratios: tuple[float, ...] = RATIOS
     methods: tuple[str, ...] = (NO_COMPRESSION, "nestedkv", *ABLATIONS, *PEERS)
@@ -45,8 +54,19 @@ class EvalConfig:
     query_aware: bool = False
     squad_path: str | None = None
     hotpot_path: str | None = None
+    benchmark: str = LOCAL_RULER
+    subset: str | None = None
+    data_files: str | None = None
 
     def __post_init__(self) -> None:
+        if self.benchmark != LOCAL_RULER:
+            if self.benchmark not in HUB_BENCHMARKS:
+                choices = ", ".join((LOCAL_RULER, *HUB_BENCHMARKS))
+                raise ValueError(f"unknown benchmark {self.benchmark!r}; choose one of {choices}")
+            if self.subset is not None:
+                resolve_subset(self.benchmark, self.subset)
+            elif self.data_files is None:
+                raise ValueError(f"choose a {self.benchmark} subset: one of {', '.join(subsets(self.benchmark))}")
         for method in self.methods:
             check_method(method)
         for ratio in self.ratios:
@@ -158,27 +178,42 @@ def reuse_scores(press: BasePress, memo: dict[int, torch.Tensor]) -> BasePress:
 # --- the run ----------------------------------------------------------------------------------
 
 
-def plan_samples(config: EvalConfig, tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, Sample]]:
-    """(length, sample) pairs, sample index outermost: an interrupted run covers every task evenly."""
-    per_task = {
-        (length, task): build_samples(
-            task,
-            config.samples,
-            tokenizer,
-            length,
-            config.seed,
-            squad_path=config.squad_path,
-            hotpot_path=config.hotpot_path,
+def plan_samples(config: EvalConfig, tokenizer: PreTrainedTokenizerBase) -> list[tuple[int | None, Sample]]:
+    """(length, sample) pairs, sample index outermost: an interrupted run covers every task evenly.
+
+    ``length`` is the target context length of locally built RULER samples, the subset's length for
+    kvpress's prebuilt RULER, and ``None`` for the other hub benchmarks (their samples are not fitted).
+    """
+    if config.benchmark == LOCAL_RULER:
+        planned = [
+            (length, sample)
+            for length in config.lengths
+            for task in config.tasks or TASKS
+            for sample in build_samples(
+                task,
+                config.samples,
+                tokenizer,
+                length,
+                config.seed,
+                squad_path=config.squad_path,
+                hotpot_path=config.hotpot_path,
+            )
+        ]
+    else:
+        length = int(config.subset) if config.benchmark == "ruler" and config.subset else None
+        loaded = load_hub_samples(
+            config.benchmark, config.subset, config.samples, data_files=config.data_files, seed=config.seed
         )
-        for length in config.lengths
-        for task in config.tasks
-    }
-    return [
-        (length, per_task[length, task][index])
-        for index in range(config.samples)
-        for length in config.lengths
-        for task in config.tasks
-    ]
+        planned = [(length, sample) for sample in loaded if config.tasks is None or sample.task in config.tasks]
+    # Sample-major order: every task's first sample, then every task's second, ... (a stable sort keeps
+    # lengths and tasks in their order within each rank).
+    nth: Counter = Counter()
+    ranked = []
+    for length, sample in planned:
+        ranked.append((nth[length, sample.task], length, sample))
+        nth[length, sample.task] += 1
+    ranked.sort(key=lambda item: item[0])
+    return [(length, sample) for _, length, sample in ranked]
 
 
 def run(
@@ -194,8 +229,18 @@ def run(
     jobs = config.jobs()
     planned = plan_samples(config, tokenizer)
 
-    def key(length: int, sample: Sample, method: str, ratio: float) -> tuple:
-        return (config.model, length, sample.task, sample.index, config.seed, method, ratio, config.query_aware)
+    def key(length: int | None, sample: Sample, method: str, ratio: float) -> tuple:
+        return (
+            config.model,
+            config.benchmark,
+            length,
+            sample.task,
+            sample.index,
+            config.seed,
+            method,
+            ratio,
+            config.query_aware,
+        )
 
     todo = [
         (length, sample, [job for job in jobs if key(length, sample, *job) not in store]) for length, sample in planned
@@ -227,7 +272,12 @@ def run(
                     prediction = pipe.generate_answer(
                         question_ids.to(model.device), cache, prefill.context_length, sample.max_new_tokens
                     )
-                outcome |= {"prediction": prediction, "score": score_sample(sample.metric, prediction, sample.answers)}
+                outcome |= {
+                    "prediction": prediction,
+                    "score": score_sample(
+                        sample.metric, prediction, sample.answers, all_classes=getattr(sample, "all_classes", ())
+                    ),
+                }
             except (RuntimeError, ValueError, AssertionError) as error:  # a method that fails must not stop the run
                 outcome |= {"prediction": None, "score": None, "error": f"{type(error).__name__}: {error}"}
             record = {

@@ -12,12 +12,17 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-KEY_FIELDS = ("model", "length", "task", "index", "seed", "method", "ratio", "query_aware")
+KEY_FIELDS = ("model", "benchmark", "length", "task", "index", "seed", "method", "ratio", "query_aware")
 """What identifies a result; two results with the same key are the same measurement."""
 
 
 def result_key(record: dict) -> tuple:
     return tuple(record[field] for field in KEY_FIELDS)
+
+
+def sample_key(record: dict) -> tuple:
+    """What identifies the sample a result was measured on (its key without method and ratio)."""
+    return tuple(record[field] for field in KEY_FIELDS if field not in ("method", "ratio"))
 
 
 class ResultStore:
