@@ -7,13 +7,17 @@ with kvpress's masking, and KeyDiff, at every compression ratio ``r``:
 * KV bytes held right after prefill, from :func:`nestedkv.cache.summarize_cache`;
 * memory (:class:`PeakMemory`): each configuration runs once more in a fresh process started
   with ``multiprocessing``'s spawn method, so that its high-water mark is its own. In that
-  process the model is loaded and warmed up, freed heap is handed back to the OS
-  (``malloc_trim``), the kernel's RSS high-water mark is reset (``/proc/self/clear_refs``), and
-  the configuration prefills and decodes. Figures are bytes above the resident memory just before
-  the prefill. On CUDA they come from the CUDA allocator (``max_memory_allocated`` after
+  process glibc is told to hand freed blocks of 64 KiB or more back to the OS at once
+  (``mallopt``), the model is loaded, its weights paged in and a short generation run, freed heap
+  is handed back (``malloc_trim``), the kernel's RSS high-water mark is reset
+  (``/proc/self/clear_refs``), and the configuration prefills and decodes. Figures are bytes
+  above the resident memory just before the prefill: KV cache, activations and the press's
+  temporaries. On CUDA they come from the CUDA allocator (``max_memory_allocated`` after
   ``reset_peak_memory_stats``, above ``memory_allocated`` before the prefill);
 * prefill time (median of ``repeats`` runs after ``warmup`` runs), so the press's overhead over
-  an uncompressed prefill; decoding speed (1 / median time of one greedy step).
+  an uncompressed prefill; decoding speed (1 / median time of one greedy step). The
+  configurations take turns, round after round, rather than each running all its repeats in a
+  row: on a shared machine whose load drifts, they are then slowed alike.
 
 Separately, the scorers alone on the same keys (:func:`scoring_times`), and their scaling with
 context length on keys of a larger model's shape (:func:`scaling`; Llama-3.2-1B by default, with
@@ -33,10 +37,11 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from importlib.metadata import version
 from typing import Any
 
@@ -47,7 +52,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaF
 from transformers.utils import logging as hf_logging
 
 from nestedkv.budgets import compute_n_kept
-from nestedkv.cache import summarize_cache
+from nestedkv.cache import attention_modules, summarize_cache
 from nestedkv.press import NestedKVPress, check_ratio
 from nestedkv.scoring import NestedKVConfig, check_context_length, nestedkv_score
 
@@ -187,26 +192,15 @@ def prefill(
     return cache, next_token
 
 
-def decode_step_times(
-    model: PreTrainedModel, cache: DynamicCache, next_token: torch.Tensor, context_length: int, steps: int,
-    warmup: int = 0,
-) -> list[float]:
-    """Greedy-decode ``warmup + steps`` tokens from ``cache``; seconds taken by each of the last ``steps``.
+def decode_step(model: PreTrainedModel, cache: DynamicCache, token: torch.Tensor, position: int) -> torch.Tensor:
+    """Feed ``token (1, 1)`` at ``position`` and return the greedy next token ``(1, 1)``.
 
-    Positions are passed explicitly (a ragged cache's ``get_seq_length`` counts its dense tail only).
+    The position is passed explicitly (a ragged cache's ``get_seq_length`` counts its dense tail only).
     """
-    times = []
     with torch.no_grad():
-        for step in range(warmup + steps):
-            position = torch.tensor([[context_length + step]], device=model.device)
-            _synchronize(model.device)
-            start = time.perf_counter()
-            logits = model(input_ids=next_token, past_key_values=cache, position_ids=position).logits
-            next_token = logits[:, -1:].argmax(dim=-1)
-            _synchronize(model.device)
-            if step >= warmup:
-                times.append(time.perf_counter() - start)
-    return times
+        position_ids = torch.tensor([[position]], device=model.device)
+        logits = model(input_ids=token, past_key_values=cache, position_ids=position_ids).logits
+    return logits[:, -1:].argmax(dim=-1)
 
 
 def _synchronize(device: torch.device | str) -> None:
@@ -214,21 +208,30 @@ def _synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device | str) -> tuple[float, Any]:
-    """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones, and the last call's result.
+def timed(fn: Callable[[], Any], device: torch.device | str) -> tuple[float, Any]:
+    """Seconds one call of ``fn`` takes (CUDA synchronised before and after), and its result."""
+    _synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    _synchronize(device)
+    return time.perf_counter() - start, result
 
-    The previous result is dropped before each call, so that two results never coexist.
+
+def interleaved_medians(
+    calls: Mapping[Hashable, Callable[[], Any]], repeats: int, warmup: int, device: torch.device | str
+) -> dict[Hashable, float]:
+    """Median seconds of every call over ``repeats`` rounds, after ``warmup`` untimed rounds.
+
+    Within a round the calls take turns, so that load drifting on a shared machine slows them all
+    alike instead of whichever ran at the wrong moment. Results are dropped.
     """
-    times, result = [], None
-    for run in range(warmup + repeats):
-        result = None
-        _synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        _synchronize(device)
-        if run >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+    times: dict[Hashable, list[float]] = {key: [] for key in calls}
+    for round_ in range(warmup + repeats):
+        for key, fn in calls.items():
+            seconds, _ = timed(fn, device)
+            if round_ >= warmup:
+                times[key].append(seconds)
+    return {key: statistics.median(seconds) for key, seconds in times.items()}
 
 
 # --- memory in a fresh process ----------------------------------------------------------------
@@ -246,6 +249,24 @@ class PeakMemory:
     prefill_peak: int
     peak: int
     retained_after_prefill: int
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def _release_freed_memory_at_once() -> None:
+    """Have glibc give every allocation of 64 KiB or more its own mapping and trim its heap on every free.
+
+    Freed tensors then leave the RSS at once, so the RSS high-water mark follows the memory really
+    in use, the same from run to run (glibc's default adaptive thresholds keep some freed blocks
+    resident, depending on the order of earlier frees). Other C libraries are left as they are.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _trim_heap() -> None:
@@ -306,6 +327,7 @@ def _memory_of_one_configuration(
     ratio: float, length: int, decode_tokens: int, seed: int,
 ) -> PeakMemory:
     """Runs in a fresh process: load the saved model, warm up, then measure one configuration."""
+    _release_freed_memory_at_once()
     torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
@@ -315,14 +337,15 @@ def _memory_of_one_configuration(
             tensor.sum()
     input_ids = random_input_ids(model, length, seed)
     cache, token = prefill(model, input_ids[:, :WARMUP_TOKENS], None)
-    decode_step_times(model, cache, token, WARMUP_TOKENS, 1)
+    decode_step(model, cache, token, WARMUP_TOKENS)
     del cache, token
     press = make_press(method, ratio)
     probe = _MemoryProbe(model.device)
     cache, token = prefill(model, input_ids, press)
     prefill_peak = probe.peak()
     retained = probe.current()
-    decode_step_times(model, cache, token, length, decode_tokens)
+    for step in range(decode_tokens):
+        token = decode_step(model, cache, token, length + step)
     # The kernel batches its RSS counters per CPU (some hundred KiB), so a later reading of the
     # high-water mark can come out a little lower than an earlier one.
     return PeakMemory(prefill_peak, max(prefill_peak, probe.peak()), retained)
@@ -381,20 +404,55 @@ class ConfigurationResult:
     memory: PeakMemory | None = None
 
 
-def measure_configuration(
-    model: PreTrainedModel, input_ids: torch.Tensor, method: str, ratio: float, settings: BenchSettings
-) -> ConfigurationResult:
-    """Bytes held after prefill, prefill time and decoding speed of one configuration (no memory)."""
-    length = input_ids.shape[1]
-    prefill_s, (cache, token) = median_time(
-        lambda: prefill(model, input_ids, make_press(method, ratio)), settings.repeats, settings.warmup, model.device
-    )
-    summary = summarize_cache(model, cache, length)
-    steps = decode_step_times(model, cache, token, length, settings.decode_tokens, warmup=settings.warmup)
-    return ConfigurationResult(
-        method, ratio, summary.bytes_full, summary.bytes_held, summary.kept_fraction,
-        compute_n_kept(length, ratio) / length, prefill_s, 1 / statistics.median(steps),
-    )
+@dataclass
+class _LiveCache:
+    """A configuration's cache while it decodes, with the evicted positions kvpress's masking keeps
+    on the attention modules (``masked_key_indices``, one entry per layer; ``None`` without masking)."""
+
+    cache: DynamicCache
+    token: torch.Tensor
+    masks: list
+
+
+def measure_configurations(
+    model: PreTrainedModel, input_ids: torch.Tensor, configs: Sequence[tuple[str, float]], settings: BenchSettings
+) -> list[ConfigurationResult]:
+    """Bytes held after prefill, prefill time and decoding speed of each ``(method, ratio)`` (memory apart).
+
+    Prefills take turns: ``warmup + repeats`` rounds, each running every configuration once, so that
+    load drifting on a shared machine hits them alike. The last round's caches are all kept and
+    decoded, again in turns (one greedy step of each configuration per round); a masked
+    configuration's ``masked_key_indices`` are put back on the modules before each of its steps.
+    """
+    length, device = input_ids.shape[1], model.device
+    modules = attention_modules(model)
+    prefill_times: dict[tuple[str, float], list[float]] = {config: [] for config in configs}
+    live, summaries = {}, {}
+    for round_ in range(settings.warmup + settings.repeats):
+        for config in configs:
+            seconds, (cache, token) = timed(partial(prefill, model, input_ids, make_press(*config)), device)
+            if round_ >= settings.warmup:
+                prefill_times[config].append(seconds)
+            if round_ == settings.warmup + settings.repeats - 1:
+                summaries[config] = summarize_cache(model, cache, length)
+                live[config] = _LiveCache(cache, token, [getattr(m, "masked_key_indices", None) for m in modules])
+            del cache, token
+    step_times: dict[tuple[str, float], list[float]] = {config: [] for config in configs}
+    for step in range(settings.warmup + settings.decode_tokens):
+        for config, state in live.items():
+            for module, masked in zip(modules, state.masks, strict=True):
+                module.masked_key_indices = masked
+            seconds, state.token = timed(partial(decode_step, model, state.cache, state.token, length + step), device)
+            if step >= settings.warmup:
+                step_times[config].append(seconds)
+    return [
+        ConfigurationResult(
+            method, ratio, summaries[method, ratio].bytes_full, summaries[method, ratio].bytes_held,
+            summaries[method, ratio].kept_fraction, compute_n_kept(length, ratio) / length,
+            statistics.median(prefill_times[method, ratio]), 1 / statistics.median(step_times[method, ratio]),
+        )
+        for method, ratio in configs
+    ]
 
 
 def configurations(ratios: Sequence[float]) -> list[tuple[str, float]]:
@@ -412,9 +470,8 @@ class ScoringTimes:
 
 
 def scoring_times(keys: Sequence[torch.Tensor], repeats: int, warmup: int) -> ScoringTimes:
-    """Time both scorers over ``keys``: one ``(B, H, N, d)`` tensor per layer."""
+    """Time both scorers over ``keys`` (one ``(B, H, N, d)`` tensor per layer), taking turns."""
     config, keydiff = NestedKVConfig(), KeyDiffPress()
-    device = keys[0].device
 
     def nestedkv() -> None:
         for layer_keys in keys:
@@ -424,9 +481,8 @@ def scoring_times(keys: Sequence[torch.Tensor], repeats: int, warmup: int) -> Sc
         for layer_keys in keys:
             keydiff.score(None, None, layer_keys, None, None, None)
 
-    return ScoringTimes(
-        median_time(nestedkv, repeats, warmup, device)[0], median_time(keydiff_score, repeats, warmup, device)[0]
-    )
+    medians = interleaved_medians({"nestedkv": nestedkv, "keydiff": keydiff_score}, repeats, warmup, keys[0].device)
+    return ScoringTimes(medians["nestedkv"], medians["keydiff"])
 
 
 # --- scaling with context length ------------------------------------------------------------
@@ -469,34 +525,34 @@ def scaling(
 ) -> list[ScalingRow]:
     """Scoring time and cache bytes against context length for a model of ``config``'s shape.
 
-    Scorers are timed on random keys ``(1, kv_heads, N, head_dim)`` of ``dtype``. For lengths up
-    to ``verify_max_length`` a random model of that shape also prefills N random tokens with
-    NestedKV (ragged) at :data:`VERIFY_RATIO`, and the bytes held are measured.
+    Scorers are timed on random keys ``(1, kv_heads, N, head_dim)`` of ``dtype``, all lengths and
+    both scorers taking turns in each round (:func:`interleaved_medians`). For lengths up to
+    ``verify_max_length`` a random model of that shape then prefills N random tokens with NestedKV
+    (ragged) at :data:`VERIFY_RATIO`, and the bytes held are measured.
     """
-    itemsize = dtype.itemsize
-    layers, keydiff = config.num_hidden_layers, KeyDiffPress()
-    verify = [n for n in lengths if n <= verify_max_length]
-    model = random_model(config, dtype, device) if verify else None
-    rows = []
+    itemsize, layers, keydiff = dtype.itemsize, config.num_hidden_layers, KeyDiffPress()
+    calls = {}
     for length in lengths:
         generator = torch.Generator().manual_seed(seed)
         keys = torch.randn(1, config.num_key_value_heads, length, config.head_dim, generator=generator)
         keys = keys.to(device=device, dtype=dtype)
-        nestedkv_s = median_time(lambda keys=keys: nestedkv_score(keys), repeats, warmup, device)[0]
-        keydiff_s = median_time(lambda keys=keys: keydiff.score(None, None, keys, None, None, None), repeats, warmup,
-                                device)[0]
-        del keys
+        calls[length, "nestedkv"] = partial(nestedkv_score, keys)
+        calls[length, "keydiff"] = partial(keydiff.score, None, None, keys, None, None, None)
+    medians = interleaved_medians(calls, repeats, warmup, device)
+    del calls
+    verify = [n for n in lengths if n <= verify_max_length]
+    model = random_model(config, dtype, device) if verify else None
+    rows = []
+    for length in lengths:
         verified = prefill_s = None
         if length in verify:
             input_ids = random_input_ids(model, length, seed)
-            prefill_s, (cache, _) = median_time(
-                lambda input_ids=input_ids: prefill(model, input_ids, NestedKVPress(VERIFY_RATIO)), 1, 0, device
-            )
+            prefill_s, (cache, _) = timed(partial(prefill, model, input_ids, NestedKVPress(VERIFY_RATIO)), device)
             verified = summarize_cache(model, cache, length).bytes_held
             del cache
         rows.append(ScalingRow(
-            length, layers * nestedkv_s, layers * keydiff_s, 2 * layers * config.num_key_value_heads * length
-            * config.head_dim * itemsize,
+            length, layers * medians[length, "nestedkv"], layers * medians[length, "keydiff"],
+            2 * layers * config.num_key_value_heads * length * config.head_dim * itemsize,
             {str(r): ragged_cache_bytes(config, length, r, itemsize) for r in sorted({*ratios, VERIFY_RATIO})},
             verified, prefill_s,
         ))
@@ -561,19 +617,17 @@ def run_bench(
         "kv_heads": model.config.num_key_value_heads, "head_dim": model.config.head_dim,
     }
     input_ids = random_input_ids(model, length, settings.seed)
-    rows = []
-    for method, ratio in configurations(settings.ratios):
-        progress(f"prefill and decode: {method} at r={ratio}")
-        rows.append(measure_configuration(model, input_ids, method, ratio, settings))
+    configs = configurations(settings.ratios)
+    progress(f"prefill and decode: {len(configs)} configurations taking turns")
+    rows = measure_configurations(model, input_ids, configs, settings)
     progress("scoring time on the uncompressed keys")
     cache, _ = prefill(model, input_ids, None)
     report["scoring"] = asdict(scoring_times([layer.keys for layer in cache.layers], settings.repeats, settings.warmup))
     del cache
     if settings.peak_memory:
         progress(f"memory: {len(rows)} fresh processes")
-        memories = measure_memory(model, [(r.method, r.ratio) for r in rows], length, settings.decode_tokens,
-                                  settings.seed)
-        rows = [ConfigurationResult(**{**asdict(r), "memory": m}) for r, m in zip(rows, memories, strict=True)]
+        memories = measure_memory(model, configs, length, settings.decode_tokens, settings.seed)
+        rows = [replace(row, memory=memory) for row, memory in zip(rows, memories, strict=True)]
     report["configurations"] = [asdict(row) for row in rows]
     scaling_config = scaling_config or llama_1b_config()
     scaling_dtype = torch.bfloat16
