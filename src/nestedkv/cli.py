@@ -83,6 +83,13 @@ def add_press_options(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--dtype``, ``--device``: what :func:`nestedkv.models.load_model` takes."""
+    parser.add_argument("--model", default=None, help=f"HF id, local dir or .gguf file (default: {DEFAULT_MODEL})")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the model's)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+
+
 def press_from_args(args: argparse.Namespace) -> NestedKVPress:
     options = {field.name: getattr(args, field.name) for field in _PRESS_FIELDS}
     return NestedKVPress(compression_ratio=args.ratio, **options)
@@ -193,9 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--question", help="question about the context")
     generate.add_argument("--answer-prefix", default=None, help="text the answer starts with (primes the model)")
     generate.add_argument("--ratio", type=float, default=DEMO_RATIO, help="fraction of KV removed (default: 0.75)")
-    generate.add_argument("--model", default=None, help=f"HF id, local dir or .gguf file (default: {DEFAULT_MODEL})")
-    generate.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the model's)")
-    generate.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    add_model_options(generate)
     generate.add_argument("--max-new-tokens", type=int, default=48)
     add_press_options(generate)
     generate.set_defaults(run=_generate)
@@ -207,9 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "KeyDiff, at each compression ratio, on a context of random tokens; then scoring time and cache bytes "
         "against context length on Llama-3.2-1B's shape (random weights, no download). Prints Markdown tables.",
     )
-    bench.add_argument("--model", default=None, help=f"HF id, local dir or .gguf file (default: {DEFAULT_MODEL})")
-    bench.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
-    bench.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the model's)")
+    add_model_options(bench)
     full, quick = BenchSettings(), QUICK
     bench.add_argument("--length", type=int, default=None, help=f"context tokens (default: {full.length})")
     bench.add_argument("--ratios", type=_tuple_of(float), default=None, help=f"default: {_joined(full.ratios)}")
@@ -250,9 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--squad", help="SQuAD v2 json: adds RULER's real qa_1")
     evaluate.add_argument("--hotpot", help="HotpotQA json: adds RULER's real qa_2")
     evaluate.add_argument("--out", help="results directory (default: results/<preset> or results/<benchmark>-<subset>)")
-    evaluate.add_argument("--model", default=None, help=f"HF id, local dir or .gguf file (default: {DEFAULT_MODEL})")
-    evaluate.add_argument("--dtype", default=None)
-    evaluate.add_argument("--device", default=None)
+    add_model_options(evaluate)
     evaluate.set_defaults(run=_eval)
 
     report = commands.add_parser(
