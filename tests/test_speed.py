@@ -105,6 +105,7 @@ def test_cli_quick_end_to_end_with_memory(tmp_path, capsys):
     ("argv", "message"),
     [
         (["bench", "--device", "tpu"], "unknown device 'tpu'"),
+        (["bench", "--device", "mps"], "unknown device 'mps'"),
         (["bench", "--ratios", "0.5,1.0"], "compression_ratio must be in [0, 1)"),
         (["bench", "--ratios", "-0.1"], "compression_ratio must be in [0, 1)"),
         (["bench", "--length", "64"], "shorter than one block"),
@@ -123,4 +124,4 @@ def test_bad_input_is_a_one_line_error(argv, message, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_a_gpu_is_a_clear_error(capsys):
     assert cli.main(["bench", "--device", "cuda"]) == 2
-    assert "torch sees no CUDA device" in capsys.readouterr().err
+    assert "torch sees 0 CUDA device(s)" in capsys.readouterr().err

@@ -86,7 +86,9 @@ def tiny_llama_config() -> LlamaConfig:
     )
 
 
-def random_model(config: LlamaConfig, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> PreTrainedModel:
+def random_model(
+    config: LlamaConfig, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> PreTrainedModel:
     """A randomly initialised Llama of ``config``'s shape (seed 0) with SDPA attention, in eval mode."""
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -148,11 +150,15 @@ QUICK = BenchSettings(
 
 
 def check_device(device: str) -> str:
-    """Return ``device`` if it is ``cpu``, or ``cuda`` on a machine that has it; else a clear ``ValueError``."""
-    if device not in DEVICES:
-        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device on this machine")
+    """Return ``device`` if it is ``cpu``, or a ``cuda`` / ``cuda:N`` this machine has; else a clear ``ValueError``."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose cpu, cuda or cuda:N")
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -360,7 +366,7 @@ def measure_memory(
     The model is saved once to a temporary directory for the processes to load. Every process
     prefills the same ``length`` random tokens (``seed``) and decodes ``decode_tokens`` greedily.
     """
-    device = model.device.type
+    device = str(model.device)
     check_peak_memory_supported(device)
     context = multiprocessing.get_context("spawn")
     results = []
@@ -521,7 +527,7 @@ def ragged_cache_bytes(config: LlamaConfig, length: int, ratio: float, itemsize:
 
 def scaling(
     config: LlamaConfig, lengths: Sequence[int], ratios: Sequence[float], *, repeats: int, warmup: int,
-    verify_max_length: int, device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+    verify_max_length: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
 ) -> list[ScalingRow]:
     """Scoring time and cache bytes against context length for a model of ``config``'s shape.
 
@@ -569,7 +575,7 @@ def fitted_exponent(lengths: Sequence[int], seconds: Sequence[float]) -> float:
 # --- the whole benchmark ----------------------------------------------------------------------
 
 
-def machine_info(device: str) -> dict[str, Any]:
+def machine_info(device: torch.device) -> dict[str, Any]:
     """CPU (and GPU) name, cores, memory, torch threads, library versions and the date (UTC)."""
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
@@ -584,10 +590,10 @@ def machine_info(device: str) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         **{name: version(name) for name in ("torch", "transformers", "kvpress", "nestedkv")},
-        "device": device,
+        "device": str(device),
     }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
 
@@ -601,7 +607,7 @@ def run_bench(
     scaling_config: shape of the scaling model (default: :func:`llama_1b_config`). progress
     receives one line before each stage.
     """
-    device = model.device.type
+    device = model.device
     length = settings.length
     if length + settings.warmup + settings.decode_tokens > model.config.max_position_embeddings:
         raise ValueError(
@@ -609,7 +615,7 @@ def run_bench(
             f"{model.config.max_position_embeddings} positions"
         )
     if settings.peak_memory:
-        check_peak_memory_supported(device)
+        check_peak_memory_supported(device.type)
     report: dict[str, Any] = {"machine": machine_info(device), "settings": asdict(settings)}
     report["model"] = {
         "name": model_name, "dtype": str(model.dtype).removeprefix("torch."),
