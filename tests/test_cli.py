@@ -69,3 +69,12 @@ def test_empty_context_file_is_refused(session_model, capsys, tmp_path):
     context.write_text("\n", encoding="utf-8")
     assert cli.main(["generate", "--context", str(context), "--question", "q"]) == 2
     assert "context is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("tpu", "unknown device 'tpu'"), ("cuda:7", "torch sees")],
+)
+def test_unusable_device_is_named(device, message, capsys):
+    assert cli.main(["generate", "--device", device]) == 2
+    assert message in capsys.readouterr().err

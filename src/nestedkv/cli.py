@@ -17,12 +17,11 @@ from nestedkv.bench.ruler import TASKS, task_names
 from nestedkv.bench.runner import LOCAL_RULER, PRESETS, EvalConfig, run
 from nestedkv.bench.store import ResultStore
 from nestedkv.generate import answer_question
-from nestedkv.models import DEFAULT_MODEL, ModelLoadError, load_model
+from nestedkv.models import DEFAULT_MODEL, ModelLoadError, check_device, load_model
 from nestedkv.press import NestedKVPress
 from nestedkv.speed import (
     QUICK,
     BenchSettings,
-    check_device,
     format_markdown,
     random_model,
     run_bench,

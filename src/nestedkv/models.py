@@ -59,6 +59,19 @@ def _resolve(name_or_path: str | None) -> tuple[str, dict]:
     return name_or_path, {}
 
 
+def check_device(device: str) -> str:
+    """Return ``device`` if it is ``cpu``, or a ``cuda`` / ``cuda:N`` this machine has; else a clear ``ValueError``."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose cpu, cuda or cuda:N")
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def load_model(
     name_or_path: str | None = None,
     *,
@@ -72,6 +85,8 @@ def load_model(
     directory, a ``.gguf`` file, or a Hugging Face model id (needs network or a warm cache).
     GGUF weights are de-quantised to ``dtype`` (float32 unless given).
     """
+    if device is not None:
+        check_device(str(device))
     source, extra = _resolve(name_or_path)
     if isinstance(dtype, str):
         dtype = _parse_dtype(dtype)

@@ -60,7 +60,6 @@ METHODS = ("none", "nestedkv-ragged", "nestedkv-masked", "keydiff")
 """Configurations compared: no compression, NestedKV (head-adaptive budget) held ragged or masked,
 and kvpress's KeyDiff (uniform budget, dense cache)."""
 
-DEVICES = ("cpu", "cuda")
 RATIOS = (0.5, 0.75, 0.9, 0.95)
 SCALING_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 VERIFY_RATIO = 0.9
@@ -147,19 +146,6 @@ QUICK = BenchSettings(
     verify_max_length=1024,
 )
 """A short run: under two minutes on one CPU thread with the default model, loading included."""
-
-
-def check_device(device: str) -> str:
-    """Return ``device`` if it is ``cpu``, or a ``cuda`` / ``cuda:N`` this machine has; else a clear ``ValueError``."""
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        kind = None
-    if kind not in DEVICES:
-        raise ValueError(f"unknown device {device!r}; choose cpu, cuda or cuda:N")
-    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def make_press(method: str, ratio: float) -> BasePress | None:
