@@ -177,3 +177,23 @@ def test_quick_preset_end_to_end(default_model, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| nestedkv |" in out and "Mean score over 13 tasks" in out
     assert (tmp_path / "task_heatmap.png").exists()
+
+
+def test_query_aware_compresses_the_question_with_the_context(model, tokenizer, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr("nestedkv.bench.runner.prefill_once", lambda m, ids: seen.append(ids) or prefill_once(m, ids))
+    config = EvalConfig(
+        model="m",
+        tasks=("niah_single_1",),
+        lengths=(512,),
+        methods=("nestedkv",),
+        ratios=(0.5,),
+        samples=1,
+        query_aware=True,
+    )
+    assert run(config, model, tokenizer, ResultStore(tmp_path), progress=False) == 1
+    sample = build_samples("niah_single_1", 1, tokenizer, 512)[0]
+    question_ids = tokenizer(sample.question, add_special_tokens=False).input_ids
+    context_ids = seen[0][0].tolist()
+    assert any(context_ids[i : i + len(question_ids)] == question_ids for i in range(len(context_ids)))
+    assert next(iter(ResultStore(tmp_path)))["query_aware"] is True
