@@ -235,3 +235,18 @@ def test_layers_of_different_lengths_decode():
     with torch.no_grad():
         logits = tiny(input_ids=input_ids[:, :5], past_key_values=cache, position_ids=torch.arange(1500, 1505)[None])
     assert torch.isfinite(logits.logits).all()
+
+
+def test_ragged_storage_refuses_sliding_window_layers_masked_works():
+    torch.manual_seed(0)
+    config = MistralConfig(**TINY, num_key_value_heads=2, sliding_window=256)
+    config._attn_implementation = "sdpa"
+    tiny = MistralForCausalLM(config).eval()
+    input_ids = torch.randint(0, 128, (1, 400))
+    with pytest.raises(ValueError, match="ragged storage needs a plain dynamic cache layer"):
+        with torch.no_grad(), NestedKVPress(0.5)(tiny):
+            tiny.model(input_ids=input_ids, past_key_values=DynamicCache(config=config))
+    cache = DynamicCache(config=config)
+    with torch.no_grad(), NestedKVPress(0.5, storage="masked")(tiny):
+        tiny.model(input_ids=input_ids, past_key_values=cache)
+    assert sum(summarize_cache(tiny, cache, 400).kept[0]) == 2 * 128  # half of the 256-token window, 2 heads

@@ -65,6 +65,10 @@ class HeadAdaptiveStorage:
         if not is_prefilling(kwargs["cache_position"], hidden_states.shape[1]):
             return output
         layer = cache.layers[module.layer_idx]
+        if getattr(layer, "is_sliding", False) or type(layer).__name__.startswith("Quantized"):
+            raise ValueError(
+                f"ragged storage needs a plain dynamic cache layer, got {type(layer).__name__}; use storage='masked'"
+            )
         keep = self.keep_mask(module, hidden_states, layer.keys, layer.values, output[1], kwargs)
         cache.layers[module.layer_idx] = RaggedLayer.from_keep(layer.keys, layer.values, keep)
         return output
