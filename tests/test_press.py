@@ -249,4 +249,5 @@ def test_ragged_storage_refuses_sliding_window_layers_masked_works():
     cache = DynamicCache(config=config)
     with torch.no_grad(), NestedKVPress(0.5, storage="masked")(tiny):
         tiny.model(input_ids=input_ids, past_key_values=cache)
-    assert sum(summarize_cache(tiny, cache, 400).kept[0]) == 2 * 128  # half of the 256-token window, 2 heads
+    window = cache.layers[0].keys.shape[2]  # what the sliding layer holds of the 400 tokens
+    assert window < 400 and sum(summarize_cache(tiny, cache, 400).kept[0]) == 2 * compute_n_kept(window, 0.5)
