@@ -1,6 +1,8 @@
 """The benchmark: prefill-once replay against kvpress's pipeline, the resumable store, the report."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ from kvpress import KVPressTextGenerationPipeline
 from nestedkv.bench.methods import make_press
 from nestedkv.bench.report import collect, write_report
 from nestedkv.bench.ruler import build_samples
-from nestedkv.bench.runner import EvalConfig, compress_replay, prefill_once, reuse_scores, run
+from nestedkv.bench.runner import EvalConfig, compress_replay, plan_samples, prefill_once, reuse_scores, run
 from nestedkv.bench.store import ResultStore
 from nestedkv.prompts import encode_prompt
 
@@ -123,6 +125,41 @@ def test_report_tables_confidence_intervals_and_plots(tmp_path):
     assert "2 sample(s) per task" in text
     assert (tmp_path / "score_vs_ratio.png").stat().st_size > 1000
     assert (tmp_path / "task_heatmap.png").stat().st_size > 1000
+
+
+def test_shards_split_the_plan_evenly_and_share_one_store(model, tokenizer, tmp_path):
+    def planned(shard, **options):
+        config = EvalConfig(model="smollm2-test", **{**SMALL, **options}, shard=shard)
+        return [(sample.task, sample.index) for _, sample in plan_samples(config, tokenizer)]
+
+    whole = planned((0, 1), samples=2)
+    shards = [planned((k, 3), samples=2) for k in range(3)]
+    assert sorted(sum(shards, [])) == sorted(whole) and len(set(whole)) == 4
+    assert [len(shard) for shard in shards] == [2, 1, 1]
+    assert [index for _, index in shards[0]] == [0, 1]  # each shard is sample-major too
+    # two shards written one after the other into one store hold the whole run, once
+    for k in range(2):
+        config = EvalConfig(model="smollm2-test", **{**SMALL, "methods": ("none",)}, shard=(k, 2))
+        assert run(config, model, tokenizer, ResultStore(tmp_path), progress=False) == 1
+    measured = sorted((r["task"], r["index"]) for r in ResultStore(tmp_path))
+    assert measured == [("niah_single_1", 0), ("niah_single_2", 0)]
+    with pytest.raises(ValueError, match="shard 2/2"):
+        EvalConfig(model="m", shard=(2, 2))
+
+
+def test_concurrent_writers_never_interleave_lines(tmp_path):
+    writer = (
+        "import sys; from nestedkv.bench.store import ResultStore; store = ResultStore(sys.argv[1]); "
+        "[store.add(dict(model='m', benchmark='b', length=1, task=sys.argv[2], index=i, seed=0, method='none', "
+        "ratio=0.0, query_aware=False, prediction='x' * 20000)) for i in range(150)]"
+    )
+    processes = [subprocess.Popen([sys.executable, "-c", writer, str(tmp_path), task]) for task in ("a", "b")]
+    assert [process.wait() for process in processes] == [0, 0]
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 300
+    assert sorted((r["task"], r["index"]) for r in map(json.loads, lines)) == sorted(
+        (task, i) for task in "ab" for i in range(150)
+    )
 
 
 def test_report_refuses_an_empty_store(tmp_path):

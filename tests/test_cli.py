@@ -55,6 +55,7 @@ def test_generate_with_a_context_file_and_ablation_switches(session_model, capsy
         (["generate", "--context", "/nonexistent/context.txt", "--question", "q"], "cannot read context file"),
         (["generate", "--context", __file__], "--question is required"),
         (["generate", "--model", "/nonexistent/model.gguf"], "no GGUF file at /nonexistent/model.gguf"),
+        (["eval", "--shard", "3/2"], "shard 3/2: need 0 <= k < n"),
     ],
 )
 def test_bad_input_is_a_one_line_error(argv, message, capsys):

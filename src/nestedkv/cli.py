@@ -57,6 +57,14 @@ def _joined(values: tuple) -> str:
     return ",".join(map(str, values))
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N (this process's shard of N), got {text!r}") from None
+    return index, count
+
+
 def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "auto") else int(text)
 
@@ -160,7 +168,7 @@ def _eval(args: argparse.Namespace) -> None:
     config = EvalConfig(
         model=args.model or DEFAULT_MODEL, seed=args.seed, query_aware=args.query_aware,
         squad_path=args.squad, hotpot_path=args.hotpot, benchmark=args.benchmark, subset=args.subset,
-        data_files=args.data_files, **options,
+        data_files=args.data_files, shard=args.shard, **options,
     )
     if config.benchmark == LOCAL_RULER:
         unknown = set(config.tasks or ()) - set(task_names(args.squad, args.hotpot))
@@ -252,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--squad", help="SQuAD v2 json: adds RULER's real qa_1")
     evaluate.add_argument("--hotpot", help="HotpotQA json: adds RULER's real qa_2")
     evaluate.add_argument("--out", help="results directory (default: results/<preset> or results/<benchmark>-<subset>)")
+    evaluate.add_argument(
+        "--shard", type=_shard, default=(0, 1), metavar="K/N",
+        help="measure only shard K of N (0-based): run N such processes, e.g. one per GPU, on the same --out",
+    )
     add_model_options(evaluate)
     evaluate.set_defaults(run=_eval)
 

@@ -41,7 +41,9 @@ class EvalConfig:
 
     ``benchmark``: ``ruler-local`` (RULER built offline at ``lengths``) or a hub benchmark of
     :mod:`nestedkv.bench.hub` with its ``subset`` (or a local copy in ``data_files``). ``tasks``:
-    ``None`` runs every task of the benchmark.
+    ``None`` runs every task of the benchmark. ``shard = (k, n)``: this process measures only every
+    n-th planned sample, starting at the k-th, so that n processes (one per GPU, or per CPU core)
+    can share one run and one results store; the shard is not part of a result's key.
     """
 
     model: str
@@ -57,6 +59,7 @@ class EvalConfig:
     benchmark: str = LOCAL_RULER
     subset: str | None = None
     data_files: str | None = None
+    shard: tuple[int, int] = (0, 1)
 
     def __post_init__(self) -> None:
         if self.benchmark != LOCAL_RULER:
@@ -73,6 +76,9 @@ class EvalConfig:
             check_ratio(ratio)
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
+        index, count = self.shard
+        if not 0 <= index < count:
+            raise ValueError(f"shard {index}/{count}: need 0 <= k < n for shard k/n")
 
     def jobs(self) -> list[tuple[str, float]]:
         """(method, ratio) pairs: the baseline once at ratio 0, every other method at every ratio."""
@@ -179,7 +185,8 @@ def reuse_scores(press: BasePress, memo: dict[int, torch.Tensor]) -> BasePress:
 
 
 def plan_samples(config: EvalConfig, tokenizer: PreTrainedTokenizerBase) -> list[tuple[int | None, Sample]]:
-    """(length, sample) pairs, sample index outermost: an interrupted run covers every task evenly.
+    """(length, sample) pairs of this shard, sample index outermost: an interrupted run covers every
+    task evenly, and so does every shard (they take the planned samples in turn).
 
     ``length`` is the target context length of locally built RULER samples, the subset's length for
     kvpress's prebuilt RULER, and ``None`` for the other hub benchmarks (their samples are not fitted).
@@ -213,7 +220,8 @@ def plan_samples(config: EvalConfig, tokenizer: PreTrainedTokenizerBase) -> list
         ranked.append((nth[length, sample.task], length, sample))
         nth[length, sample.task] += 1
     ranked.sort(key=lambda item: item[0])
-    return [(length, sample) for _, length, sample in ranked]
+    index, count = config.shard
+    return [(length, sample) for _, length, sample in ranked[index::count]]
 
 
 def run(

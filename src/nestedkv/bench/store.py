@@ -2,10 +2,13 @@
 
 Every result is flushed and synced to disk as soon as it is written, so an interrupted benchmark
 loses nothing it finished; running the same command again skips what the store already holds.
+Appends hold an exclusive lock on the file, so several processes (the shards of one run) can
+share a store.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import warnings
@@ -56,7 +59,8 @@ class ResultStore:
         """Append one finished result and make it durable before returning."""
         line = json.dumps(record, ensure_ascii=False)
         with self.path.open("a", encoding="utf-8") as handle:
-            if handle.tell() and not self._ends_with_newline():
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+            if os.fstat(handle.fileno()).st_size and not self._ends_with_newline():
                 handle.write("\n")  # seal a torn line left by an earlier interruption
             handle.write(line + "\n")
             handle.flush()
