@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check src tests
+.venv/bin/ruff check src tests scripts
 .venv/bin/python -m pytest "$@"

@@ -162,6 +162,15 @@ def test_concurrent_writers_never_interleave_lines(tmp_path):
     )
 
 
+def test_report_counts_tasks_measured_unequally(tmp_path):
+    """An interrupted run may have measured some tasks once more than others: the report says so."""
+    records = [record(task, method, ratio, i, 100) for task in "ab" for method, ratio in (("none", 0.0), ("x", 0.5))
+               for i in range(3 if task == "a" else 2)]
+    cells, _ = collect(records)
+    assert cells["x", 0.5].samples_per_task == "2-3" and cells["x", 0.5].total == 5
+    assert "2-3 sample(s) per task, 5 samples per cell" in write_report(records, tmp_path)
+
+
 def test_report_refuses_an_empty_store(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         write_report([], tmp_path)

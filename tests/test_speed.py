@@ -51,7 +51,7 @@ def test_bytes_held_after_prefill(tiny_report):
         # masked: every byte is still held, though attention reads only the kept positions
         assert masked["bytes_held"] == full and masked["kept_fraction"] == pytest.approx(kept)
         assert keydiff["bytes_held"] == full * kept
-    assert rows["nestedkv-ragged", 0.9]["bytes_held"] / full == pytest.approx(0.1, abs=0.002)
+    assert rows["nestedkv", 0.9]["bytes_held"] / full == pytest.approx(0.1, abs=0.002)
     for row in rows.values():
         assert row["prefill_s"] > 0 and row["decode_tokens_per_s"] > 0 and row["memory"] is None
 
@@ -69,7 +69,7 @@ def test_scoring_and_scaling_report(tiny_report):
             assert row["verified_bytes_held"] is None
     assert math.isfinite(scaling["nestedkv_exponent"]) and math.isfinite(scaling["keydiff_exponent"])
     text = format_markdown(tiny_report)
-    assert "| nestedkv-ragged | 0.9 |" in text and "Fitted exponent" in text
+    assert "| nestedkv | 0.9 |" in text and "Fitted exponent" in text
     json.dumps(tiny_report)
 
 
@@ -91,7 +91,7 @@ def test_cli_quick_end_to_end_with_memory(tmp_path, capsys):
     assert report["settings"]["length"] == 1024 and report["settings"]["ratios"] == [0.9]
     rows = {row["method"]: row for row in report["configurations"]}
     assert list(rows) == list(METHODS)
-    assert rows["nestedkv-ragged"]["bytes_held"] / rows["nestedkv-ragged"]["bytes_full"] == pytest.approx(0.1, abs=2e-3)
+    assert rows["nestedkv"]["bytes_held"] / rows["nestedkv"]["bytes_full"] == pytest.approx(0.1, abs=2e-3)
     assert rows["nestedkv-masked"]["bytes_held"] == rows["nestedkv-masked"]["bytes_full"]
     for row in rows.values():  # each measured in its own fresh process
         memory = row["memory"]

@@ -51,14 +51,16 @@ from kvpress import BasePress, KeyDiffPress
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from nestedkv.bench.methods import make_press
 from nestedkv.budgets import compute_n_kept
 from nestedkv.cache import attention_modules, summarize_cache
 from nestedkv.press import NestedKVPress, check_ratio
 from nestedkv.scoring import NestedKVConfig, check_context_length, nestedkv_score
 
-METHODS = ("none", "nestedkv-ragged", "nestedkv-masked", "keydiff")
-"""Configurations compared: no compression, NestedKV (head-adaptive budget) held ragged or masked,
-and kvpress's KeyDiff (uniform budget, dense cache)."""
+METHODS = ("none", "nestedkv", "nestedkv-masked", "keydiff")
+"""Configurations compared, by their names in the benchmark's registry (:mod:`nestedkv.bench.methods`):
+no compression, NestedKV (head-adaptive budget) held ragged (its default) or masked, and kvpress's
+KeyDiff (uniform budget, dense cache)."""
 
 RATIOS = (0.5, 0.75, 0.9, 0.95)
 SCALING_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -146,17 +148,6 @@ QUICK = BenchSettings(
     verify_max_length=1024,
 )
 """A short run: under two minutes on one CPU thread with the default model, loading included."""
-
-
-def make_press(method: str, ratio: float) -> BasePress | None:
-    """The press of one configuration of :data:`METHODS` at compression ratio ``ratio``."""
-    if method == "none":
-        return None
-    if method == "keydiff":
-        return KeyDiffPress(compression_ratio=ratio)
-    if method in ("nestedkv-ragged", "nestedkv-masked"):
-        return NestedKVPress(compression_ratio=ratio, storage=method.removeprefix("nestedkv-"))
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
 # --- prefill and decode ---------------------------------------------------------------------------

@@ -43,6 +43,10 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("nestedkv", "NestedKV as in the paper (ragged storage)", lambda r: NestedKVPress(r)),
+        # Same kept positions, held as kvpress holds head-wise budgets (nothing freed): for `nestedkv bench`.
+        Method(
+            "nestedkv-masked", "NestedKV, kvpress's masked storage", lambda r: NestedKVPress(r, storage="masked")
+        ),
         # Ablations (spec, "Ablation switches"): one component off at a time.
         Method(
             "nestedkv-uniform", "NestedKV score, uniform per-head budget", lambda r: NestedKVPress(r, budget="uniform")

@@ -27,7 +27,18 @@ class Cell:
 
     @property
     def n(self) -> int:
+        """Samples of the task with the fewest."""
         return min(len(values) for values in self.scores.values())
+
+    @property
+    def samples_per_task(self) -> str:
+        """``"3"``, or ``"2-3"`` when an interrupted run measured some tasks once more than others."""
+        counts = sorted(len(values) for values in self.scores.values())
+        return str(counts[0]) if counts[0] == counts[-1] else f"{counts[0]}-{counts[-1]}"
+
+    @property
+    def total(self) -> int:
+        return sum(len(values) for values in self.scores.values())
 
     def task_mean(self, task: str) -> float:
         return mean(self.scores[task])
@@ -84,10 +95,11 @@ def _format(cell: Cell | None) -> str:
 def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str]) -> str:
     """A mean table (method × ratio, with CI) and one per-task table per ratio."""
     methods, ratios = _methods_and_ratios(cells)
-    n = next(iter(cells.values())).n
+    any_cell = next(iter(cells.values()))  # every cell holds the same samples (see collect)
+    n = any_cell.samples_per_task
     lines = [
         f"Mean score over {len(tasks)} tasks (0-100, ± 95 % CI), {n} sample(s) per task, "
-        f"{n * len(tasks)} samples per cell; the same samples in every cell.",
+        f"{any_cell.total} samples per cell; the same samples in every cell.",
         "",
         "| method | " + " | ".join(f"r={r}" for r in ratios) + " |",
         "|---|" + "---:|" * len(ratios),
@@ -111,28 +123,47 @@ def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str]) -> s
 
 
 def plot_score_vs_ratio(cells: dict[tuple[str, float], Cell], path: Path) -> None:
-    """Mean score against compression ratio, one line per method (the baseline dashed)."""
+    """Mean score against compression ratio in two panels: NestedKV against the other methods, and
+    against its own ablations (``nestedkv-*``). NestedKV is drawn in both with its 95 % CI band, the
+    baseline as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods, ratios = _methods_and_ratios(cells)
-    figure, axes = plt.subplots(figsize=(8, 5))
-    for method in methods:
-        if method == NO_COMPRESSION:
-            axes.axhline(cells[method, 0.0].mean, color="black", linestyle="--", label="no compression")
-            continue
-        style = dict(linewidth=2.5, color="crimson") if method == "nestedkv" else dict(linewidth=1, alpha=0.8)
-        measured = [r for r in ratios if (method, r) in cells]
-        axes.plot(measured, [cells[method, r].mean for r in measured], marker="o", label=method, **style)
-    axes.set_xlabel("compression ratio (fraction of KV removed)")
-    axes.set_ylabel("mean RULER score")
-    axes.set_xticks(ratios)
-    axes.legend(fontsize=7, ncol=2)
-    axes.grid(alpha=0.3)
+    others = [m for m in methods if m not in (NO_COMPRESSION, "nestedkv")]
+    panels = [
+        ("NestedKV and its peers", [m for m in others if not m.startswith("nestedkv-")]),
+        ("NestedKV and its ablations", [m for m in others if m.startswith("nestedkv-")]),
+    ]
+    figure, all_axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    for axes, (title, compared) in zip(all_axes, panels, strict=True):
+        if (NO_COMPRESSION, 0.0) in cells:
+            axes.axhline(cells[NO_COMPRESSION, 0.0].mean, color="black", linestyle="--", label="no compression")
+        for index, method in enumerate(["nestedkv", *compared]):
+            measured = [r for r in ratios if (method, r) in cells]
+            if not measured:
+                continue
+            means = [cells[method, r].mean for r in measured]
+            if method == "nestedkv":
+                axes.plot(measured, means, marker="o", linewidth=2.5, color="crimson", label=method, zorder=3)
+                cis = [cells[method, r].ci95 for r in measured]
+                if None not in cis:
+                    low = [m - ci for m, ci in zip(means, cis, strict=True)]
+                    high = [m + ci for m, ci in zip(means, cis, strict=True)]
+                    axes.fill_between(measured, low, high, color="crimson", alpha=0.12, label="nestedkv 95 % CI")
+            else:
+                color = plt.get_cmap("tab10")(index % 10)
+                axes.plot(measured, means, marker="os^vD<>ph*"[index % 10], linewidth=1, color=color, label=method)
+        axes.set_title(title)
+        axes.set_xlabel("compression ratio (fraction of KV removed)")
+        axes.set_xticks(ratios)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    all_axes[0].set_ylabel("mean score over tasks")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
