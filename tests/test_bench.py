@@ -6,13 +6,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from kvpress import KVPressTextGenerationPipeline
+import torch
+from kvpress import KVPressTextGenerationPipeline, SnapKVPress
+from transformers import DynamicCache
 
 from nestedkv.bench.methods import make_press
 from nestedkv.bench.report import collect, write_report
 from nestedkv.bench.ruler import build_samples
 from nestedkv.bench.runner import EvalConfig, compress_replay, plan_samples, prefill_once, reuse_scores, run
 from nestedkv.bench.store import ResultStore
+from nestedkv.cache import attention_modules
 from nestedkv.prompts import encode_prompt
 
 
@@ -50,6 +53,33 @@ def test_prefill_once_gives_exactly_the_pipeline_answers(model, tokenizer):
         )["answer"]
         assert replayed == expected, ratio
     assert sorted(memo) == list(range(model.config.num_hidden_layers))
+
+
+def test_query_based_peers_see_the_models_own_attention(model):
+    """SnapKV (and PyramidKV, which scores as it does) recompute the last window's attention from the
+    hidden states; on the GGUF-loaded default model that must equal the model's own attention weights,
+    or the peers would be measured on a broken reimplementation."""
+    input_ids = torch.randint(100, 40000, (1, 200), generator=torch.Generator().manual_seed(0))
+    captured = {}
+
+    def capture(module, args, kwargs, output):
+        captured[module.layer_idx] = (kwargs["hidden_states"], kwargs["position_embeddings"], output[1])
+
+    hooks = [module.register_forward_hook(capture, with_kwargs=True) for module in attention_modules(model)]
+    model.set_attn_implementation("eager")  # the only implementation that returns attention weights
+    try:
+        cache = DynamicCache()
+        with torch.no_grad():
+            model.model(input_ids=input_ids, past_key_values=cache, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+        for hook in hooks:
+            hook.remove()
+    for module in attention_modules(model):
+        hidden_states, position_embeddings, attentions = captured[module.layer_idx]
+        keys = cache.layers[module.layer_idx].keys
+        window = SnapKVPress.compute_window_attention(module, hidden_states, keys, 64, position_embeddings)
+        torch.testing.assert_close(window, attentions[..., -64:, :-64], atol=1e-5, rtol=1e-4)
 
 
 SMALL = dict(
