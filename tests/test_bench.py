@@ -1,6 +1,7 @@
 """The benchmark: prefill-once replay against kvpress's pipeline, the resumable store, the report."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -150,8 +151,12 @@ def test_report_tables_confidence_intervals_and_plots(tmp_path):
     assert cells["nestedkv", 0.5].mean == 25.0
     # 1.96 * sqrt(s_a^2 / 2 + s_b^2 / 2) / 2 with s_a = 70.71, s_b = 0
     assert cells["nestedkv", 0.5].ci95 == pytest.approx(1.96 * 50 / 2)
+    # paired: differences per sample are a (0, -100), b (-100, 0), so s_a = s_b = 70.71
+    paired = cells["nestedkv", 0.5].minus(cells["none", 0.0])
+    assert paired.mean == -50.0 and paired.ci95 == pytest.approx(1.96 * math.sqrt(5000) / 2)
     text = write_report(records, tmp_path)
     assert "| nestedkv | 25.0 ± 49.0 |" in text
+    assert "| none | -50.0 ± 69.3 |" in text
     assert "2 sample(s) per task" in text
     assert (tmp_path / "score_vs_ratio.png").stat().st_size > 1000
     assert (tmp_path / "task_heatmap.png").stat().st_size > 1000

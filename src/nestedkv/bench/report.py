@@ -40,6 +40,12 @@ class Cell:
     def total(self) -> int:
         return sum(len(values) for values in self.scores.values())
 
+    def minus(self, other: Cell) -> Cell:
+        """Per-sample differences ``self - other`` over the same samples: a paired comparison, whose
+        CI is far tighter than two overlapping CIs suggest when both methods fail on the same samples."""
+        pairs = {task: zip(values, other.scores[task], strict=True) for task, values in self.scores.items()}
+        return Cell({task: [a - b for a, b in pair] for task, pair in pairs.items()})
+
     def task_mean(self, task: str) -> float:
         return mean(self.scores[task])
 
@@ -85,15 +91,16 @@ def _methods_and_ratios(cells: dict[tuple[str, float], Cell]) -> tuple[list[str]
     return methods, ratios
 
 
-def _format(cell: Cell | None) -> str:
+def _format(cell: Cell | None, sign: str = "") -> str:
     if cell is None:
         return "–"
     ci = cell.ci95
-    return f"{cell.mean:.1f}" + (f" ± {ci:.1f}" if ci is not None else "")
+    return f"{cell.mean:{sign}.1f}" + (f" ± {ci:.1f}" if ci is not None else "")
 
 
 def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str]) -> str:
-    """A mean table (method × ratio, with CI) and one per-task table per ratio."""
+    """A mean table (method × ratio, with CI), NestedKV's paired differences to every other method,
+    and one per-task table per ratio."""
     methods, ratios = _methods_and_ratios(cells)
     any_cell = next(iter(cells.values()))  # every cell holds the same samples (see collect)
     n = any_cell.samples_per_task
@@ -109,6 +116,24 @@ def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str]) -> s
             lines.append(f"| {method} (r=0) | " + " | ".join([_format(cells[method, 0.0])] * len(ratios)) + " |")
         else:
             lines.append(f"| {method} | " + " | ".join(_format(cells.get((method, r))) for r in ratios) + " |")
+    if any(method == "nestedkv" for method, _ in cells):
+        lines += [
+            "",
+            "NestedKV minus each method, paired on the same samples (± 95 % CI of the paired differences; "
+            "positive: NestedKV scores higher):",
+            "",
+            "| method | " + " | ".join(f"r={r}" for r in ratios) + " |",
+            "|---|" + "---:|" * len(ratios),
+        ]
+        for method in methods:
+            if method == "nestedkv":
+                continue
+            row = []
+            for ratio in ratios:
+                ours = cells.get(("nestedkv", ratio))
+                theirs = cells.get((method, 0.0 if method == NO_COMPRESSION else ratio))
+                row.append(_format(ours.minus(theirs), "+") if ours and theirs else "–")
+            lines.append(f"| {method} | " + " | ".join(row) + " |")
     for ratio in ratios:
         lines += ["", f"Per task at r={ratio} (mean of {n} sample(s) each):", ""]
         lines.append("| method | " + " | ".join(tasks) + " | mean |")
