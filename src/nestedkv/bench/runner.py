@@ -88,11 +88,12 @@ class EvalConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # About 20 minutes on 2 CPU cores with the default model: 3 samples per task at 2k tokens.
+    # About 20 minutes on 2 CPU cores with the default model: 2 samples per task at 2k tokens
+    # (3 samples took 29 minutes: docs/benchmarks.md).
     "quick": dict(
         lengths=(2048,),
         ratios=(0.5, 0.75, 0.9),
-        samples=3,
+        samples=2,
         methods=(NO_COMPRESSION, "nestedkv", "keydiff", "snapkv", "streamingllm", "knorm", "expected-attention"),
     ),
     # The measurement of docs/benchmarks.md: 4k tokens, four ratios, every method and ablation.
