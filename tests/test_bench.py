@@ -199,7 +199,8 @@ def test_concurrent_writers_never_interleave_lines(tmp_path):
 
 def test_report_counts_tasks_measured_unequally(tmp_path):
     """An interrupted run may have measured some tasks once more than others: the report says so."""
-    records = [record(task, method, ratio, i, 100) for task in "ab" for method, ratio in (("none", 0.0), ("x", 0.5))
+    jobs = (("none", 0.0), ("nestedkv", 0.5), ("x", 0.5), ("nestedkv-global", 0.5))  # both plot panels
+    records = [record(task, method, ratio, i, 100) for task in "ab" for method, ratio in jobs
                for i in range(3 if task == "a" else 2)]
     cells, _ = collect(records)
     assert cells["x", 0.5].samples_per_task == "2-3" and cells["x", 0.5].total == 5

@@ -162,7 +162,9 @@ def plot_score_vs_ratio(cells: dict[tuple[str, float], Cell], path: Path) -> Non
         ("NestedKV and its peers", [m for m in others if not m.startswith("nestedkv-")]),
         ("NestedKV and its ablations", [m for m in others if m.startswith("nestedkv-")]),
     ]
-    figure, all_axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    panels = [panels[0]] + [panel for panel in panels[1:] if panel[1]]  # no empty ablation panel
+    figure, all_axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), sharey=True, squeeze=False)
+    all_axes = all_axes[0]
     for axes, (title, compared) in zip(all_axes, panels, strict=True):
         if (NO_COMPRESSION, 0.0) in cells:
             axes.axhline(cells[NO_COMPRESSION, 0.0].mean, color="black", linestyle="--", label="no compression")
