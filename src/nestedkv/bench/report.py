@@ -91,6 +91,11 @@ def _methods_and_ratios(cells: dict[tuple[str, float], Cell]) -> tuple[list[str]
     return methods, ratios
 
 
+def _cell_at(cells: dict[tuple[str, float], Cell], method: str, ratio: float) -> Cell | None:
+    """``method``'s cell at ``ratio``; the baseline's (measured once, at ratio 0) at any ratio."""
+    return cells.get((method, 0.0 if method == NO_COMPRESSION else ratio))
+
+
 def _format(cell: Cell | None, sign: str = "") -> str:
     if cell is None:
         return "–"
@@ -130,8 +135,7 @@ def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str]) -> s
                 continue
             row = []
             for ratio in ratios:
-                ours = cells.get(("nestedkv", ratio))
-                theirs = cells.get((method, 0.0 if method == NO_COMPRESSION else ratio))
+                ours, theirs = cells.get(("nestedkv", ratio)), _cell_at(cells, method, ratio)
                 row.append(_format(ours.minus(theirs), "+") if ours and theirs else "–")
             lines.append(f"| {method} | " + " | ".join(row) + " |")
     for ratio in ratios:
@@ -139,7 +143,7 @@ def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str]) -> s
         lines.append("| method | " + " | ".join(tasks) + " | mean |")
         lines.append("|---|" + "---:|" * (len(tasks) + 1))
         for method in methods:
-            cell = cells.get((method, 0.0 if method == NO_COMPRESSION else ratio))
+            cell = _cell_at(cells, method, ratio)
             if cell is None:
                 continue
             row = " | ".join(f"{cell.task_mean(task):.0f}" for task in tasks)
@@ -168,21 +172,20 @@ def plot_score_vs_ratio(cells: dict[tuple[str, float], Cell], path: Path) -> Non
     for axes, (title, compared) in zip(all_axes, panels, strict=True):
         if (NO_COMPRESSION, 0.0) in cells:
             axes.axhline(cells[NO_COMPRESSION, 0.0].mean, color="black", linestyle="--", label="no compression")
-        for index, method in enumerate(["nestedkv", *compared]):
+        measured = [r for r in ratios if ("nestedkv", r) in cells]
+        if measured:
+            means = [cells["nestedkv", r].mean for r in measured]
+            axes.plot(measured, means, marker="o", linewidth=2.5, color="crimson", label="nestedkv", zorder=3)
+            cis = [cells["nestedkv", r].ci95 for r in measured]
+            if None not in cis:
+                low = [m - ci for m, ci in zip(means, cis, strict=True)]
+                high = [m + ci for m, ci in zip(means, cis, strict=True)]
+                axes.fill_between(measured, low, high, color="crimson", alpha=0.12, label="nestedkv 95 % CI")
+        for index, method in enumerate(compared, start=1):
             measured = [r for r in ratios if (method, r) in cells]
-            if not measured:
-                continue
+            color, marker = plt.get_cmap("tab10")(index % 10), "os^vD<>ph*"[index % 10]
             means = [cells[method, r].mean for r in measured]
-            if method == "nestedkv":
-                axes.plot(measured, means, marker="o", linewidth=2.5, color="crimson", label=method, zorder=3)
-                cis = [cells[method, r].ci95 for r in measured]
-                if None not in cis:
-                    low = [m - ci for m, ci in zip(means, cis, strict=True)]
-                    high = [m + ci for m, ci in zip(means, cis, strict=True)]
-                    axes.fill_between(measured, low, high, color="crimson", alpha=0.12, label="nestedkv 95 % CI")
-            else:
-                color = plt.get_cmap("tab10")(index % 10)
-                axes.plot(measured, means, marker="os^vD<>ph*"[index % 10], linewidth=1, color=color, label=method)
+            axes.plot(measured, means, marker=marker, linewidth=1, color=color, label=method)
         axes.set_title(title)
         axes.set_xlabel("compression ratio (fraction of KV removed)")
         axes.set_xticks(ratios)
@@ -201,8 +204,8 @@ def plot_task_heatmap(cells: dict[tuple[str, float], Cell], tasks: list[str], ra
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in _methods_and_ratios(cells)[0] if (m, 0.0 if m == NO_COMPRESSION else ratio) in cells]
-    grid = [[cells[m, 0.0 if m == NO_COMPRESSION else ratio].task_mean(t) for m in methods] for t in tasks]
+    methods = [m for m in _methods_and_ratios(cells)[0] if _cell_at(cells, m, ratio) is not None]
+    grid = [[_cell_at(cells, m, ratio).task_mean(t) for m in methods] for t in tasks]
     figure, axes = plt.subplots(figsize=(1 + 0.6 * len(methods), 1 + 0.4 * len(tasks)))
     image = axes.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
     axes.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=8)
