@@ -16,16 +16,16 @@ import time
 
 def decode_ms_per_token(threads: int, length: int, steps: int) -> float:
     import torch
-    from transformers import DynamicCache
 
     from nestedkv import load_model
+    from nestedkv.bench.replay import prefill
 
     torch.set_num_threads(threads)
     model, _ = load_model()
     input_ids = torch.randint(100, 40000, (1, length), generator=torch.Generator().manual_seed(0))
-    cache = DynamicCache()
+    cache, hidden = prefill(model, input_ids)
     with torch.no_grad():
-        token = model(input_ids=input_ids, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
+        token = model.lm_head(hidden).argmax(-1)
         start = time.perf_counter()
         for _ in range(steps):
             token = model(input_ids=token, past_key_values=cache).logits.argmax(-1)

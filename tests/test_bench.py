@@ -12,11 +12,12 @@ from kvpress import KVPressTextGenerationPipeline, SnapKVPress
 from transformers import DynamicCache
 
 from nestedkv.bench.methods import make_press
+from nestedkv.bench.replay import compress_replay, prefill_once, reuse_scores
 from nestedkv.bench.report import collect, write_report
 from nestedkv.bench.ruler import build_samples
-from nestedkv.bench.runner import EvalConfig, compress_replay, plan_samples, prefill_once, reuse_scores, run
+from nestedkv.bench.runner import EvalConfig, plan_samples, run
 from nestedkv.bench.store import ResultStore
-from nestedkv.cache import attention_modules
+from nestedkv.models import attention_modules
 from nestedkv.prompts import encode_prompt
 
 

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nestedkv.budgets import compute_n_kept, head_adaptive_keep, keep_indices, uniform_keep
+from nestedkv.budgets import compute_n_kept, head_adaptive_keep, uniform_keep
 from nestedkv.scoring import NestedKVConfig, nestedkv_score
 
 
@@ -19,11 +19,6 @@ def test_head_adaptive_hand_case():
 def test_uniform_keep_takes_the_best_of_each_head():
     scores = torch.tensor([[[0.1, 0.5, 0.3], [0.9, 0.2, 0.4]]])
     assert uniform_keep(scores, 2).tolist() == [[[False, True, True], [True, False, True]]]
-
-
-def test_keep_indices_are_sorted_positions():
-    keep = torch.tensor([[[True, False, True], [False, True, False]]])
-    assert [[idx.tolist() for idx in row] for row in keep_indices(keep)] == [[[0, 2], [1]]]
 
 
 @settings(max_examples=60, deadline=None)

@@ -1,4 +1,4 @@
-"""The speed and memory benchmark (``nestedkv.speed``, ``nestedkv bench``) runs and reports the right bytes.
+"""The speed and memory benchmark (``nestedkv.bench.speed``, ``nestedkv bench``) runs and reports the right bytes.
 
 Nothing here asserts a timing: speed goes in the benchmark, not in the tests. Everything runs on a
 tiny random Llama (2 layers, 2 KV heads of 16 dims).
@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from nestedkv import cli
-from nestedkv.budgets import compute_n_kept
-from nestedkv.speed import (
+from nestedkv.bench.speed import (
     METHODS,
     BenchSettings,
     fitted_exponent,
@@ -22,6 +21,7 @@ from nestedkv.speed import (
     run_bench,
     tiny_llama_config,
 )
+from nestedkv.budgets import compute_n_kept
 
 OFFSETS_BYTES = 2 * (2 + 1) * 8  # 2 layers x (2 KV heads + 1) int64 offsets
 

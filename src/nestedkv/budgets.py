@@ -9,11 +9,16 @@ lets heads compete for it, with a per-head safeguard.
 from __future__ import annotations
 
 import torch
-from kvpress.utils import compute_n_kept
+
+from nestedkv.validation import check_number
 
 BUDGETS = ("head-adaptive", "uniform")
 
-__all__ = ["BUDGETS", "compute_n_kept", "head_adaptive_keep", "keep_indices", "uniform_keep"]
+
+def compute_n_kept(n: int, compression_ratio: float) -> int:
+    """Positions each head keeps on average out of ``n`` at ``compression_ratio``: ``int(n * (1 - r))``,
+    at least 1 (kvpress's rule, so that every method of a comparison keeps the same count)."""
+    return max(1, int(n * (1 - compression_ratio)))
 
 
 def uniform_keep(scores: torch.Tensor, n_kept: int) -> torch.Tensor:
@@ -29,8 +34,7 @@ def head_adaptive_keep(scores: torch.Tensor, n_kept: int, alpha_safeguard: float
     the layer budget ``H * n_kept`` goes to the best remaining (head, position) pairs of the layer.
     Every batch row keeps exactly ``H * n_kept`` positions. Scores must be comparable across heads.
     """
-    if not 0 <= alpha_safeguard <= 1:
-        raise ValueError(f"alpha_safeguard must be in [0, 1], got {alpha_safeguard}")
+    check_number("alpha_safeguard", alpha_safeguard, low=0, high=1)
     batch, heads, n = scores.shape
     n_safe = int(alpha_safeguard * n_kept)
     keep = uniform_keep(scores, n_safe)
@@ -40,7 +44,3 @@ def head_adaptive_keep(scores: torch.Tensor, n_kept: int, alpha_safeguard: float
     extra = remaining.topk(heads * (n_kept - n_safe), dim=-1).indices
     return keep.reshape(batch, heads * n).scatter_(-1, extra, True).reshape(batch, heads, n)
 
-
-def keep_indices(keep: torch.Tensor) -> list[list[torch.Tensor]]:
-    """Positions kept by each (batch row, head), in increasing order. ``bool (B, H, N) -> [B][H] (n_bh,)``."""
-    return [[row.nonzero().squeeze(-1) for row in heads] for heads in keep]

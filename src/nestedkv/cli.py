@@ -15,11 +15,7 @@ from nestedkv.bench.methods import METHODS
 from nestedkv.bench.report import write_report
 from nestedkv.bench.ruler import TASKS, task_names
 from nestedkv.bench.runner import LOCAL_RULER, PRESETS, EvalConfig, run
-from nestedkv.bench.store import ResultStore
-from nestedkv.generate import answer_question
-from nestedkv.models import DEFAULT_MODEL, ModelLoadError, check_device, load_model
-from nestedkv.press import NestedKVPress
-from nestedkv.speed import (
+from nestedkv.bench.speed import (
     QUICK,
     BenchSettings,
     format_markdown,
@@ -27,6 +23,10 @@ from nestedkv.speed import (
     run_bench,
     tiny_llama_config,
 )
+from nestedkv.bench.store import ResultStore
+from nestedkv.generate import answer_question
+from nestedkv.models import DEFAULT_MODEL, ModelLoadError, check_device, load_model
+from nestedkv.press import NestedKVPress
 
 DEMO_RATIO = 0.75
 

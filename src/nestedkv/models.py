@@ -113,6 +113,12 @@ def load_model(
     return model, tokenizer
 
 
+def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The self-attention module of every decoder layer (text models and multimodal wrappers)."""
+    decoder = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    return [layer.self_attn for layer in decoder.layers]
+
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nestedkv.validation import check_choice, check_number
+
 SCALES = ("global", "block", "window")
 """The three anchors, slowest first: stable (global), episodic (block), current (sliding window)."""
 
@@ -37,11 +39,6 @@ NORMALISATIONS = ("minmax", "rank")
 
 PINNED = float("inf")
 """Score given to protected positions (sinks, recent window): above every real score in [0, 1]."""
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
 @dataclass
@@ -77,25 +74,29 @@ class NestedKVConfig:
         if not self.scales:
             raise ValueError(f"scales must name at least one of {', '.join(SCALES)}")
         for scale in self.scales:
-            _check_choice("scale", scale, SCALES)
+            check_choice("scale", scale, SCALES)
         if len(set(self.scales)) != len(self.scales):
             raise ValueError(f"scales {self.scales} names a scale twice")
         # Canonical order keeps the prior aligned with the scales whatever order the user typed.
         self.scales = tuple(s for s in SCALES if s in self.scales)
-        _check_choice("mixing", self.mixing, MIXINGS)
-        _check_choice("gate", self.gate, GATES)
-        _check_choice("normalisation", self.normalisation, NORMALISATIONS)
-        for name in ("n_sink", "n_recent"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.block_size is not None and self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1 or None, got {self.block_size}")
-        if len(self.prior) != len(SCALES) or min(self.prior) <= 0:
+        check_choice("mixing", self.mixing, MIXINGS)
+        check_choice("gate", self.gate, GATES)
+        check_choice("normalisation", self.normalisation, NORMALISATIONS)
+        check_number("n_sink", self.n_sink, low=0, integer=True)
+        check_number("n_recent", self.n_recent, low=0, integer=True)
+        check_number("window", self.window, low=1, integer=True)
+        if self.block_size is not None:
+            check_number("block_size", self.block_size, low=1, integer=True)
+        self.prior = tuple(self.prior)
+        if len(self.prior) != len(SCALES):
             raise ValueError(f"prior must be three positive weights for {SCALES}, got {self.prior}")
-        if not 0 < self.gap_fraction <= 0.5:
-            raise ValueError(f"gap_fraction must be in (0, 0.5], got {self.gap_fraction}")
+        for weight in self.prior:
+            check_number("prior", weight, low=0, low_open=True)
+        check_number("beta", self.beta)
+        check_number("tau", self.tau)
+        check_number("kappa", self.kappa)
+        check_number("gap_fraction", self.gap_fraction, low=0, high=0.5, low_open=True)
+        check_number("eps", self.eps, low=0, low_open=True)
 
 
 # --- step 1: normalise ------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def mixing_weights(gaps: torch.Tensor, prior: torch.Tensor, beta: float, mixing:
         return torch.softmax(prior.log() + beta * gaps, dim=-1)
     if mixing == "fixed":
         return prior.expand_as(gaps)
-    _check_choice("mixing", mixing, ("uniform",))
+    check_choice("mixing", mixing, MIXINGS)
     return torch.full_like(gaps, 1.0 / gaps.shape[-1])
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nestedkv.bench.ruler import Sample
+from nestedkv.validation import check_choice
 
 HUB_DATASETS: dict[str, str] = {
     "ruler": "simonjegou/ruler",
@@ -142,9 +143,7 @@ def subsets(benchmark: str) -> tuple[str, ...]:
         "loogle": tuple(LOOGLE_METRICS),
         "infinitebench": tuple(INFINITEBENCH_METRICS),
     }
-    if benchmark not in tables:
-        raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {BENCHMARKS}")
-    return tables[benchmark]
+    return tables[check_choice("benchmark", benchmark, BENCHMARKS)]
 
 
 def resolve_subset(benchmark: str, name: str) -> str:
@@ -153,9 +152,7 @@ def resolve_subset(benchmark: str, name: str) -> str:
     if benchmark == "longbench-e":
         name = _E_SUFFIX.sub("", name) + "_e"
     choices = subsets(benchmark)
-    if name not in choices:
-        raise ValueError(f"unknown {benchmark} subset {name!r}; choose one of {choices}")
-    return name
+    return check_choice(f"{benchmark} subset", name, choices)
 
 
 def metric_for(benchmark: str, task: str) -> str:

@@ -23,6 +23,14 @@ from kvpress import (
 )
 
 from nestedkv.press import NestedKVPress
+from nestedkv.validation import check_choice
+
+RATIOS = (0.5, 0.75, 0.9, 0.95)
+"""Compression ratios every benchmark compares by default (quality and speed)."""
+
+NESTEDKV, ABLATION, PEER, STORAGE = "nestedkv", "ablation", "peer", "storage"
+"""Groups of methods: NestedKV itself, its ablations (one switch of the spec changed), kvpress's peers,
+and storage variants of NestedKV that keep the same positions (for the speed benchmark)."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,7 @@ class Method:
     a sample once and reuse the scores for every ratio (worth it for expensive scorers)."""
 
     name: str
+    group: str
     description: str
     make: Callable[[float], BasePress]
     ratio_free_scores: bool = False
@@ -39,69 +48,46 @@ class Method:
 NO_COMPRESSION = "none"
 """The uncompressed baseline: run once per sample, at ratio 0."""
 
+def _nestedkv(name: str, group: str, description: str, **options) -> Method:
+    """A NestedKV variant: ``NestedKVPress(r, **options)``. Its scores never depend on the ratio."""
+    return Method(name, group, description, lambda r: NestedKVPress(r, **options), ratio_free_scores=True)
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("nestedkv", "NestedKV as in the paper (ragged storage)", lambda r: NestedKVPress(r)),
-        # Same kept positions, held as kvpress holds head-wise budgets (nothing freed): for `nestedkv bench`.
-        Method(
-            "nestedkv-masked", "NestedKV, kvpress's masked storage", lambda r: NestedKVPress(r, storage="masked")
-        ),
+        _nestedkv("nestedkv", NESTEDKV, "NestedKV as in the paper (ragged storage)"),
+        _nestedkv("nestedkv-masked", STORAGE, "NestedKV, kvpress's masked storage", storage="masked"),
         # Ablations (spec, "Ablation switches"): one component off at a time.
-        Method(
-            "nestedkv-uniform", "NestedKV score, uniform per-head budget", lambda r: NestedKVPress(r, budget="uniform")
-        ),
-        Method(
-            "nestedkv-global",
-            "global anchor only, head-adaptive budget",
-            lambda r: NestedKVPress(r, scales=("global",)),
-        ),
-        Method("nestedkv-no-gate", "blend only, surprise gate off", lambda r: NestedKVPress(r, gate="off")),
-        Method(
-            "nestedkv-fixed-mix", "prior mixing weights, no head adaptation", lambda r: NestedKVPress(r, mixing="fixed")
-        ),
-        Method(
-            "nestedkv-recent64", "NestedKV + the last 64 positions protected", lambda r: NestedKVPress(r, n_recent=64)
-        ),
+        _nestedkv("nestedkv-uniform", ABLATION, "NestedKV score, uniform per-head budget", budget="uniform"),
+        _nestedkv("nestedkv-global", ABLATION, "global anchor only, head-adaptive budget", scales=("global",)),
+        _nestedkv("nestedkv-no-gate", ABLATION, "blend only, surprise gate off", gate="off"),
+        _nestedkv("nestedkv-fixed-mix", ABLATION, "prior mixing weights, no head adaptation", mixing="fixed"),
+        _nestedkv("nestedkv-recent64", ABLATION, "NestedKV + the last 64 positions protected", n_recent=64),
         # kvpress peers.
-        Method("keydiff", "KeyDiff (kvpress)", lambda r: KeyDiffPress(compression_ratio=r)),
+        Method("keydiff", PEER, "KeyDiff (kvpress)", lambda r: KeyDiffPress(compression_ratio=r)),
         Method(
-            "block-keydiff",
-            "KeyDiff, block-wise (kvpress BlockPress, 128)",
+            "block-keydiff", PEER, "KeyDiff, block-wise (kvpress BlockPress, 128)",
             lambda r: BlockPress(press=KeyDiffPress(compression_ratio=r), block_size=128),
         ),
-        Method("snapkv", "SnapKV (kvpress)", lambda r: SnapKVPress(compression_ratio=r)),
-        Method("streamingllm", "StreamingLLM (kvpress)", lambda r: StreamingLLMPress(compression_ratio=r)),
-        Method("knorm", "KNorm (kvpress)", lambda r: KnormPress(compression_ratio=r)),
-        Method("tova", "TOVA (kvpress)", lambda r: TOVAPress(compression_ratio=r)),
+        Method("snapkv", PEER, "SnapKV (kvpress)", lambda r: SnapKVPress(compression_ratio=r)),
+        Method("streamingllm", PEER, "StreamingLLM (kvpress)", lambda r: StreamingLLMPress(compression_ratio=r)),
+        Method("knorm", PEER, "KNorm (kvpress)", lambda r: KnormPress(compression_ratio=r)),
+        Method("tova", PEER, "TOVA (kvpress)", lambda r: TOVAPress(compression_ratio=r)),
         Method(
-            "expected-attention",
-            "ExpectedAttention (kvpress)",
-            lambda r: ExpectedAttentionPress(compression_ratio=r),
-            ratio_free_scores=True,
+            "expected-attention", PEER, "ExpectedAttention (kvpress)",
+            lambda r: ExpectedAttentionPress(compression_ratio=r), ratio_free_scores=True,
         ),
         Method(
-            "adakv-expected-attention",
-            "AdaKV + ExpectedAttention (kvpress, masked)",
-            lambda r: AdaKVPress(press=ExpectedAttentionPress(compression_ratio=r)),
-            ratio_free_scores=True,
+            "adakv-expected-attention", PEER, "AdaKV + ExpectedAttention (kvpress, masked)",
+            lambda r: AdaKVPress(press=ExpectedAttentionPress(compression_ratio=r)), ratio_free_scores=True,
         ),
-        Method("pyramidkv", "PyramidKV (kvpress)", lambda r: PyramidKVPress(compression_ratio=r)),
+        Method("pyramidkv", PEER, "PyramidKV (kvpress)", lambda r: PyramidKVPress(compression_ratio=r)),
     ]
 }
 
-PEERS = (
-    "keydiff",
-    "block-keydiff",
-    "snapkv",
-    "streamingllm",
-    "knorm",
-    "tova",
-    "expected-attention",
-    "adakv-expected-attention",
-    "pyramidkv",
-)
-ABLATIONS = ("nestedkv-uniform", "nestedkv-global", "nestedkv-no-gate", "nestedkv-fixed-mix", "nestedkv-recent64")
+PEERS = tuple(name for name, method in METHODS.items() if method.group == PEER)
+ABLATIONS = tuple(name for name, method in METHODS.items() if method.group == ABLATION)
 
 
 def make_press(method: str, ratio: float) -> BasePress | None:
@@ -112,6 +98,4 @@ def make_press(method: str, ratio: float) -> BasePress | None:
 
 
 def check_method(method: str) -> str:
-    if method != NO_COMPRESSION and method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {NO_COMPRESSION}, {', '.join(METHODS)}")
-    return method
+    return check_choice("method", method, (NO_COMPRESSION, *METHODS))

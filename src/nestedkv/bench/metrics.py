@@ -41,6 +41,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from difflib import SequenceMatcher
 
+from nestedkv.validation import check_choice
+
 # A scorer takes the prediction, all the references and the task's classes and returns [0, 1].
 _Scorer = Callable[[str, Sequence[str], Sequence[str]], float]
 # A per-reference score, of which LongBench keeps the best over the references.
@@ -442,27 +444,8 @@ def score_sample(metric: str, prediction: str, answers: Sequence[str], *, all_cl
     ``all_classes`` (LongBench's classes of trec / lsht) is needed by the classification metrics
     only; pass a hub sample's ``all_classes``.
     """
-    try:
-        scorer = _SCORERS[metric]
-    except KeyError:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}") from None
+    scorer = _SCORERS[check_choice("metric", metric, METRICS)]
     if not answers:
         raise ValueError("a sample needs at least one reference answer")
     return 100.0 * scorer(prediction, answers, all_classes)
 
-
-def _mean(metric: str, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    if len(predictions) != len(references) or not predictions:
-        raise ValueError("need as many predictions as references, and at least one")
-    scores = [score_sample(metric, p, r) for p, r in zip(predictions, references, strict=True)]
-    return sum(scores) / len(scores)
-
-
-def string_match_all(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Mean over samples of the percentage of a sample's references found in its prediction."""
-    return _mean("string_match_all", predictions, references)
-
-
-def string_match_part(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Percentage of samples whose prediction contains at least one of its references."""
-    return _mean("string_match_part", predictions, references)

@@ -1,36 +1,31 @@
 """The benchmark runner: methods × ratios × context lengths × tasks, on the same samples.
 
-Compression happens after each layer's attention, so the prefill's hidden states, keys and values
-do not depend on the method. The runner therefore prefills each sample once, capturing what every
-layer's press hook would see (:func:`prefill_once`), replays that hook for every (method, ratio)
-on a fresh cache holding the full keys and values (:func:`compress_replay`), and decodes with
-kvpress's own greedy loop. A test checks that this gives exactly the answers of kvpress's
-pipeline for the same press.
+The runner prefills each sample once and replays every (method, ratio) on that prefill
+(:mod:`nestedkv.bench.replay`), then decodes with kvpress's own greedy loop. A test checks that
+this gives exactly the answers of kvpress's pipeline for the same press.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from kvpress import BasePress, KVPressTextGenerationPipeline
+from kvpress import KVPressTextGenerationPipeline
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicLayer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nestedkv.bench.hub import BENCHMARKS as HUB_BENCHMARKS
 from nestedkv.bench.hub import load_hub_samples, resolve_subset, subsets
-from nestedkv.bench.methods import ABLATIONS, METHODS, NO_COMPRESSION, PEERS, check_method, make_press
+from nestedkv.bench.methods import ABLATIONS, METHODS, NO_COMPRESSION, PEERS, RATIOS, check_method, make_press
 from nestedkv.bench.metrics import score_sample
+from nestedkv.bench.replay import compress_replay, prefill_once, reuse_scores
 from nestedkv.bench.ruler import TASKS, Sample, build_samples
 from nestedkv.bench.store import KEY_FIELDS, ResultStore
-from nestedkv.cache import attention_modules
-from nestedkv.press import check_ratio
 from nestedkv.prompts import encode_prompt
+from nestedkv.validation import check_ratio
 
-RATIOS = (0.5, 0.75, 0.9, 0.95)
 LOCAL_RULER = "ruler-local"
 """RULER's tasks built offline by :mod:`nestedkv.bench.ruler`; the other benchmarks come from the hub."""
 
@@ -99,87 +94,6 @@ PRESETS: dict[str, dict] = {
     # The measurement of docs/benchmarks.md: 4k tokens, four ratios, every method and ablation.
     "full": dict(lengths=(4096,), ratios=RATIOS, samples=20),
 }
-
-
-# --- prefill once, compress many times --------------------------------------------------------
-
-
-@dataclass
-class Prefill:
-    """One context's prefill: the full cache and what each layer's press hook received."""
-
-    context_length: int
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    hook_kwargs: list[dict] = field(repr=False)
-    attentions: list[torch.Tensor | None] = field(repr=False)
-
-
-@torch.no_grad()
-def prefill_once(model: PreTrainedModel, context_ids: torch.Tensor) -> Prefill:
-    """Prefill ``context_ids (1, N)`` without compression, capturing every attention layer's inputs."""
-    captured: list[tuple[dict, torch.Tensor | None]] = []
-
-    def capture(module, args, kwargs, output):
-        captured.append(({k: v for k, v in kwargs.items() if k != "past_key_values"}, output[1]))
-
-    hooks = [module.register_forward_hook(capture, with_kwargs=True) for module in attention_modules(model)]
-    cache = DynamicCache()
-    try:
-        model.model(input_ids=context_ids.to(model.device), past_key_values=cache)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return Prefill(
-        context_length=context_ids.shape[1],
-        keys=[layer.keys for layer in cache.layers],
-        values=[layer.values for layer in cache.layers],
-        hook_kwargs=[kwargs for kwargs, _ in captured],
-        attentions=[attentions for _, attentions in captured],
-    )
-
-
-@torch.no_grad()
-def compress_replay(model: PreTrainedModel, prefill: Prefill, press: BasePress | None) -> DynamicCache:
-    """A cache holding ``prefill``'s context as ``press`` would have compressed it during prefill.
-
-    The press's own forward hook runs on every layer with the captured inputs, inside the press's
-    context manager (so ``post_init_from_model`` and its other set-up run as in a real prefill).
-    The full keys and values are shared, never modified: presses build new tensors.
-    """
-    cache = DynamicCache()
-    for keys, values in zip(prefill.keys, prefill.values, strict=True):
-        layer = DynamicLayer()
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-        cache.layers.append(layer)
-    modules = attention_modules(model)
-    for module in modules:
-        module.masked_key_indices = None  # a real prefill resets kvpress's head-wise masks too
-    if press is None:
-        return cache
-    with press(model):
-        for module, kwargs, attentions in zip(modules, prefill.hook_kwargs, prefill.attentions, strict=True):
-            press.forward_hook(module, (), {**kwargs, "past_key_values": cache}, (None, attentions))
-    return cache
-
-
-def reuse_scores(press: BasePress, memo: dict[int, torch.Tensor]) -> BasePress:
-    """Make ``press`` (a ``ScorerPress``, or a press wrapping one in ``.press``) score each layer once per
-    ``memo``: later presses of the same method on the same prefill reuse the stored scores.
-
-    Only for methods whose scores do not depend on the ratio (``Method.ratio_free_scores``).
-    """
-    scorer = getattr(press, "press", press)
-    compute = scorer.score
-
-    def score(module, *args):
-        if module.layer_idx not in memo:
-            memo[module.layer_idx] = compute(module, *args)
-        return memo[module.layer_idx].clone()  # some presses (AdaKV) write into their scores
-
-    scorer.score = score
-    return press
 
 
 # --- the run ----------------------------------------------------------------------------------

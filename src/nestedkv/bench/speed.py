@@ -39,7 +39,6 @@ import tempfile
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from importlib.metadata import version
@@ -51,18 +50,20 @@ from kvpress import BasePress, KeyDiffPress
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from nestedkv.bench.methods import make_press
+from nestedkv.bench.methods import RATIOS, make_press
+from nestedkv.bench.replay import prefill
 from nestedkv.budgets import compute_n_kept
-from nestedkv.cache import attention_modules, summarize_cache
-from nestedkv.press import NestedKVPress, check_ratio
+from nestedkv.cache import summarize_cache
+from nestedkv.models import attention_modules
+from nestedkv.press import NestedKVPress
 from nestedkv.scoring import NestedKVConfig, check_context_length, nestedkv_score
+from nestedkv.validation import check_ratio
 
 METHODS = ("none", "nestedkv", "nestedkv-masked", "keydiff")
 """Configurations compared, by their names in the benchmark's registry (:mod:`nestedkv.bench.methods`):
 no compression, NestedKV (head-adaptive budget) held ragged (its default) or masked, and kvpress's
 KeyDiff (uniform budget, dense cache)."""
 
-RATIOS = (0.5, 0.75, 0.9, 0.95)
 SCALING_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 VERIFY_RATIO = 0.9
 """Compression ratio of the real prefills that check the scaling table's cache bytes."""
@@ -160,19 +161,14 @@ def random_input_ids(model: PreTrainedModel, length: int, seed: int = 0) -> torc
     return ids.to(model.device)
 
 
-def prefill(
+def prefill_greedy(
     model: PreTrainedModel, input_ids: torch.Tensor, press: BasePress | None
 ) -> tuple[DynamicCache, torch.Tensor]:
-    """Prefill ``input_ids (1, N)`` under ``press`` (none: no compression).
-
-    As kvpress's pipeline does, the context goes through the decoder only; the output head is applied
-    to the last position alone. Returns the cache and the greedy next token ``(1, 1)``.
-    """
-    cache = DynamicCache()
-    with torch.no_grad(), press(model) if press is not None else nullcontext():
-        hidden = model.model(input_ids=input_ids, past_key_values=cache).last_hidden_state
-        next_token = model.get_output_embeddings()(hidden[:, -1:]).argmax(dim=-1)
-    return cache, next_token
+    """:func:`~nestedkv.bench.replay.prefill` ``input_ids (1, N)`` under ``press`` (none: no compression),
+    then the output head on the last position: returns the cache and the greedy next token ``(1, 1)``."""
+    cache, hidden = prefill(model, input_ids, press)
+    with torch.no_grad():
+        return cache, model.get_output_embeddings()(hidden).argmax(dim=-1)
 
 
 def decode_step(model: PreTrainedModel, cache: DynamicCache, token: torch.Tensor, position: int) -> torch.Tensor:
@@ -319,12 +315,12 @@ def _memory_of_one_configuration(
         for tensor in model.state_dict().values():  # page in weights that loading left memory-mapped
             tensor.sum()
     input_ids = random_input_ids(model, length, seed)
-    cache, token = prefill(model, input_ids[:, :WARMUP_TOKENS], None)
+    cache, token = prefill_greedy(model, input_ids[:, :WARMUP_TOKENS], None)
     decode_step(model, cache, token, WARMUP_TOKENS)
     del cache, token
     press = make_press(method, ratio)
     probe = _MemoryProbe(model.device)
-    cache, token = prefill(model, input_ids, press)
+    cache, token = prefill_greedy(model, input_ids, press)
     prefill_peak = probe.peak()
     retained = probe.current()
     for step in range(decode_tokens):
@@ -413,7 +409,7 @@ def measure_configurations(
     live, summaries = {}, {}
     for round_ in range(settings.warmup + settings.repeats):
         for config in configs:
-            seconds, (cache, token) = timed(partial(prefill, model, input_ids, make_press(*config)), device)
+            seconds, (cache, token) = timed(partial(prefill_greedy, model, input_ids, make_press(*config)), device)
             if round_ >= settings.warmup:
                 prefill_times[config].append(seconds)
             if round_ == settings.warmup + settings.repeats - 1:
@@ -604,7 +600,7 @@ def run_bench(
     progress(f"prefill and decode: {len(configs)} configurations taking turns")
     rows = measure_configurations(model, input_ids, configs, settings)
     progress("scoring time on the uncompressed keys")
-    cache, _ = prefill(model, input_ids, None)
+    cache, _ = prefill(model, input_ids)
     report["scoring"] = asdict(scoring_times([layer.keys for layer in cache.layers], settings.repeats, settings.warmup))
     del cache
     if settings.peak_memory:

@@ -1,0 +1,113 @@
+"""Prefill once, compress many times: the benchmarks' way of running many presses on one context.
+
+Compression happens after each layer's attention, so the prefill's hidden states, keys and values
+do not depend on the method. :func:`prefill_once` prefills a context once, capturing what every
+layer's press hook would see; :func:`compress_replay` replays that hook for any press on a fresh
+cache holding the full keys and values; :func:`reuse_scores` lets presses whose scores do not
+depend on the ratio score a context once for every ratio. :func:`prefill` is the one prefill
+that every benchmark (quality and speed) runs.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from kvpress import BasePress
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+
+from nestedkv.models import attention_modules
+
+
+@torch.no_grad()
+def prefill(
+    model: PreTrainedModel, input_ids: torch.Tensor, press: BasePress | None = None
+) -> tuple[DynamicCache, torch.Tensor]:
+    """Prefill ``input_ids (1, N)`` under ``press`` (none: no compression); return the cache and the last
+    position's hidden state ``(1, 1, hidden)``.
+
+    As kvpress's pipeline does, the context goes through the decoder only (no output head).
+    """
+    cache = DynamicCache()
+    with press(model) if press is not None else nullcontext():
+        hidden = model.model(input_ids=input_ids, past_key_values=cache).last_hidden_state
+    return cache, hidden[:, -1:].clone()  # a view would keep every position's hidden state alive
+
+
+@dataclass
+class Prefill:
+    """One context's prefill: the full cache and what each layer's press hook received."""
+
+    context_length: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    hook_kwargs: list[dict] = field(repr=False)
+    attentions: list[torch.Tensor | None] = field(repr=False)
+
+
+@torch.no_grad()
+def prefill_once(model: PreTrainedModel, context_ids: torch.Tensor) -> Prefill:
+    """Prefill ``context_ids (1, N)`` without compression, capturing every attention layer's inputs."""
+    captured: list[tuple[dict, torch.Tensor | None]] = []
+
+    def capture(module, args, kwargs, output):
+        captured.append(({k: v for k, v in kwargs.items() if k != "past_key_values"}, output[1]))
+
+    hooks = [module.register_forward_hook(capture, with_kwargs=True) for module in attention_modules(model)]
+    try:
+        cache, _ = prefill(model, context_ids.to(model.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return Prefill(
+        context_length=context_ids.shape[1],
+        keys=[layer.keys for layer in cache.layers],
+        values=[layer.values for layer in cache.layers],
+        hook_kwargs=[kwargs for kwargs, _ in captured],
+        attentions=[attentions for _, attentions in captured],
+    )
+
+
+@torch.no_grad()
+def compress_replay(model: PreTrainedModel, prefill: Prefill, press: BasePress | None) -> DynamicCache:
+    """A cache holding ``prefill``'s context as ``press`` would have compressed it during prefill.
+
+    The press's own forward hook runs on every layer with the captured inputs, inside the press's
+    context manager (so ``post_init_from_model`` and its other set-up run as in a real prefill).
+    The full keys and values are shared, never modified: presses build new tensors.
+    """
+    cache = DynamicCache()
+    for keys, values in zip(prefill.keys, prefill.values, strict=True):
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    modules = attention_modules(model)
+    for module in modules:
+        module.masked_key_indices = None  # a real prefill resets kvpress's head-wise masks too
+    if press is None:
+        return cache
+    with press(model):
+        for module, kwargs, attentions in zip(modules, prefill.hook_kwargs, prefill.attentions, strict=True):
+            press.forward_hook(module, (), {**kwargs, "past_key_values": cache}, (None, attentions))
+    return cache
+
+
+def reuse_scores(press: BasePress, memo: dict[int, torch.Tensor]) -> BasePress:
+    """Make ``press`` (a ``ScorerPress``, or a press wrapping one in ``.press``) score each layer once per
+    ``memo``: later presses of the same method on the same prefill reuse the stored scores.
+
+    Only for methods whose scores do not depend on the ratio (``Method.ratio_free_scores``).
+    """
+    scorer = getattr(press, "press", press)
+    compute = scorer.score
+
+    def score(module, *args):
+        if module.layer_idx not in memo:
+            memo[module.layer_idx] = compute(module, *args)
+        return memo[module.layer_idx].clone()  # some presses (AdaKV) write into their scores
+
+    scorer.score = score
+    return press
