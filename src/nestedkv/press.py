@@ -5,18 +5,25 @@
 head-adaptive budgets and chooses how they are held. Both work as kvpress presses: as a context
 manager around a forward pass or ``model.generate``, or with kvpress's
 ``kv-press-text-generation`` pipeline.
+
+Padded batches: each row is scored from its own real tokens and keeps ``(1 - r)`` of its own
+length; padding is never kept. Caches that cannot hold what a press does are refused before
+anything is changed (static caches; quantized caches with ragged storage).
 """
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from kvpress import BasePress, ScorerPress
+from kvpress import BasePress, KVPressTextGenerationPipeline, ScorerPress
 from kvpress.presses.base_press import is_prefilling
 
 from nestedkv.budgets import BUDGETS, compute_n_kept, head_adaptive_keep
 from nestedkv.cache import RaggedLayer
+from nestedkv.models import attention_modules
 from nestedkv.scoring import NestedKVConfig, nestedkv_score
 from nestedkv.validation import check_choice, check_number, check_ratio
 
@@ -27,8 +34,92 @@ one buffer per layer (:class:`~nestedkv.cache.RaggedLayer`), so evicted memory i
 fake keys during decoding (nothing is freed)."""
 
 
+# --- what a prefill hook sees -------------------------------------------------------------------
+
+
+def real_positions(attention_mask: torch.Tensor | None, batch: int, n: int) -> torch.Tensor | None:
+    """Which of the ``n`` prefilled positions of each row are real tokens, not padding. ``-> bool (B, N)``.
+
+    Read from the mask the layer's attention received: a padding position is visible to no query.
+    ``None`` when nothing is padded.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:  # flash attention's padding mask
+        real = attention_mask.bool()[:, -n:]
+    else:
+        visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        real = visible.any(dim=1).any(dim=1)[:, -n:]
+    return None if bool(real.all()) else real.expand(batch, n)
+
+
+def _row_inputs(kwargs: dict, row: int, columns: torch.Tensor, batch: int, n: int) -> dict:
+    """A hook's keyword arguments for batch row ``row`` alone, at its real ``columns``: every tensor laid
+    out as ``(batch, N, ...)`` (hidden states, position embeddings) is cut; the mask is dropped (a row
+    without its padding needs none)."""
+
+    def cut(value):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (batch, n):
+            return value[row : row + 1, columns]
+        if isinstance(value, tuple):
+            return tuple(cut(item) for item in value)
+        return value
+
+    row_kwargs = {key: cut(value) for key, value in kwargs.items()}
+    row_kwargs["attention_mask"] = None
+    if isinstance(kwargs.get("cache_position"), torch.Tensor):
+        row_kwargs["cache_position"] = kwargs["cache_position"][: len(columns)]
+    return row_kwargs
+
+
+def compressible(layer, storage: str) -> bool:
+    """Whether a cache layer can be compressed; refuses, before anything is changed, what cannot be.
+
+    A sliding-window cache layer (transformers builds them for Mistral, Gemma, ...) holds at most
+    its window and drops older tokens by itself, shifting what is left, which kvpress's masks cannot
+    follow: it stays uncompressed in every storage (as kvpress leaves Gemma 3's sliding layers), with
+    a warning. A plain layer read through a sliding-window mask is compressed: a ragged layer keeps
+    its keys' positions so the mask still applies.
+    """
+    kind = type(layer).__name__
+    if "Static" in kind:
+        raise ValueError(
+            "a static cache cannot be compressed (its empty slots would count as context); "
+            "use the default dynamic cache (no cache_implementation='static')"
+        )
+    if storage == "ragged" and kind.startswith("Quantized"):
+        raise ValueError(f"ragged storage needs a plain dynamic cache layer, got {kind}; use storage='masked'")
+    if getattr(layer, "is_sliding", False):
+        warnings.warn("sliding-window cache layers stay uncompressed (they hold at most their window)", stacklevel=3)
+        return False
+    return True
+
+
+def _no_cache(kwargs: dict) -> bool:
+    """True (with a warning) when the forward pass runs without a cache: there is nothing to compress."""
+    if kwargs.get("past_key_values") is not None:
+        return False
+    warnings.warn("the press does nothing without a cache (use_cache=False)", stacklevel=3)
+    return True
+
+
+class _FreshMasks:
+    """Mixin: entering the press clears kvpress's head-wise masks left on the model by an earlier masked
+    run, which kvpress's attention patch would otherwise apply to an unrelated cache."""
+
+    @contextmanager
+    def __call__(self, model):
+        for module in attention_modules(model):
+            module.masked_key_indices = None
+        with super().__call__(model):
+            yield
+
+
+# --- the presses ----------------------------------------------------------------------------------
+
+
 @dataclass
-class HeadAdaptivePress(BasePress):
+class HeadAdaptivePress(_FreshMasks, BasePress):
     """Head-adaptive budgets (AdaKV, arXiv 2407.11550) for any kvpress ``ScorerPress``.
 
     Like kvpress's ``AdaKVPress`` with a choice of storage: ``ragged`` frees what is evicted,
@@ -59,12 +150,33 @@ class HeadAdaptivePress(BasePress):
     def compression_ratio(self, value: float) -> None:
         self.press.compression_ratio = value
 
+    def _row_keep(self, n: int, scores: torch.Tensor) -> torch.Tensor:
+        check_budget = getattr(self.press, "check_budget", None)
+        if check_budget is not None:
+            check_budget(n)
+        return head_adaptive_keep(scores, compute_n_kept(n, self.compression_ratio), self.alpha_safeguard)
+
     def keep_mask(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
-        """Which (batch, head, position) stay. ``keys (B, H, N, d) -> bool (B, H, N)``."""
+        """Which (batch, head, position) stay. ``keys (B, H, N, d) -> bool (B, H, N)``.
+
+        In a padded batch each row is scored alone, from its real positions, with its own budget.
+        """
         if module.config._attn_implementation == "eager":
             raise ValueError("head-adaptive budgets need attn_implementation='sdpa' (or another non-eager one)")
-        scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs)
-        return head_adaptive_keep(scores, compute_n_kept(keys.shape[2], self.compression_ratio), self.alpha_safeguard)
+        batch, heads, n, _ = keys.shape
+        real = real_positions(kwargs.get("attention_mask"), batch, n)
+        if real is None:
+            return self._row_keep(n, self.press.score(module, hidden_states, keys, values, attentions, kwargs))
+        keep = torch.zeros(batch, heads, n, dtype=torch.bool, device=keys.device)
+        for row in range(batch):
+            columns = real[row].nonzero().squeeze(-1)
+            row_attentions = None if attentions is None else attentions[row : row + 1][..., columns[:, None], columns]
+            scores = self.press.score(
+                module, hidden_states[row : row + 1, columns], keys[row : row + 1, :, columns],
+                values[row : row + 1, :, columns], row_attentions, _row_inputs(kwargs, row, columns, batch, n),
+            )
+            keep[row, :, columns] = self._row_keep(len(columns), scores)[0]
+        return keep
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         if self.compression_ratio > 0:
@@ -73,23 +185,32 @@ class HeadAdaptivePress(BasePress):
         return keys, values
 
     def forward_hook(self, module, input, kwargs, output):
-        if self.storage == "masked" or self.compression_ratio == 0:
-            return super().forward_hook(module, input, kwargs, output)
+        if self.compression_ratio == 0 or _no_cache(kwargs):
+            return output
         hidden_states, cache = kwargs["hidden_states"], kwargs["past_key_values"]
         if not is_prefilling(kwargs["cache_position"], hidden_states.shape[1]):
             return output
         layer = cache.layers[module.layer_idx]
-        if getattr(layer, "is_sliding", False) or type(layer).__name__.startswith("Quantized"):
-            raise ValueError(
-                f"ragged storage needs a plain dynamic cache layer, got {type(layer).__name__}; use storage='masked'"
-            )
+        if not compressible(layer, self.storage):
+            return output
+        if self.storage == "masked":
+            return super().forward_hook(module, input, kwargs, output)
         keep = self.keep_mask(module, hidden_states, layer.keys, layer.values, output[1], kwargs)
-        cache.layers[module.layer_idx] = RaggedLayer.from_keep(layer.keys, layer.values, keep)
+        cache.layers[module.layer_idx] = RaggedLayer.from_keep(
+            layer.keys, layer.values, keep, keep_positions=_can_hide_context(module)
+        )
         return output
 
 
+def _can_hide_context(module) -> bool:
+    """Whether this attention layer's mask can hide earlier tokens from later ones (a sliding window),
+    so that a ragged layer must remember where each kept key was."""
+    window = getattr(module, "sliding_window", None) or getattr(module.config, "sliding_window", None)
+    return window is not None
+
+
 @dataclass
-class NestedKVPress(NestedKVConfig, ScorerPress):
+class NestedKVPress(_FreshMasks, NestedKVConfig, ScorerPress):
     """NestedKV: key-only, training-free KV cache eviction (Chen et al., arXiv 2605.26678).
 
     After each layer's prefill, every position of every KV head is scored from its L2-normalised
@@ -132,14 +253,36 @@ class NestedKVPress(NestedKVConfig, ScorerPress):
             )
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
-        if self.compression_ratio > 0:
-            self.check_budget(keys.shape[2])
+        if self.compression_ratio == 0:
+            return keys, values
+        if real_positions(kwargs.get("attention_mask"), keys.shape[0], keys.shape[2]) is not None:
+            raise ValueError(
+                "budget='uniform' keeps a dense cache, which cannot hold the different lengths of a padded "
+                "batch's rows; use budget='head-adaptive', or run the rows one by one"
+            )
+        self.check_budget(keys.shape[2])
         return super().compress(module, hidden_states, keys, values, attentions, kwargs)
 
     def forward_hook(self, module, input, kwargs, output):
-        if self.budget == "uniform" or self.compression_ratio == 0:
+        if self.compression_ratio == 0 or _no_cache(kwargs):
+            return output
+        if self.budget == "uniform":
+            if not compressible(kwargs["past_key_values"].layers[module.layer_idx], "masked"):
+                return output
             return super().forward_hook(module, input, kwargs, output)
-        if is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1]):
-            self.check_budget(kwargs["past_key_values"].layers[module.layer_idx].keys.shape[2])
-        budgeted = HeadAdaptivePress(self, self.alpha_safeguard, self.storage)
-        return budgeted.forward_hook(module, input, kwargs, output)
+        return HeadAdaptivePress(self, self.alpha_safeguard, self.storage).forward_hook(module, input, kwargs, output)
+
+
+_remove_answer_from_cache = KVPressTextGenerationPipeline._remove_answer_from_cache
+
+
+def _remove_answer_from_ragged_layers(self, cache, cache_seq_lengths):
+    """kvpress's pipeline drops each answer by slicing layers to their length before it; a ragged
+    layer's length is logical (context + tail), so it is cropped by its own method first."""
+    for layer, length in zip(cache.layers, cache_seq_lengths, strict=False):
+        if isinstance(layer, RaggedLayer):
+            layer.crop(length)
+    _remove_answer_from_cache(self, cache, cache_seq_lengths)
+
+
+KVPressTextGenerationPipeline._remove_answer_from_cache = _remove_answer_from_ragged_layers

@@ -41,10 +41,15 @@ def check_number(
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
-        left = "(-inf" if low is None else f"{'(' if low_open else '['}{low}"
-        right = "inf)" if high is None else f"{high}{')' if high_open else ']'}"
-        interval = f"{left}, {right}"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
+        raise ValueError(f"{name} must be {_range_text(low, high, low_open, high_open)}, got {value}")
+
+
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low}"
+    if low is None:
+        return f"{'<' if high_open else '<='} {high}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
 
 def check_ratio(compression_ratio: float) -> None:

@@ -3,11 +3,16 @@
 A head-adaptive budget keeps a different number of context positions in every KV head. kvpress
 holds such a cache at full size and hides evicted keys behind fake keys during decoding
 (``masked`` storage: nothing is freed). :class:`RaggedLayer` really frees them: one layer's kept
-context keys and values are packed head after head into a single ``(L, head_dim)`` buffer with
-per-head offsets (cumulative lengths, as in FlashAttention's varlen interface), no padding to the
-longest head; tokens that come later (the question, the answer) are appended to every head in an
-ordinary dense tail ``(batch, kv_heads, T, head_dim)``. Keys keep the RoPE phases of their
-original positions, since the cache stores rotated keys. :mod:`nestedkv.cache.attention` reads it.
+context keys and values are packed stream after stream (a stream is one batch row's KV head) into
+a single ``(L, head_dim)`` buffer with cumulative offsets, as in FlashAttention's varlen
+interface, with no padding to the longest head; tokens that come later (the question, the answer,
+a new turn) are appended to every head in an ordinary dense tail ``(batch, kv_heads, T, head_dim)``.
+Keys keep the RoPE phases of their original positions, since the cache stores rotated keys.
+
+The layer reports the conversation's *logical* length (context columns + tail), as an uncompressed
+cache would: transformers uses it to slice new input ids, to place positions and to size attention
+masks, whose columns then keep their meaning (column ``j`` is the token at cache position ``j``).
+:mod:`nestedkv.cache.attention` reads the layer.
 """
 
 from __future__ import annotations
@@ -22,16 +27,20 @@ class RaggedLayer(DynamicLayer):
     """One layer's cache with a different number of kept context positions per (batch row, KV head).
 
     context_keys, context_values: ``(L, head_dim)``, the kept positions of stream ``s = b * H + h``
-    at rows ``offsets[s]:offsets[s + 1]`` in their original order. keys, values: the dense tail
-    ``(B, H, T, head_dim)`` of tokens added after compression, as in ``DynamicLayer``;
-    ``get_seq_length()`` counts the tail only (the context length differs per head: see
-    :attr:`context_lengths`).
+    at rows ``offsets[s]:offsets[s + 1]``, in their original order. positions: ``(L,)`` cache
+    position (mask column) of each kept key, kept only where attention can hide context keys from
+    later tokens (sliding windows); ``None`` otherwise. context_length: mask columns the compressed
+    context spans (its length before compression, padding included). keys, values: the dense tail
+    ``(B, H, T, head_dim)`` of tokens added after compression, as in ``DynamicLayer``.
     """
 
-    def __init__(self, context_keys: torch.Tensor, context_values: torch.Tensor, offsets: torch.Tensor,
-                 batch: int, heads: int) -> None:
+    def __init__(
+        self, context_keys: torch.Tensor, context_values: torch.Tensor, offsets: torch.Tensor, batch: int, heads: int,
+        context_length: int, positions: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.context_keys, self.context_values, self.offsets = context_keys, context_values, offsets
+        self.positions, self.context_length = positions, context_length
         self.batch, self.heads = batch, heads
         self.dtype, self.device = context_keys.dtype, context_keys.device
         self.keys = context_keys.new_empty(batch, heads, 0, context_keys.shape[-1])
@@ -39,12 +48,16 @@ class RaggedLayer(DynamicLayer):
         self.is_initialized = True
 
     @classmethod
-    def from_keep(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> RaggedLayer:
-        """Pack the kept positions. keys, values: ``(B, H, N, d)``; keep: bool ``(B, H, N)``."""
-        batch, heads = keep.shape[:2]
+    def from_keep(
+        cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, *, keep_positions: bool = False
+    ) -> RaggedLayer:
+        """Pack the kept positions. keys, values: ``(B, H, N, d)``; keep: bool ``(B, H, N)``.
+        ``keep_positions``: record each kept key's position (for masks that can hide context keys)."""
+        batch, heads, n = keep.shape
         lengths = keep.sum(dim=-1).flatten()
         offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
-        return cls(keys[keep], values[keep], offsets, batch, heads)
+        positions = torch.arange(n, device=keep.device).expand(batch, heads, n)[keep] if keep_positions else None
+        return cls(keys[keep], values[keep], offsets, batch, heads, n, positions)
 
     @property
     def context_lengths(self) -> torch.Tensor:
@@ -53,19 +66,71 @@ class RaggedLayer(DynamicLayer):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: packed context, its offsets, and the dense tail."""
-        tensors = (self.context_keys, self.context_values, self.offsets, self.keys, self.values)
+        """Bytes held: packed context, its offsets (and positions), and the dense tail."""
+        tensors = [self.context_keys, self.context_values, self.offsets, self.keys, self.values]
+        if self.positions is not None:
+            tensors.append(self.positions)
         return sum(t.nbytes for t in tensors)
+
+    def get_seq_length(self) -> int:
+        """The logical length: context columns plus tail, what an uncompressed cache would hold."""
+        return self.context_length + self.keys.shape[-2]
 
     def update(self, key_states, value_states, cache_kwargs=None):
         keys, values = super().update(key_states, value_states, cache_kwargs)
         keys.ragged_layer = weakref.ref(self)  # tells the attention wrapper to read this layer
         return keys, values
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("a ragged cache cannot be expanded for beam search or sampling several sequences")
+    def crop(self, max_length: int) -> None:
+        """Drop tail tokens beyond the logical ``max_length`` (negative: drop that many)."""
+        if max_length < 0:
+            max_length = self.get_seq_length() + max_length
+        if max_length < self.context_length:
+            raise ValueError(
+                f"cannot crop a compressed cache to {max_length} tokens: its first {self.context_length} were "
+                "compressed together (assisted or prompt-lookup decoding drafts tokens into the prefill); "
+                "generate without assistant_model / prompt_lookup_num_tokens, or compress without them"
+            )
+        tail = max_length - self.context_length
+        self.keys, self.values = self.keys[..., :tail, :], self.values[..., :tail, :]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Make batch row ``i`` a copy of row ``rows[i]``, context and tail alike. ``rows: (B',)``.
+
+        Serves beam search (``reorder_cache``), several sequences per prompt
+        (``batch_repeat_interleave``) and dropping finished rows (``batch_select_indices``).
+        """
+        rows = rows.to(self.offsets.device)
+        heads = torch.arange(self.heads, device=rows.device)
+        streams = (rows[:, None] * self.heads + heads).flatten()
+        lengths = self.offsets.diff()[streams]
+        offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+        # Row j of the new buffer is row (old start of its stream) + (j - new start of its stream).
+        shift = torch.repeat_interleave(self.offsets[streams] - offsets[:-1], lengths)
+        index = torch.arange(int(offsets[-1]), device=rows.device) + shift
+        self.context_keys, self.context_values = self.context_keys[index], self.context_values[index]
+        if self.positions is not None:
+            self.positions = self.positions[index]
+        self.offsets, self.batch = offsets, len(rows)
+        tail_rows = rows.to(self.keys.device)
+        self.keys, self.values = self.keys[tail_rows], self.values[tail_rows]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.select_rows(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("a ragged cache cannot select batch rows")
+        self.select_rows(torch.as_tensor(indices, device=self.offsets.device))
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.select_rows(torch.arange(self.batch, device=self.offsets.device).repeat_interleave(repeats))
 
+    def offload(self) -> None:
+        super().offload()
+        self.context_keys, self.context_values = self.context_keys.to("cpu"), self.context_values.to("cpu")
+
+    def prefetch(self) -> None:
+        super().prefetch()
+        self.context_keys, self.context_values = self.context_keys.to(self.device), self.context_values.to(self.device)
+
+    def reset(self) -> None:
+        raise ValueError("a compressed (ragged) cache cannot be reset for reuse; start a new cache instead")

@@ -1,0 +1,146 @@
+"""The ragged cache against simple references: dense masked attention, row selection, cropping."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nestedkv.cache import RaggedLayer
+from nestedkv.cache.attention import ragged_attention
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+
+def dense_reference(query, keys, values, tail_keys, tail_values, keep, model_mask, scaling):
+    """Attention over every context key the keep mask holds and the model's mask shows, plus the tail,
+    in float64, one (row, head) at a time: the plain computation the ragged layer must reproduce.
+
+    query (B, Hq, q, d); keys, values (B, H, N, d); tail_* (B, H, T, d); keep (B, H, N);
+    model_mask bool (B, q, N + T), the mask transformers would hand to attention. -> (B, q, Hq, d).
+    """
+    batch, query_heads, q_len, _ = query.shape
+    heads, n, tail = keys.shape[1], keys.shape[2], tail_keys.shape[2]
+    group = query_heads // heads
+    causal = torch.arange(tail) <= torch.arange(tail - q_len, tail)[:, None]
+    output = torch.zeros(batch, q_len, query_heads, query.shape[-1], dtype=torch.float64)
+    for b in range(batch):
+        for h in range(query_heads):
+            kv = h // group
+            k = torch.cat([keys[b, kv], tail_keys[b, kv]]).double()
+            v = torch.cat([values[b, kv], tail_values[b, kv]]).double()
+            visible = model_mask[b].clone()
+            visible[:, :n] &= keep[b, kv]
+            visible[:, n:] &= causal
+            logits = (query[b, h].double() * scaling) @ k.T
+            weights = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+            output[b, :, h] = weights @ v
+    return output
+
+
+def ragged_layer(keys, values, keep, tail_keys, tail_values, keep_positions):
+    layer = RaggedLayer.from_keep(keys, values, keep, keep_positions=keep_positions)
+    layer.update(tail_keys, tail_values)
+    return layer
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 4),
+    group=st.integers(1, 4),
+    n=st.integers(1, 200),
+    tail=st.integers(1, 5),
+    window=st.one_of(st.none(), st.integers(1, 64)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_ragged_attention_equals_dense_masked_attention(batch, heads, group, n, tail, window, dtype, seed, data):
+    generator = torch.Generator().manual_seed(seed)
+    d = 8
+    q_len = data.draw(st.integers(1, tail))
+    keys, values = (torch.randn(batch, heads, n, d, generator=generator).to(dtype) for _ in range(2))
+    tail_keys, tail_values = (torch.randn(batch, heads, tail, d, generator=generator).to(dtype) for _ in range(2))
+    query = torch.randn(batch, heads * group, q_len, d, generator=generator).to(dtype)
+    # Left or right padding per row; pads are never kept; every row keeps at least one real position.
+    pads = [data.draw(st.integers(0, n - 1)) for _ in range(batch)]
+    left = data.draw(st.booleans())
+    real = torch.ones(batch, n, dtype=torch.bool)
+    for b, pad in enumerate(pads):
+        if pad and left:
+            real[b, :pad] = False
+        elif pad:
+            real[b, n - pad :] = False
+    keep = (torch.rand(batch, heads, n, generator=generator) < data.draw(st.floats(0.05, 1.0))) & real[:, None]
+    first_real = real.float().argmax(dim=-1)
+    keep[torch.arange(batch), 0, first_real] = True  # a head may keep one position only
+    # The model's own mask: padding columns hidden, tail rows causal, and a sliding window if any.
+    columns = torch.arange(n + tail)
+    rows = torch.arange(n + tail - q_len, n + tail)
+    model_mask = torch.cat([real, torch.ones(batch, tail, dtype=torch.bool)], dim=-1)[:, None, :].expand(-1, q_len, -1)
+    if window is not None:
+        model_mask = model_mask & (columns > rows[:, None] - window)
+    layer = ragged_layer(keys, values, keep, tail_keys, tail_values, keep_positions=window is not None)
+    scaling = d**-0.5
+    got = ragged_attention(query, layer, scaling, model_mask[:, None])
+    want = dense_reference(query, keys, values, tail_keys, tail_values, keep, model_mask, scaling)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_keys_of_large_norm_do_not_overflow(dtype):
+    generator = torch.Generator().manual_seed(0)
+    keys = 300 * torch.randn(1, 2, 50, 64, generator=generator)
+    values = torch.randn(1, 2, 50, 64, generator=generator)
+    query = 300 * torch.randn(1, 4, 1, 64, generator=generator)
+    tail = torch.randn(1, 2, 1, 64, generator=generator)
+    keep = torch.rand(1, 2, 50, generator=generator) < 0.5
+    reference = ragged_attention(query, ragged_layer(keys, values, keep, tail, tail, False), 0.125)
+    half = ragged_attention(
+        query.to(dtype), ragged_layer(keys.to(dtype), values.to(dtype), keep, tail.to(dtype), tail.to(dtype), False),
+        0.125,
+    )
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), reference, atol=0.05, rtol=0.05)
+
+
+def test_row_selection_moves_the_packed_context_with_the_tail():
+    generator = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(3, 2, 10, 4, generator=generator), torch.randn(3, 2, 10, 4, generator=generator)
+    keep = torch.rand(3, 2, 10, generator=generator) < 0.5
+    tail = torch.randn(3, 2, 2, 4, generator=generator)
+    rows = torch.tensor([2, 0, 0, 1])
+    layer = ragged_layer(keys, values, keep, tail, tail, True)
+    layer.select_rows(rows)
+    expected = ragged_layer(keys[rows], values[rows], keep[rows], tail[rows], tail[rows], True)
+    for name in ("context_keys", "context_values", "offsets", "positions", "keys", "values"):
+        assert torch.equal(getattr(layer, name), getattr(expected, name)), name
+    assert layer.batch == 4
+
+    layer = ragged_layer(keys, values, keep, tail, tail, False)
+    layer.batch_repeat_interleave(2)
+    assert torch.equal(layer.context_lengths, keep.sum(-1).repeat_interleave(2, dim=0))
+    layer.batch_select_indices(torch.tensor([1, 4]))
+    assert torch.equal(layer.context_lengths, keep.sum(-1)[[0, 2]])
+    layer.reorder_cache(torch.tensor([1, 1]))
+    assert torch.equal(layer.context_keys, expected_context(keys, keep, [2, 2]))
+
+
+def expected_context(keys, keep, rows):
+    return torch.cat([keys[b][keep[b]] for b in rows])
+
+
+def test_logical_length_and_crop():
+    keys = torch.randn(1, 2, 10, 4)
+    keep = torch.zeros(1, 2, 10, dtype=torch.bool)
+    keep[..., :3] = True
+    layer = ragged_layer(keys, keys, keep, torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4), False)
+    assert layer.get_seq_length() == 14  # what an uncompressed cache would report
+    assert layer.get_mask_sizes(torch.arange(14, 15)) == (15, 0)
+    layer.crop(12)
+    assert layer.keys.shape[2] == 2 and layer.get_seq_length() == 12
+    layer.crop(-1)
+    assert layer.get_seq_length() == 11
+    with pytest.raises(ValueError, match="cannot crop a compressed cache to 9 tokens"):
+        layer.crop(9)

@@ -1,0 +1,210 @@
+"""Correct or refuse: batches, padding, beam search, sampling, a second turn, sliding windows, caches
+the press cannot hold, settings. Real model where it matters; tiny random models for other shapes."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from kvpress import KeyDiffPress
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from nestedkv.bench.ruler import build_samples
+from nestedkv.budgets import compute_n_kept
+from nestedkv.cache import RaggedLayer
+from nestedkv.press import HeadAdaptivePress, NestedKVPress
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    """Three chat prompts of different lengths (needle samples of ~300, ~500 and ~700 tokens)."""
+    if tokenizer.pad_token is None:  # the GGUF tokenizer names none; padding needs one
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = []
+    for length, seed in ((300, 1), (500, 2), (700, 3)):
+        sample = build_samples("niah_single_1", 1, tokenizer, length, seed=seed)[0]
+        messages = [{"role": "user", "content": sample.context + "\n" + sample.question}]
+        texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    return texts
+
+
+def generate(model, tokenizer, texts, press, padding_side="left", **options):
+    tokenizer.padding_side = padding_side
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad(), press(model):
+        out = model.generate(**encoded, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             return_dict_in_generate=True, **options)
+    return out.sequences[:, encoded["input_ids"].shape[1]:], out
+
+
+@pytest.mark.parametrize("make_press", [lambda: NestedKVPress(0.75), lambda: HeadAdaptivePress(KeyDiffPress(0.75))],
+                         ids=["nestedkv", "head-adaptive-keydiff"])
+def test_left_padded_batch_gives_each_row_what_it_gets_alone(model, tokenizer, prompts, make_press):
+    batch, _ = generate(model, tokenizer, prompts, make_press())
+    for row, text in enumerate(prompts):
+        alone, _ = generate(model, tokenizer, [text], make_press())
+        assert batch[row].tolist() == alone[0].tolist(), f"row {row}"
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_padded_rows_keep_what_they_keep_alone_and_never_a_pad(model, tokenizer, prompts, padding_side):
+    tokenizer.padding_side = padding_side
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch_cache = prefill(model, encoded, NestedKVPress(0.8))
+    for row, text in enumerate(prompts):
+        alone = prefill(model, tokenizer([text], return_tensors="pt", add_special_tokens=False), NestedKVPress(0.8))
+        real = int(encoded["attention_mask"][row].sum())
+        for layer_batch, layer_alone in zip(batch_cache.layers, alone.layers, strict=True):
+            assert torch.equal(layer_batch.context_lengths[row], layer_alone.context_lengths[0])
+            assert int(layer_batch.context_lengths[row].sum()) == layer_batch.heads * compute_n_kept(real, 0.8)
+            heads = layer_batch.heads
+            start, end = layer_batch.offsets[row * heads], layer_batch.offsets[(row + 1) * heads]
+            torch.testing.assert_close(layer_batch.context_keys[start:end], layer_alone.context_keys, atol=1e-4, rtol=0)
+
+
+def prefill(model, encoded, press):
+    cache = DynamicCache()
+    with torch.no_grad(), press(model):
+        model.model(**encoded, past_key_values=cache)
+    return cache
+
+
+def test_beam_search_and_several_sequences_over_a_padded_batch_match_masked_storage(model, tokenizer, prompts):
+    two = prompts[:2]
+    for options in (dict(num_beams=2, num_return_sequences=2), dict(num_return_sequences=2, do_sample=True, top_k=5)):
+        results = {}
+        for storage in ("ragged", "masked"):
+            torch.manual_seed(0)
+            results[storage], _ = generate(model, tokenizer, two, NestedKVPress(0.5, storage=storage), **options)
+        assert results["ragged"].shape[0] == 4
+        assert results["ragged"].tolist() == results["masked"].tolist(), options
+
+
+def test_second_turn_reuses_the_compressed_cache(model, tokenizer):
+    sample = build_samples("niah_single_1", 1, tokenizer, 1500, seed=4)[0]
+    messages = [{"role": "user", "content": sample.context + "\nRemember this document. Reply OK."}]
+    first = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    outputs, logits = {}, {}
+    for storage in ("ragged", "masked"):
+        with torch.no_grad(), NestedKVPress(0.5, storage=storage)(model):
+            turn = model.generate(**first, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+            reply = tokenizer.decode(turn.sequences[0, first["input_ids"].shape[1]:], skip_special_tokens=True)
+            second = tokenizer.apply_chat_template(
+                [*messages, {"role": "assistant", "content": reply}, {"role": "user", "content": sample.question}],
+                add_generation_prompt=True, return_tensors="pt", return_dict=True,
+            )
+            cache = turn.past_key_values
+            seen = cache.get_seq_length()
+            out = model.generate(**second, past_key_values=cache, max_new_tokens=16, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)
+        outputs[storage] = (tokenizer.decode(out.sequences[0, second["input_ids"].shape[1]:]), cache, seen)
+        logits[storage] = torch.stack(out.logits)
+    answer, cache, seen = outputs["ragged"]
+    assert seen == turn.sequences.shape[1] - 1  # the logical length: every token of turn 1 but the last
+    torch.testing.assert_close(logits["ragged"], logits["masked"], atol=5e-4, rtol=1e-4)
+    assert sample.answers[0] in answer
+    layer = cache.layers[0]
+    assert isinstance(layer, RaggedLayer)
+    held = layer.context_keys.shape[0] + layer.keys.shape[2] * layer.heads
+    assert held < 0.6 * cache.get_seq_length() * layer.heads  # only the kept half plus the new tokens
+
+
+def tiny_mistral(sliding_window):
+    torch.manual_seed(0)
+    config = MistralConfig(**TINY, num_key_value_heads=2, sliding_window=sliding_window)
+    config._attn_implementation = "sdpa"
+    return MistralForCausalLM(config).eval()
+
+
+def test_plain_cache_under_a_sliding_window_mask_equals_masked_storage():
+    tiny = tiny_mistral(sliding_window=48)
+    input_ids = torch.randint(0, 128, (1, 200))
+    logits = {}
+    for storage in ("ragged", "masked"):
+        cache = DynamicCache()  # kvpress's pipeline builds this plain cache: the mask alone applies the window
+        with torch.no_grad(), NestedKVPress(0.5, storage=storage, block_size=32)(tiny):
+            tiny.model(input_ids=input_ids, past_key_values=cache)
+            steps = []
+            for step in range(6):
+                token = torch.tensor([[step + 3]])
+                steps.append(tiny(input_ids=token, past_key_values=cache).logits[0, -1])
+        logits[storage] = torch.stack(steps)
+    assert cache.layers[0].keys.shape[2] == 206
+    torch.testing.assert_close(logits["ragged"], logits["masked"], atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_cache_layers_stay_uncompressed_with_a_warning():
+    tiny = tiny_mistral(sliding_window=48)
+    input_ids = torch.randint(0, 128, (1, 200))
+    with pytest.warns(UserWarning, match="sliding-window cache layers stay uncompressed"):
+        with torch.no_grad(), NestedKVPress(0.5)(tiny):
+            out = tiny.generate(input_ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert not any(isinstance(layer, RaggedLayer) for layer in out.past_key_values.layers)
+
+
+def test_static_cache_is_refused_and_the_model_left_as_it_was():
+    torch.manual_seed(0)
+    config = LlamaConfig(**TINY, num_key_value_heads=2)
+    config._attn_implementation = "sdpa"
+    tiny = LlamaForCausalLM(config).eval()
+    input_ids = torch.randint(0, 128, (1, 300))
+    with pytest.raises(ValueError, match="a static cache cannot be compressed"):
+        with torch.no_grad(), NestedKVPress(0.5)(tiny):
+            tiny.generate(input_ids, max_new_tokens=2, cache_implementation="static")
+    plain = tiny.generate(input_ids, max_new_tokens=2, cache_implementation="static", do_sample=False)
+    assert plain.shape == (1, 302)
+
+
+def test_use_cache_false_warns_and_does_nothing():
+    torch.manual_seed(0)
+    config = LlamaConfig(**TINY, num_key_value_heads=2)
+    config._attn_implementation = "sdpa"
+    tiny = LlamaForCausalLM(config).eval()
+    input_ids = torch.randint(0, 128, (1, 300))
+    with torch.no_grad():
+        want = tiny(input_ids, use_cache=False).logits
+        with pytest.warns(UserWarning, match="use_cache=False"), NestedKVPress(0.5)(tiny):
+            got = tiny(input_ids, use_cache=False).logits
+    assert torch.equal(got, want)
+
+
+def test_uniform_budget_refuses_a_padded_batch(model, tokenizer, prompts):
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with pytest.raises(ValueError, match="cannot hold the different lengths of a padded batch"):
+        prefill(model, encoded, NestedKVPress(0.5, budget="uniform"))
+
+
+@pytest.mark.parametrize("field", ["beta", "kappa", "tau", "gap_fraction", "eps", "alpha_safeguard", "window"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_settings_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        NestedKVPress(0.5, **{field: value})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"prior": (0.4, math.nan, 0.2)}, "prior must be finite"),
+        ({"n_sink": 2.5}, "n_sink must be an integer"),
+        ({"n_recent": True}, "n_recent must be an integer"),
+        ({"block_size": 0}, "block_size must be >= 1"),
+        ({"compression_ratio": math.nan}, "compression_ratio must be in"),
+    ],
+)
+def test_bad_numbers_are_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        NestedKVPress(**{"compression_ratio": 0.5, **options})
+
+
+def test_masks_of_an_earlier_masked_run_do_not_leak_into_a_later_one(model, tokenizer, prompts):
+    encoded = tokenizer(prompts[:1], return_tensors="pt", add_special_tokens=False)
+    prefill(model, encoded, NestedKVPress(0.5, storage="masked"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ragged = prefill(model, encoded, NestedKVPress(0.5))
+    assert all(module.self_attn.masked_key_indices is None for module in model.model.layers)
+    assert isinstance(ragged.layers[0], RaggedLayer)
