@@ -6,9 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kvpress import KeyDiffPress
+from transformers import DynamicCache
 
+from nestedkv.budgets import head_adaptive_keep
 from nestedkv.scoring import (
     PINNED,
+    SCALES,
     NestedKVConfig,
     anchors,
     block_bounds,
@@ -196,3 +199,126 @@ def test_cosine_anomaly_matches_torch_cosine():
     k_hat = normalise_keys(torch.randn(50, 8))
     anchor = torch.randn(50, 8)
     assert torch.allclose(cosine_anomaly(k_hat, anchor), -F.cosine_similarity(k_hat, anchor, dim=-1), atol=1e-6)
+
+
+# --- the whole score against a reference implementation ------------------------------------------
+
+
+def reference_score(keys: torch.Tensor, config: NestedKVConfig) -> torch.Tensor:
+    """The NestedKV score as first written (``nestedkv.scoring`` at commit c797a0c), kept as an oracle for rewrites.
+
+    Straightforward and slow: per-position anchors gathered from one padded prefix sum per anchor.
+    """
+    n = keys.shape[-2]
+    start = config.n_sink
+    keys = keys.float()
+    k_hat = keys / keys.norm(dim=-1, keepdim=True).clamp_min(config.eps)
+
+    def span_means(starts, ends):
+        centre = k_hat.mean(dim=-2, keepdim=True)
+        prefix = F.pad((k_hat - centre).cumsum(dim=-2), (0, 0, 1, 0))
+        return (prefix[..., ends, :] - prefix[..., starts, :]) / (ends - starts).unsqueeze(-1).float() + centre
+
+    def minmax_(x):
+        low = x[..., start:].amin(dim=-1, keepdim=True)
+        span = x[..., start:].amax(dim=-1, keepdim=True) - low
+        scaled = (x - low) / span.clamp_min(torch.finfo(x.dtype).tiny)
+        return torch.where(span > 0, scaled, torch.zeros_like(x)).clamp(0.0, 1.0)
+
+    def rank_(x):
+        ranks = x[..., start:].argsort(dim=-1, stable=True).argsort(dim=-1).float() / max(n - start - 1, 1)
+        return torch.cat([torch.ones_like(x[..., :start]), ranks], dim=-1)
+
+    positions = torch.arange(n)
+    size = config.block_size or min(max(n // 32, 128), 256)
+    block_id = positions // size
+    if -(-n // size) > 1 and 0 < n % size < size // 2:
+        block_id = block_id.clamp(max=-(-n // size) - 2)
+    block_ends = torch.where(block_id == block_id[-1], n, torch.clamp(block_id * size + size, max=n))
+    anchor = {
+        "global": k_hat.mean(dim=-2, keepdim=True),
+        "block": span_means(block_id * size, block_ends),
+        "window": span_means((positions - config.window + 1).clamp_min(0), positions + 1),
+    }
+    normalise = minmax_ if config.normalisation == "minmax" else rank_
+    a = torch.stack(
+        [
+            normalise(-(k_hat * anchor[s]).sum(dim=-1) / anchor[s].norm(dim=-1).clamp_min(config.eps))
+            for s in config.scales
+        ],
+        dim=-2,
+    )
+    k = max(1, int(config.gap_fraction * (n - start)))
+    stats = a[..., start:]
+    gaps = stats.topk(k, dim=-1).values.mean(-1) - stats.topk(k, dim=-1, largest=False).values.mean(-1)
+    prior = torch.tensor([config.prior[SCALES.index(s)] for s in config.scales])
+    prior = prior / prior.sum()
+    weights = {
+        "adaptive": torch.softmax(prior.log() + config.beta * gaps, dim=-1),
+        "fixed": prior.expand_as(gaps),
+        "uniform": torch.full_like(gaps, 1.0 / gaps.shape[-1]),
+    }[config.mixing]
+    blend = (weights.unsqueeze(-1) * a).sum(dim=-2)
+    score = blend
+    if config.gate != "off":
+        surprise = minmax_(a.std(dim=-2, correction=0))
+        centred = surprise - surprise[..., start:].mean(dim=-1, keepdim=True)
+        gate = torch.sigmoid(config.kappa * (centred - config.tau))
+        gate = torch.ones_like(blend) if config.gate == "max" else gate
+        score = (1 - gate) * blend + gate * a.amax(dim=-2)
+    score = score.clone()
+    score[..., :start] = PINNED
+    if config.n_recent:
+        score[..., -config.n_recent :] = PINNED
+    return score
+
+
+SWITCHES = [
+    {},
+    {"scales": ("global",)},
+    {"scales": ("block",)},
+    {"scales": ("window",)},
+    {"scales": ("global", "window"), "mixing": "fixed"},
+    {"scales": ("block", "window"), "gate": "max"},
+    {"mixing": "uniform", "gate": "off"},
+    {"gate": "max"},
+    {"normalisation": "rank"},
+    {"normalisation": "rank", "gate": "off", "scales": ("global", "block")},
+    {"n_recent": 32, "n_sink": 0},
+    {"block_size": 100, "window": 17},
+    {"window": 5000, "n_sink": 1},  # a window longer than the context
+    {"prior": (0.2, 0.3, 0.5), "beta": 1.0, "tau": 0.3, "kappa": 4.0, "gap_fraction": 0.5},
+]
+
+
+def assert_same_kept_positions(scores: torch.Tensor, expected: torch.Tensor) -> None:
+    """Same scores up to float32 rounding, and the same positions kept by per-head top-k and by the layer budget."""
+    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-6)
+    n = scores.shape[-1]
+    for n_kept in (n // 20, n // 4, n // 2):
+        top = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values
+        assert torch.equal(top, expected.topk(n_kept, dim=-1).indices.sort(dim=-1).values)
+        assert torch.equal(head_adaptive_keep(scores, n_kept), head_adaptive_keep(expected, n_kept))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [130, 1000, 4097])
+def test_score_keeps_the_positions_of_the_reference_implementation(n, dtype):
+    generator = torch.Generator().manual_seed(n)
+    keys = (torch.randn(1, 3, n, 64, generator=generator) + 0.5 * torch.randn(64, generator=generator)).to(dtype)
+    for switches in SWITCHES:
+        config = NestedKVConfig(**switches)
+        assert_same_kept_positions(nestedkv_score(keys, config), reference_score(keys, config))
+
+
+def test_score_keeps_the_positions_of_the_reference_implementation_on_real_keys(model):
+    """Keys of every layer of the real model after a short prefill (bf16 or fp32, as the model runs)."""
+    cache = DynamicCache()
+    generator = torch.Generator().manual_seed(7)
+    input_ids = torch.randint(100, model.config.vocab_size, (1, 600), generator=generator)
+    with torch.no_grad():
+        model.model(input_ids=input_ids, past_key_values=cache)
+    for layer in cache.layers:
+        for switches in ({}, {"normalisation": "rank", "n_recent": 16}):
+            config = NestedKVConfig(**switches)
+            assert_same_kept_positions(nestedkv_score(layer.keys, config), reference_score(layer.keys, config))
