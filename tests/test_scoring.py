@@ -1,6 +1,7 @@
 """Each step of the NestedKV score against small hand-computed cases (spec: NESTEDKV_SPEC.md)."""
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -15,6 +16,9 @@ from nestedkv.scoring import (
     NestedKVConfig,
     anchors,
     block_bounds,
+    block_cosine_anomaly,
+    block_means,
+    centred_prefix,
     cosine_anomaly,
     default_block_size,
     discriminative_gap,
@@ -23,9 +27,10 @@ from nestedkv.scoring import (
     nestedkv_score,
     normalise_keys,
     rank_normalise,
-    span_means,
+    scale_anomalies,
+    scale_std,
     surprise_gate,
-    window_bounds,
+    window_means,
 )
 
 
@@ -44,31 +49,48 @@ def test_default_block_size_is_clipped_n_over_32(n, size):
 @pytest.mark.parametrize(
     ("n", "size", "expected"),
     [
-        (256, 128, [(0, 128), (128, 256)]),  # exact blocks
-        (300, 128, [(0, 128), (128, 300)]),  # 44-token tail (< 64) joins the last full block
-        (200, 128, [(0, 128), (128, 200)]),  # 72-token tail (>= 64) is its own block
-        (100, 128, [(0, 100)]),  # shorter than a block: one block
+        (256, 128, [0, 128, 256]),  # exact blocks
+        (300, 128, [0, 128, 300]),  # 44-token tail (< 64) joins the last full block
+        (200, 128, [0, 128, 200]),  # 72-token tail (>= 64) is its own block
+        (100, 128, [0, 100]),  # shorter than a block: one block
+        (5, 1, [0, 1, 2, 3, 4, 5]),
     ],
 )
 def test_block_bounds_including_the_trailing_block(n, size, expected):
-    starts, ends = block_bounds(n, size)
-    for i in range(n):
-        block = next(b for b in expected if b[0] <= i < b[1])
-        assert (starts[i].item(), ends[i].item()) == block
+    assert block_bounds(n, size) == expected
 
 
-def test_window_bounds_are_causal_and_include_the_position():
-    starts, ends = window_bounds(5, 3)
-    assert starts.tolist() == [0, 0, 0, 1, 2]
-    assert ends.tolist() == [1, 2, 3, 4, 5]
+def test_centred_prefix_sums_spans():
+    k_hat = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    centre = k_hat.mean(dim=0, keepdim=True)
+    prefix = centred_prefix(k_hat, centre)
+    assert prefix.shape == (4, 2) and torch.equal(prefix[0], torch.zeros(2))
+    assert torch.allclose(prefix[3] - prefix[1], (k_hat[1:] - centre).sum(dim=0))
 
 
-def test_span_means_match_a_direct_loop():
+@pytest.mark.parametrize("n", [300, 64, 20])  # two blocks and full windows; a window as long as N; shorter
+def test_block_and_window_means_match_a_direct_loop(n):
     torch.manual_seed(0)
-    k_hat = normalise_keys(torch.randn(2, 3, 300, 8))
-    for starts, ends in (block_bounds(300, 128), window_bounds(300, 64)):
-        expected = torch.stack([k_hat[..., s:e, :].mean(dim=-2) for s, e in zip(starts, ends, strict=True)], dim=-2)
-        torch.testing.assert_close(span_means(k_hat, starts, ends), expected, atol=1e-6, rtol=1e-5)
+    k_hat = normalise_keys(torch.randn(2, 3, n, 8))
+    centre = k_hat.mean(dim=-2, keepdim=True)
+    prefix = centred_prefix(k_hat, centre)
+    bounds = block_bounds(n, 128)
+    expected = torch.stack([k_hat[..., s:e, :].mean(dim=-2) for s, e in pairwise(bounds)], dim=-2)
+    torch.testing.assert_close(block_means(prefix, centre, bounds), expected, atol=1e-6, rtol=1e-5)
+    # causal window [max(0, i - W + 1), i], the position included
+    expected = torch.stack([k_hat[..., max(0, i - 63) : i + 1, :].mean(dim=-2) for i in range(n)], dim=-2)
+    torch.testing.assert_close(window_means(prefix, centre, 64), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("n", "size"), [(300, 128), (256, 128), (200, 128), (100, 128)])
+def test_block_cosine_anomaly_uses_each_position_s_block(n, size):
+    torch.manual_seed(5)
+    k_hat = normalise_keys(torch.randn(2, n, 8))
+    bounds = block_bounds(n, size)
+    block_anchor = torch.randn(2, len(bounds) - 1, 8)
+    lengths = [e - s for s, e in pairwise(bounds)]
+    per_position = block_anchor.repeat_interleave(torch.tensor(lengths), dim=1)
+    assert torch.equal(block_cosine_anomaly(k_hat, block_anchor, bounds), cosine_anomaly(k_hat, per_position))
 
 
 def test_anchors_on_a_hand_example():
@@ -76,7 +98,7 @@ def test_anchors_on_a_hand_example():
     k_hat = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     result = anchors(k_hat, NestedKVConfig(window=2, block_size=4))
     assert torch.allclose(result["global"], torch.tensor([[0.5, 0.5]]))
-    assert torch.allclose(result["block"], torch.tensor([[0.5, 0.5]] * 4))
+    assert torch.allclose(result["block"], torch.tensor([[0.5, 0.5]]))  # one row per block
     # window start: position 0 averages only itself
     assert torch.allclose(result["window"], torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]))
 
@@ -115,6 +137,13 @@ def test_mixing_weights_modes():
     assert torch.allclose(mixing_weights(gaps, prior, 3.0, "uniform"), torch.full((3,), 1 / 3))
 
 
+def test_scale_std_is_torch_population_std():
+    torch.manual_seed(6)
+    a = torch.rand(2, 3, 3, 5000)
+    assert torch.equal(scale_std(a), a.std(dim=-2, correction=0))
+    assert torch.equal(scale_std(a[..., :1, :]), torch.zeros(2, 3, 5000))
+
+
 def test_surprise_gate_hand_case():
     # two positions agree across scales (std 0), one disagrees most, one half as much
     a = torch.tensor([[0.0, 0.5, 1.0, 0.5], [0.0, 0.5, 0.0, 0.5], [0.0, 0.5, 0.0, 0.0]])
@@ -144,9 +173,9 @@ def test_gate_off_is_the_blend_and_gate_max_is_the_winner():
     uniform_off = nestedkv_score(keys, NestedKVConfig(gate="off", mixing="uniform", n_sink=0))
     always_max = nestedkv_score(keys, NestedKVConfig(gate="max", n_sink=0))
     k_hat = normalise_keys(keys)
-    per_scale = torch.stack([minmax(cosine_anomaly(k_hat, a)) for a in anchors(k_hat, NestedKVConfig()).values()])
-    torch.testing.assert_close(uniform_off, per_scale.mean(dim=0))
-    torch.testing.assert_close(always_max, per_scale.amax(dim=0))
+    per_scale = minmax(scale_anomalies(k_hat, anchors(k_hat, NestedKVConfig()), NestedKVConfig()))  # (1, 1, S, N)
+    torch.testing.assert_close(uniform_off, per_scale.mean(dim=-2))
+    torch.testing.assert_close(always_max, per_scale.amax(dim=-2))
 
 
 def test_global_scale_alone_ranks_as_keydiff():
