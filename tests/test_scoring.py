@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from kvpress import KeyDiffPress
 from transformers import DynamicCache
 
+from nestedkv import scoring
 from nestedkv.budgets import head_adaptive_keep
 from nestedkv.scoring import (
     PINNED,
@@ -165,6 +166,15 @@ def test_score_range_sinks_recent_dtype_and_determinism():
     middle = scores[..., 4:-8]
     assert middle.min() >= 0 and middle.max() <= 1
     assert torch.equal(scores, nestedkv_score(keys, config))
+
+
+def test_heads_scored_a_few_at_a_time_give_the_same_scores(monkeypatch):
+    torch.manual_seed(8)
+    keys = torch.randn(2, 3, 500, 16)
+    at_once = nestedkv_score(keys)  # 48k key elements: one chunk
+    monkeypatch.setattr(scoring, "CPU_CHUNK_ELEMENTS", 2 * 500 * 16)  # two heads per chunk: three chunks
+    assert torch.equal(nestedkv_score(keys), at_once)
+    assert torch.equal(nestedkv_score(keys[1, 2]), at_once[1, 2])  # one head, (N, d)
 
 
 def test_gate_off_is_the_blend_and_gate_max_is_the_winner():
