@@ -351,10 +351,10 @@ def test_score_keeps_the_positions_of_the_reference_implementation(n, dtype):
 
 
 def test_score_keeps_the_positions_of_the_reference_implementation_on_real_keys(model):
-    """Keys of every layer of the real model after a short prefill (bf16 or fp32, as the model runs)."""
+    """Keys of every layer of the real model after a short prefill of random tokens."""
     cache = DynamicCache()
     generator = torch.Generator().manual_seed(7)
-    input_ids = torch.randint(100, model.config.vocab_size, (1, 600), generator=generator)
+    input_ids = torch.randint(100, model.config.vocab_size, (1, 300), generator=generator)  # a merged trailing block
     with torch.no_grad():
         model.model(input_ids=input_ids, past_key_values=cache)
     for layer in cache.layers:
