@@ -163,7 +163,7 @@ def window_means(prefix: torch.Tensor, centre: torch.Tensor, window: int) -> tor
     sums[..., :w, :] = ends[..., :w, :]  # the first windows start at position 0, where the prefix is 0
     torch.sub(ends[..., w:, :], prefix[..., 1 : n + 1 - w, :], out=sums[..., w:, :])
     lengths = torch.arange(1, n + 1, dtype=prefix.dtype, device=prefix.device).clamp_max(window).unsqueeze(-1)
-    return sums.div_(lengths).add_(centre)
+    return torch.addcdiv(centre, sums, lengths, out=sums)  # centre + sums / lengths, in one pass
 
 
 def anchors(k_hat: torch.Tensor, config: NestedKVConfig) -> dict[str, torch.Tensor]:
