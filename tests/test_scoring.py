@@ -1,17 +1,25 @@
 """Each step of the NestedKV score against small hand-computed cases (spec: NESTEDKV_SPEC.md)."""
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
 import torch.nn.functional as F
 from kvpress import KeyDiffPress
+from transformers import DynamicCache
 
+from nestedkv import scoring
+from nestedkv.budgets import head_adaptive_keep
 from nestedkv.scoring import (
     PINNED,
+    SCALES,
     NestedKVConfig,
     anchors,
     block_bounds,
+    block_cosine_anomaly,
+    block_means,
+    centred_prefix,
     cosine_anomaly,
     default_block_size,
     discriminative_gap,
@@ -20,9 +28,10 @@ from nestedkv.scoring import (
     nestedkv_score,
     normalise_keys,
     rank_normalise,
-    span_means,
+    scale_anomalies,
+    scale_std,
     surprise_gate,
-    window_bounds,
+    window_means,
 )
 
 
@@ -41,31 +50,48 @@ def test_default_block_size_is_clipped_n_over_32(n, size):
 @pytest.mark.parametrize(
     ("n", "size", "expected"),
     [
-        (256, 128, [(0, 128), (128, 256)]),  # exact blocks
-        (300, 128, [(0, 128), (128, 300)]),  # 44-token tail (< 64) joins the last full block
-        (200, 128, [(0, 128), (128, 200)]),  # 72-token tail (>= 64) is its own block
-        (100, 128, [(0, 100)]),  # shorter than a block: one block
+        (256, 128, [0, 128, 256]),  # exact blocks
+        (300, 128, [0, 128, 300]),  # 44-token tail (< 64) joins the last full block
+        (200, 128, [0, 128, 200]),  # 72-token tail (>= 64) is its own block
+        (100, 128, [0, 100]),  # shorter than a block: one block
+        (5, 1, [0, 1, 2, 3, 4, 5]),
     ],
 )
 def test_block_bounds_including_the_trailing_block(n, size, expected):
-    starts, ends = block_bounds(n, size)
-    for i in range(n):
-        block = next(b for b in expected if b[0] <= i < b[1])
-        assert (starts[i].item(), ends[i].item()) == block
+    assert block_bounds(n, size) == expected
 
 
-def test_window_bounds_are_causal_and_include_the_position():
-    starts, ends = window_bounds(5, 3)
-    assert starts.tolist() == [0, 0, 0, 1, 2]
-    assert ends.tolist() == [1, 2, 3, 4, 5]
+def test_centred_prefix_sums_spans():
+    k_hat = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    centre = k_hat.mean(dim=0, keepdim=True)
+    prefix = centred_prefix(k_hat, centre)
+    assert prefix.shape == (4, 2) and torch.equal(prefix[0], torch.zeros(2))
+    assert torch.allclose(prefix[3] - prefix[1], (k_hat[1:] - centre).sum(dim=0))
 
 
-def test_span_means_match_a_direct_loop():
+@pytest.mark.parametrize("n", [300, 64, 20])  # two blocks and full windows; a window as long as N; shorter
+def test_block_and_window_means_match_a_direct_loop(n):
     torch.manual_seed(0)
-    k_hat = normalise_keys(torch.randn(2, 3, 300, 8))
-    for starts, ends in (block_bounds(300, 128), window_bounds(300, 64)):
-        expected = torch.stack([k_hat[..., s:e, :].mean(dim=-2) for s, e in zip(starts, ends, strict=True)], dim=-2)
-        torch.testing.assert_close(span_means(k_hat, starts, ends), expected, atol=1e-6, rtol=1e-5)
+    k_hat = normalise_keys(torch.randn(2, 3, n, 8))
+    centre = k_hat.mean(dim=-2, keepdim=True)
+    prefix = centred_prefix(k_hat, centre)
+    bounds = block_bounds(n, 128)
+    expected = torch.stack([k_hat[..., s:e, :].mean(dim=-2) for s, e in pairwise(bounds)], dim=-2)
+    torch.testing.assert_close(block_means(prefix, centre, bounds), expected, atol=1e-6, rtol=1e-5)
+    # causal window [max(0, i - W + 1), i], the position included
+    expected = torch.stack([k_hat[..., max(0, i - 63) : i + 1, :].mean(dim=-2) for i in range(n)], dim=-2)
+    torch.testing.assert_close(window_means(prefix, centre, 64), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("n", "size"), [(300, 128), (256, 128), (200, 128), (100, 128)])
+def test_block_cosine_anomaly_uses_each_position_s_block(n, size):
+    torch.manual_seed(5)
+    k_hat = normalise_keys(torch.randn(2, n, 8))
+    bounds = block_bounds(n, size)
+    block_anchor = torch.randn(2, len(bounds) - 1, 8)
+    lengths = [e - s for s, e in pairwise(bounds)]
+    per_position = block_anchor.repeat_interleave(torch.tensor(lengths), dim=1)
+    assert torch.equal(block_cosine_anomaly(k_hat, block_anchor, bounds), cosine_anomaly(k_hat, per_position))
 
 
 def test_anchors_on_a_hand_example():
@@ -73,7 +99,7 @@ def test_anchors_on_a_hand_example():
     k_hat = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     result = anchors(k_hat, NestedKVConfig(window=2, block_size=4))
     assert torch.allclose(result["global"], torch.tensor([[0.5, 0.5]]))
-    assert torch.allclose(result["block"], torch.tensor([[0.5, 0.5]] * 4))
+    assert torch.allclose(result["block"], torch.tensor([[0.5, 0.5]]))  # one row per block
     # window start: position 0 averages only itself
     assert torch.allclose(result["window"], torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]))
 
@@ -112,6 +138,13 @@ def test_mixing_weights_modes():
     assert torch.allclose(mixing_weights(gaps, prior, 3.0, "uniform"), torch.full((3,), 1 / 3))
 
 
+def test_scale_std_is_torch_population_std():
+    torch.manual_seed(6)
+    a = torch.rand(2, 3, 3, 5000)
+    assert torch.equal(scale_std(a), a.std(dim=-2, correction=0))
+    assert torch.equal(scale_std(a[..., :1, :]), torch.zeros(2, 3, 5000))
+
+
 def test_surprise_gate_hand_case():
     # two positions agree across scales (std 0), one disagrees most, one half as much
     a = torch.tensor([[0.0, 0.5, 1.0, 0.5], [0.0, 0.5, 0.0, 0.5], [0.0, 0.5, 0.0, 0.0]])
@@ -135,15 +168,24 @@ def test_score_range_sinks_recent_dtype_and_determinism():
     assert torch.equal(scores, nestedkv_score(keys, config))
 
 
+def test_heads_scored_a_few_at_a_time_give_the_same_scores(monkeypatch):
+    torch.manual_seed(8)
+    keys = torch.randn(2, 3, 500, 16)
+    at_once = nestedkv_score(keys)  # 48k key elements: one chunk
+    monkeypatch.setattr(scoring, "CPU_CHUNK_ELEMENTS", 2 * 500 * 16)  # two heads per chunk: three chunks
+    assert torch.equal(nestedkv_score(keys), at_once)
+    assert torch.equal(nestedkv_score(keys[1, 2]), at_once[1, 2])  # one head, (N, d)
+
+
 def test_gate_off_is_the_blend_and_gate_max_is_the_winner():
     torch.manual_seed(2)
     keys = torch.randn(1, 1, 300, 8)
     uniform_off = nestedkv_score(keys, NestedKVConfig(gate="off", mixing="uniform", n_sink=0))
     always_max = nestedkv_score(keys, NestedKVConfig(gate="max", n_sink=0))
     k_hat = normalise_keys(keys)
-    per_scale = torch.stack([minmax(cosine_anomaly(k_hat, a)) for a in anchors(k_hat, NestedKVConfig()).values()])
-    torch.testing.assert_close(uniform_off, per_scale.mean(dim=0))
-    torch.testing.assert_close(always_max, per_scale.amax(dim=0))
+    per_scale = minmax(scale_anomalies(k_hat, anchors(k_hat, NestedKVConfig()), NestedKVConfig()))  # (1, 1, S, N)
+    torch.testing.assert_close(uniform_off, per_scale.mean(dim=-2))
+    torch.testing.assert_close(always_max, per_scale.amax(dim=-2))
 
 
 def test_global_scale_alone_ranks_as_keydiff():
@@ -196,3 +238,126 @@ def test_cosine_anomaly_matches_torch_cosine():
     k_hat = normalise_keys(torch.randn(50, 8))
     anchor = torch.randn(50, 8)
     assert torch.allclose(cosine_anomaly(k_hat, anchor), -F.cosine_similarity(k_hat, anchor, dim=-1), atol=1e-6)
+
+
+# --- the whole score against a reference implementation ------------------------------------------
+
+
+def reference_score(keys: torch.Tensor, config: NestedKVConfig) -> torch.Tensor:
+    """The NestedKV score as first written (``nestedkv.scoring`` at commit c797a0c), kept as an oracle for rewrites.
+
+    Straightforward and slow: per-position anchors gathered from one padded prefix sum per anchor.
+    """
+    n = keys.shape[-2]
+    start = config.n_sink
+    keys = keys.float()
+    k_hat = keys / keys.norm(dim=-1, keepdim=True).clamp_min(config.eps)
+
+    def span_means(starts, ends):
+        centre = k_hat.mean(dim=-2, keepdim=True)
+        prefix = F.pad((k_hat - centre).cumsum(dim=-2), (0, 0, 1, 0))
+        return (prefix[..., ends, :] - prefix[..., starts, :]) / (ends - starts).unsqueeze(-1).float() + centre
+
+    def minmax_(x):
+        low = x[..., start:].amin(dim=-1, keepdim=True)
+        span = x[..., start:].amax(dim=-1, keepdim=True) - low
+        scaled = (x - low) / span.clamp_min(torch.finfo(x.dtype).tiny)
+        return torch.where(span > 0, scaled, torch.zeros_like(x)).clamp(0.0, 1.0)
+
+    def rank_(x):
+        ranks = x[..., start:].argsort(dim=-1, stable=True).argsort(dim=-1).float() / max(n - start - 1, 1)
+        return torch.cat([torch.ones_like(x[..., :start]), ranks], dim=-1)
+
+    positions = torch.arange(n)
+    size = config.block_size or min(max(n // 32, 128), 256)
+    block_id = positions // size
+    if -(-n // size) > 1 and 0 < n % size < size // 2:
+        block_id = block_id.clamp(max=-(-n // size) - 2)
+    block_ends = torch.where(block_id == block_id[-1], n, torch.clamp(block_id * size + size, max=n))
+    anchor = {
+        "global": k_hat.mean(dim=-2, keepdim=True),
+        "block": span_means(block_id * size, block_ends),
+        "window": span_means((positions - config.window + 1).clamp_min(0), positions + 1),
+    }
+    normalise = minmax_ if config.normalisation == "minmax" else rank_
+    a = torch.stack(
+        [
+            normalise(-(k_hat * anchor[s]).sum(dim=-1) / anchor[s].norm(dim=-1).clamp_min(config.eps))
+            for s in config.scales
+        ],
+        dim=-2,
+    )
+    k = max(1, int(config.gap_fraction * (n - start)))
+    stats = a[..., start:]
+    gaps = stats.topk(k, dim=-1).values.mean(-1) - stats.topk(k, dim=-1, largest=False).values.mean(-1)
+    prior = torch.tensor([config.prior[SCALES.index(s)] for s in config.scales])
+    prior = prior / prior.sum()
+    weights = {
+        "adaptive": torch.softmax(prior.log() + config.beta * gaps, dim=-1),
+        "fixed": prior.expand_as(gaps),
+        "uniform": torch.full_like(gaps, 1.0 / gaps.shape[-1]),
+    }[config.mixing]
+    blend = (weights.unsqueeze(-1) * a).sum(dim=-2)
+    score = blend
+    if config.gate != "off":
+        surprise = minmax_(a.std(dim=-2, correction=0))
+        centred = surprise - surprise[..., start:].mean(dim=-1, keepdim=True)
+        gate = torch.sigmoid(config.kappa * (centred - config.tau))
+        gate = torch.ones_like(blend) if config.gate == "max" else gate
+        score = (1 - gate) * blend + gate * a.amax(dim=-2)
+    score = score.clone()
+    score[..., :start] = PINNED
+    if config.n_recent:
+        score[..., -config.n_recent :] = PINNED
+    return score
+
+
+SWITCHES = [
+    {},
+    {"scales": ("global",)},
+    {"scales": ("block",)},
+    {"scales": ("window",)},
+    {"scales": ("global", "window"), "mixing": "fixed"},
+    {"scales": ("block", "window"), "gate": "max"},
+    {"mixing": "uniform", "gate": "off"},
+    {"gate": "max"},
+    {"normalisation": "rank"},
+    {"normalisation": "rank", "gate": "off", "scales": ("global", "block")},
+    {"n_recent": 32, "n_sink": 0},
+    {"block_size": 100, "window": 17},
+    {"window": 5000, "n_sink": 1},  # a window longer than the context
+    {"prior": (0.2, 0.3, 0.5), "beta": 1.0, "tau": 0.3, "kappa": 4.0, "gap_fraction": 0.5},
+]
+
+
+def assert_same_kept_positions(scores: torch.Tensor, expected: torch.Tensor) -> None:
+    """Same scores up to float32 rounding, and the same positions kept by per-head top-k and by the layer budget."""
+    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-6)
+    n = scores.shape[-1]
+    for n_kept in (n // 20, n // 4, n // 2):
+        top = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values
+        assert torch.equal(top, expected.topk(n_kept, dim=-1).indices.sort(dim=-1).values)
+        assert torch.equal(head_adaptive_keep(scores, n_kept), head_adaptive_keep(expected, n_kept))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [130, 1000, 4097])
+def test_score_keeps_the_positions_of_the_reference_implementation(n, dtype):
+    generator = torch.Generator().manual_seed(n)
+    keys = (torch.randn(1, 3, n, 64, generator=generator) + 0.5 * torch.randn(64, generator=generator)).to(dtype)
+    for switches in SWITCHES:
+        config = NestedKVConfig(**switches)
+        assert_same_kept_positions(nestedkv_score(keys, config), reference_score(keys, config))
+
+
+def test_score_keeps_the_positions_of_the_reference_implementation_on_real_keys(model):
+    """Keys of every layer of the real model after a short prefill of random tokens."""
+    cache = DynamicCache()
+    generator = torch.Generator().manual_seed(7)
+    input_ids = torch.randint(100, model.config.vocab_size, (1, 300), generator=generator)  # a merged trailing block
+    with torch.no_grad():
+        model.model(input_ids=input_ids, past_key_values=cache)
+    for layer in cache.layers:
+        for switches in ({}, {"normalisation": "rank", "n_recent": 16}):
+            config = NestedKVConfig(**switches)
+            assert_same_kept_positions(nestedkv_score(layer.keys, config), reference_score(layer.keys, config))

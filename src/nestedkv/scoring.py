@@ -104,8 +104,9 @@ class NestedKVConfig:
 
 def normalise_keys(keys: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``k / max(||k||, eps)`` in float32. ``(..., N, d) -> (..., N, d)``; a zero key stays zero."""
-    keys = keys.float()
-    return keys / keys.norm(dim=-1, keepdim=True).clamp_min(eps)
+    # One float32 copy, divided in place; ``copy=True`` so that float32 input keys are never modified.
+    k_hat = keys.to(torch.float32, copy=True)
+    return k_hat.div_(k_hat.norm(dim=-1, keepdim=True).clamp_min(eps))
 
 
 # --- step 2: anchors --------------------------------------------------------------------------
@@ -116,55 +117,71 @@ def default_block_size(n: int) -> int:
     return min(max(n // 32, 128), 256)
 
 
-def block_bounds(n: int, block_size: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start and end (exclusive) of the contiguous block holding each position. ``-> (N,), (N,)``.
+def block_bounds(n: int, block_size: int) -> list[int]:
+    """Edges ``[0, b, 2b, ..., N]`` of the contiguous blocks: block j is ``[bounds[j], bounds[j + 1])``.
 
-    [open] A trailing block shorter than ``block_size // 2`` joins the block before it.
+    Every block but the last has ``block_size`` positions. [open] A trailing block shorter than
+    ``block_size // 2`` joins the block before it.
     """
-    positions = torch.arange(n, device=device)
-    block_id = positions // block_size
-    n_blocks = -(-n // block_size)
-    if n_blocks > 1 and 0 < n % block_size < block_size // 2:
-        block_id = block_id.clamp(max=n_blocks - 2)
-    starts = block_id * block_size
-    ends = torch.minimum(starts + block_size, torch.tensor(n, device=device))
-    ends = torch.where(block_id == block_id[-1], torch.tensor(n, device=device), ends)
-    return starts, ends
+    bounds = [*range(0, n, block_size), n]
+    if len(bounds) > 2 and n - bounds[-2] < block_size // 2:
+        del bounds[-2]
+    return bounds
 
 
-def window_bounds(n: int, window: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal window ``[max(0, i - W + 1), i]`` of each position as (start, exclusive end). ``-> (N,), (N,)``."""
-    positions = torch.arange(n, device=device)
-    return (positions - window + 1).clamp_min(0), positions + 1
+def block_bounds_of(n: int, config: NestedKVConfig) -> list[int]:
+    """:func:`block_bounds` of N positions with the configured block size, or the paper's default."""
+    return block_bounds(n, config.block_size or default_block_size(n))
 
 
-def span_means(k_hat: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """Mean of ``k_hat[..., starts[i]:ends[i], :]`` for every i, by prefix sums. ``(..., N, d) -> (..., N, d)``.
+def centred_prefix(k_hat: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """Prefix sums of ``k_hat - centre`` along positions. ``(..., N, d), (..., 1, d) -> (..., N + 1, d)``.
 
-    The prefix sums run over ``k_hat`` minus its global mean: a random walk instead of a sum that
-    grows with N, so that float32 differences of prefix sums stay accurate on long contexts.
+    ``prefix[..., i, :]`` sums the first i centred keys (row 0 is zero), so a span ``[s, e)`` sums to
+    ``prefix[e] - prefix[s]``. Centring on the global mean makes the prefix a random walk instead of a
+    sum that grows with N, so that float32 differences of prefix sums stay accurate on long contexts.
     """
-    centre = k_hat.mean(dim=-2, keepdim=True)
-    prefix = torch.nn.functional.pad((k_hat - centre).cumsum(dim=-2), (0, 0, 1, 0))
-    sums = prefix[..., ends, :] - prefix[..., starts, :]
-    return sums / (ends - starts).unsqueeze(-1).to(k_hat.dtype) + centre
+    *lead, n, d = k_hat.shape
+    prefix = k_hat.new_empty(*lead, n + 1, d)
+    prefix[..., 0, :] = 0
+    torch.sub(k_hat, centre, out=prefix[..., 1:, :])  # written in place: no padded copy
+    return prefix.cumsum_(dim=-2)
+
+
+def block_means(prefix: torch.Tensor, centre: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """Mean of ``k_hat`` over each block. ``(..., N + 1, d), (..., 1, d) -> (..., n_blocks, d)``."""
+    edges = prefix[..., bounds, :]  # (..., n_blocks + 1, d): a gather of a few rows
+    lengths = torch.tensor(bounds, dtype=prefix.dtype, device=prefix.device).diff().unsqueeze(-1)
+    return (edges[..., 1:, :] - edges[..., :-1, :]) / lengths + centre
+
+
+def window_means(prefix: torch.Tensor, centre: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal mean of ``k_hat`` over ``[max(0, i - W + 1), i]`` for every i. ``(..., N + 1, d) -> (..., N, d)``."""
+    n = prefix.shape[-2] - 1
+    w = min(window, n)
+    ends = prefix[..., 1:, :]  # prefix[i + 1]: the window of position i ends after i
+    sums = torch.empty_like(ends)
+    sums[..., :w, :] = ends[..., :w, :]  # the first windows start at position 0, where the prefix is 0
+    torch.sub(ends[..., w:, :], prefix[..., 1 : n + 1 - w, :], out=sums[..., w:, :])
+    lengths = torch.arange(1, n + 1, dtype=prefix.dtype, device=prefix.device).clamp_max(window).unsqueeze(-1)
+    return torch.addcdiv(centre, sums, lengths, out=sums)  # centre + sums / lengths, in one pass
 
 
 def anchors(k_hat: torch.Tensor, config: NestedKVConfig) -> dict[str, torch.Tensor]:
-    """The anchors of the configured scales, each broadcastable to ``k_hat``'s ``(..., N, d)``.
+    """The anchors of the configured scales.
 
-    global: ``(..., 1, d)`` mean over the whole context; block: ``(..., N, d)`` mean of the block
-    holding each position; window: ``(..., N, d)`` causal mean over the last W positions.
+    global: ``(..., 1, d)`` mean over the whole context; block: ``(..., n_blocks, d)`` mean of each
+    block of :func:`block_bounds_of` (one row per block, not per position); window: ``(..., N, d)``
+    causal mean over the last W positions. Block and window means share one prefix sum.
     """
-    n = k_hat.shape[-2]
-    result = {}
-    if "global" in config.scales:
-        result["global"] = k_hat.mean(dim=-2, keepdim=True)
-    if "block" in config.scales:
-        size = config.block_size or default_block_size(n)
-        result["block"] = span_means(k_hat, *block_bounds(n, size, k_hat.device))
-    if "window" in config.scales:
-        result["window"] = span_means(k_hat, *window_bounds(n, config.window, k_hat.device))
+    centre = k_hat.mean(dim=-2, keepdim=True)  # the global anchor, and the centre of the prefix sum
+    result = {"global": centre} if "global" in config.scales else {}
+    if "block" in config.scales or "window" in config.scales:
+        prefix = centred_prefix(k_hat, centre)
+        if "block" in config.scales:
+            result["block"] = block_means(prefix, centre, block_bounds_of(k_hat.shape[-2], config))
+        if "window" in config.scales:
+            result["window"] = window_means(prefix, centre, config.window)
     return result
 
 
@@ -174,6 +191,31 @@ def anchors(k_hat: torch.Tensor, config: NestedKVConfig) -> dict[str, torch.Tens
 def cosine_anomaly(k_hat: torch.Tensor, anchor: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``-cos(k_hat_i, anchor_i)``. ``(..., N, d), (..., N or 1, d) -> (..., N)``; zero key gives 0."""
     return -(k_hat * anchor).sum(dim=-1) / anchor.norm(dim=-1).clamp_min(eps)
+
+
+def block_cosine_anomaly(
+    k_hat: torch.Tensor, block_anchor: torch.Tensor, bounds: list[int], eps: float = 1e-6
+) -> torch.Tensor:
+    """:func:`cosine_anomaly` of each key against its block's anchor. ``(..., N, d), (..., n_blocks, d) -> (..., N)``.
+
+    The blocks before the last all have ``bounds[1]`` positions: a reshape of ``k_hat`` pairs them
+    with their anchors (one norm per block, no per-position copy); the last block is done on its own.
+    """
+    last = bounds[-2]
+    full = k_hat[..., :last, :].unflatten(-2, (-1, bounds[1]))  # (..., n_blocks - 1, b, d)
+    before_last = cosine_anomaly(full, block_anchor[..., :-1, None, :], eps).flatten(-2)
+    return torch.cat([before_last, cosine_anomaly(k_hat[..., last:, :], block_anchor[..., -1:, :], eps)], dim=-1)
+
+
+def scale_anomalies(k_hat: torch.Tensor, anchor: dict[str, torch.Tensor], config: NestedKVConfig) -> torch.Tensor:
+    """Cosine anomaly of every key at each configured scale. ``(..., N, d) -> (..., S, N)``."""
+    per_scale = [
+        block_cosine_anomaly(k_hat, anchor[scale], block_bounds_of(k_hat.shape[-2], config), config.eps)
+        if scale == "block"
+        else cosine_anomaly(k_hat, anchor[scale], config.eps)
+        for scale in config.scales
+    ]
+    return torch.stack(per_scale, dim=-2)
 
 
 def minmax(x: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -209,6 +251,7 @@ def discriminative_gap(a: torch.Tensor, fraction: float = 0.10, start: int = 0) 
 
     At least one entry is averaged on each side.
     """
+    # Two partial top-k selections: measured faster on CPU than one full sort serving both ends.
     stats = a[..., start:]
     k = max(1, int(fraction * stats.shape[-1]))
     top = stats.topk(k, dim=-1).values.mean(dim=-1)
@@ -233,13 +276,24 @@ def mixing_weights(gaps: torch.Tensor, prior: torch.Tensor, beta: float, mixing:
 # --- step 5: surprise-gated routing -----------------------------------------------------------
 
 
+def scale_std(a: torch.Tensor) -> torch.Tensor:
+    """Population std across the S scales at each position. ``(..., S, N) -> (..., N)``.
+
+    Two passes in float64, rounded to float32: the values of ``a.std(dim=-2, correction=0)`` (whose CPU
+    kernel is a float64 Welford reduction; the tests check they agree bit for bit) at a tenth of its
+    cost, which is a slow generic reduction over such a short, strided axis.
+    """
+    a = a.double()
+    return (a - a.mean(dim=-2, keepdim=True)).square_().mean(dim=-2).sqrt_().float()
+
+
 def surprise_gate(a: torch.Tensor, tau: float, kappa: float, start: int = 0) -> torch.Tensor:
     """Gate ``alpha(i) = sigmoid(kappa * (s_hat(i) - tau))``. ``a (..., S, N) -> (..., N)``.
 
     Surprise ``s(i)`` is the (population) std of the S normalised anomalies at i; ``s_hat`` is its
     within-head min-max normalisation minus its mean (both over positions ``start:``).
     """
-    surprise = minmax(a.std(dim=-2, correction=0), start)
+    surprise = minmax(scale_std(a), start)
     centred = surprise - surprise[..., start:].mean(dim=-1, keepdim=True)
     return torch.sigmoid(kappa * (centred - tau))
 
@@ -260,24 +314,39 @@ def check_context_length(n: int, config: NestedKVConfig) -> None:
             )
 
 
+CPU_CHUNK_ELEMENTS = 2**18
+"""Key elements (1 MiB in float32) scored at a time on CPU; see :func:`nestedkv_score`."""
+
+
 def nestedkv_score(keys: torch.Tensor, config: NestedKVConfig | None = None) -> torch.Tensor:
     """NestedKV score of every position. ``keys (..., N, d) -> scores (..., N)`` in float32.
 
     Real scores lie in [0, 1]; protected positions (the first ``n_sink``, the last ``n_recent``)
     score :data:`PINNED`. Higher is kept first.
+
+    Heads are scored independently, so on CPU they go a few at a time (about
+    :data:`CPU_CHUNK_ELEMENTS` key elements): every step's ``(N, d)`` temporaries then stay in cache
+    and the allocator reuses them instead of mapping fresh pages for each (about 1.5x faster from
+    N = 2k on). The scores are the same bit for bit. On other devices all heads go at once.
     """
     config = config or NestedKVConfig()
-    n = keys.shape[-2]
+    *lead, n, d = keys.shape
     check_context_length(n, config)
+    heads = keys.reshape(-1, n, d)
+    step = max(1, CPU_CHUNK_ELEMENTS // (n * d) if keys.device.type == "cpu" else len(heads))
+    scores = [score_heads(chunk, config) for chunk in heads.split(step)]
+    return (scores[0] if len(scores) == 1 else torch.cat(scores)).reshape(*lead, n)
+
+
+def score_heads(keys: torch.Tensor, config: NestedKVConfig) -> torch.Tensor:
+    """Steps 1 to 6 of the score on a stack of heads. ``keys (H, N, d) -> scores (H, N)``."""
     start = config.n_sink
     normalise = minmax if config.normalisation == "minmax" else rank_normalise
 
     k_hat = normalise_keys(keys, config.eps)  # step 1
     anchor = anchors(k_hat, config)  # step 2
-    a = torch.stack(  # step 3: (..., S, N)
-        [normalise(cosine_anomaly(k_hat, anchor[s], config.eps), start) for s in config.scales], dim=-2
-    )
-    gaps = discriminative_gap(a, config.gap_fraction, start)  # step 4: (..., S)
+    a = normalise(scale_anomalies(k_hat, anchor, config), start)  # step 3: (H, S, N), all scales at once
+    gaps = discriminative_gap(a, config.gap_fraction, start)  # step 4: (H, S)
     prior = torch.tensor([config.prior[SCALES.index(s)] for s in config.scales])
     weights = mixing_weights(gaps, prior, config.beta, config.mixing)
     blend = (weights.unsqueeze(-1) * a).sum(dim=-2)
