@@ -284,6 +284,22 @@ def test_report_on_the_baseline_alone_says_so(tmp_path):
         write_report(records[-1:], tmp_path)
 
 
+def test_samples_longer_than_the_model_window_are_refused_before_any_prefill(model, tokenizer, tmp_path, monkeypatch):
+    def no_prefill(*args):
+        raise AssertionError("prefilled a sample that does not fit")
+
+    monkeypatch.setattr("nestedkv.bench.runner.prefill_once", no_prefill)
+    config = EvalConfig(model="m", lengths=(16384,), methods=("none",), samples=1)
+    with pytest.raises(ValueError, match="context length 16384 does not fit the model's context window of 8192"):
+        run(config, model, tokenizer, ResultStore(tmp_path), progress=False)
+    row = {"context": "word " * 9000, "question": "q", "answer_prefix": "", "answer": ["x"], "max_new_tokens": 8}
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps(row) + "\n" + json.dumps({**row, "context": "short"}) + "\n")
+    config = EvalConfig(model="m", benchmark="loogle", subset="shortdep_qa", data_files=str(data), methods=("none",))
+    with pytest.raises(ValueError, match=r"1 of 2 samples do not fit the model's context window of 8192 tokens"):
+        run(config, model, tokenizer, ResultStore(tmp_path), progress=False)
+
+
 def test_hub_benchmark_from_a_local_file(model, tokenizer, tmp_path):
     data = Path(__file__).parent / "data" / "hub" / "longbench_trec.jsonl"
     config = EvalConfig(
