@@ -16,7 +16,7 @@ from nestedkv.bench.replay import compress_replay, prefill_once, reuse_scores
 from nestedkv.bench.report import collect, write_report
 from nestedkv.bench.ruler import build_samples
 from nestedkv.bench.runner import EvalConfig, plan_samples, run
-from nestedkv.bench.store import ResultStore
+from nestedkv.bench.store import ResultStore, result_key
 from nestedkv.models import attention_modules
 from nestedkv.prompts import encode_prompt
 
@@ -219,6 +219,86 @@ def test_store_records_are_json_lines(tmp_path):
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["method"] == "none"
     assert ("m", "ruler-local", 4096, "a", 0, 0, "none", 0.0, False) in ResultStore(tmp_path)
+
+
+def test_store_skips_lines_that_are_not_results(tmp_path):
+    """Hand-edited or damaged lines cost themselves only, each named by its line number."""
+    good = record("a", "none", 0.0, 0, 100.0)
+    lines = [
+        json.dumps(good).encode(),
+        b"[1, 2]",
+        json.dumps({"model": "m", "score": 1}).encode(),
+        b'{"method": "caf\xe9"}',
+        json.dumps({**good, "task": ["a"]}).encode(),
+        json.dumps({**good, "score": "high"}).encode(),
+        json.dumps(record("b", "none", 0.0, 0, 50.0)).encode(),
+    ]
+    (tmp_path / "results.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.warns(UserWarning) as caught:
+        store = ResultStore(tmp_path)
+    messages = [str(warning.message).removeprefix(f"{store.path}:") for warning in caught]
+    assert messages == [
+        "2: skipping an unreadable line: a JSON list, not a result",
+        "3: skipping an unreadable line: a result without benchmark, length, task, index, seed, method, ratio, "
+        "query_aware",
+        "4: skipping an unreadable line: not UTF-8",
+        "5: skipping an unreadable line: a result whose key holds a list or an object",
+        "6: skipping an unreadable line: a result whose score 'high' is not a number",
+    ]
+    assert len(store) == 2 and [r["task"] for r in store] == ["a", "b"]  # warned once per store
+    store.add(record("c", "none", 0.0, 0, 0.0))
+    with pytest.warns(UserWarning):
+        assert len(ResultStore(tmp_path)) == 3
+
+
+def error(task, method, ratio, index, message):
+    return {**record(task, method, ratio, index, None), "prediction": None, "error": message}
+
+
+def test_errors_are_measured_again_and_listed_in_the_report(tmp_path):
+    store = ResultStore(tmp_path)
+    for job in (("none", 0.0, 100.0), ("nestedkv", 0.5, 50.0), ("nestedkv", 0.9, 0.0)):
+        store.add(record("a", job[0], job[1], 0, job[2]))
+    store.add(error("a", "nestedkv", 0.9, 1, "RuntimeError: out of memory"))
+    store.add(error("a", "knorm", 0.5, 0, "ValueError: too short | for this"))
+    store.add(error("a", "knorm", 0.5, 0, "ValueError: too short | for this"))  # retried, failed again
+    failed = error("a", "knorm", 0.5, 0, "")
+    assert result_key(failed) not in ResultStore(tmp_path) and len(store) == 3 and store.errors == 2
+    text = write_report(ResultStore(tmp_path), tmp_path)
+    assert "No result yet for knorm: every measurement of it failed." in text
+    assert "| knorm | 0.5 | 1 | ValueError: too short \\| for this |" in text
+    assert "| nestedkv | 0.9 | 1 | RuntimeError: out of memory |" in text
+    store.add(record("a", "knorm", 0.5, 0, 100.0))  # the retry that succeeds replaces the error
+    assert result_key(failed) in store and store.errors == 1
+    text = write_report(ResultStore(tmp_path), tmp_path)
+    assert "| knorm | 100.0 |" in text and "No result yet" not in text and "| knorm | 0.5 |" not in text
+
+
+def test_report_on_the_baseline_alone_says_so(tmp_path):
+    records = [record(task, "none", 0.0, i, 100.0 * i) for task in "ab" for i in range(2)]
+    records.append(error("a", "snapkv", 0.5, 0, "RuntimeError: boom"))
+    text = write_report(records, tmp_path)
+    assert "| none (r=0) | 50.0 ± 69.3 |" in text
+    assert "Only the uncompressed baseline has results so far" in text and "No result yet for snapkv" in text
+    assert (tmp_path / "score_vs_ratio.png").exists() and (tmp_path / "task_heatmap.png").exists()
+    with pytest.raises(ValueError, match=r"every result in the store is an error \(the first: RuntimeError: boom\)"):
+        write_report(records[-1:], tmp_path)
+
+
+def test_samples_longer_than_the_model_window_are_refused_before_any_prefill(model, tokenizer, tmp_path, monkeypatch):
+    def no_prefill(*args):
+        raise AssertionError("prefilled a sample that does not fit")
+
+    monkeypatch.setattr("nestedkv.bench.runner.prefill_once", no_prefill)
+    config = EvalConfig(model="m", lengths=(16384,), methods=("none",), samples=1)
+    with pytest.raises(ValueError, match="context length 16384 does not fit the model's context window of 8192"):
+        run(config, model, tokenizer, ResultStore(tmp_path), progress=False)
+    row = {"context": "word " * 9000, "question": "q", "answer_prefix": "", "answer": ["x"], "max_new_tokens": 8}
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps(row) + "\n" + json.dumps({**row, "context": "short"}) + "\n")
+    config = EvalConfig(model="m", benchmark="loogle", subset="shortdep_qa", data_files=str(data), methods=("none",))
+    with pytest.raises(ValueError, match=r"1 of 2 samples do not fit the model's context window of 8192 tokens"):
+        run(config, model, tokenizer, ResultStore(tmp_path), progress=False)
 
 
 def test_hub_benchmark_from_a_local_file(model, tokenizer, tmp_path):

@@ -1,5 +1,10 @@
 """The command line as a user runs it (the model is the session's real default model)."""
 
+import json
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
 import pytest
 
 from nestedkv import cli
@@ -46,30 +51,146 @@ def test_generate_with_a_context_file_and_ablation_switches(session_model, capsy
     assert len(kept) == 30 and all(len(set(line.split("per head")[1].strip("[] ").split(", "))) == 1 for line in kept)
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Bad input must be refused before the model loads: loading it fails the test (fast)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was found")
+
+    monkeypatch.setattr(cli, "load_model", refuse)
+
+
+@pytest.fixture
+def bad_files(tmp_path, monkeypatch):
+    """Paths of files that are wrong in one way each, by name; ``datasets``' cache kept in ``tmp_path``."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    row = {"context": "c", "question": "q", "answer_prefix": "a", "answer": ["x"], "task": "vt", "max_new_tokens": 8}
+    contents = {  # name in the tests: (file name, bytes)
+        "latin1": ("latin1.txt", b"caf\xe9 au lait"),
+        "empty": ("empty.txt", b"\n"),
+        "empty_jsonl": ("empty.jsonl", b""),
+        "binary": ("binary.jsonl", b"\x00\x01\xffgarbage"),
+        "nulls": ("nulls.jsonl", (json.dumps(row) + "\n" + json.dumps({**row, "context": None})).encode()),
+        "columns": ("columns.jsonl", json.dumps({k: row[k] for k in ("context", "question", "answer")}).encode()),
+        "tokens": ("tokens.jsonl", json.dumps({**row, "max_new_tokens": "ten"}).encode()),
+        "fake_gguf": ("fake.gguf", b"hello"),
+        "squad": ("squad.json", b"{}"),
+        "afile": ("afile", b"x"),
+        "results": ("results/results.jsonl", json.dumps({"model": "m"}).encode()),
+    }
+    paths = {"tmp": str(tmp_path)}
+    for name, (file_name, content) in contents.items():
+        path = tmp_path / file_name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content)
+        paths[name] = str(path)
+    return paths
+
+
+RULER_FILE = str(Path(__file__).parent / "data" / "hub" / "ruler_4096.jsonl")
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["generate", "--ratio", "1.5"], "compression_ratio must be in [0, 1)"),
+        (["generate", "--ratio", "abc"], "argument --ratio: invalid float value: 'abc'"),
         (["generate", "--mixing", "foo"], "unknown mixing 'foo'"),
         (["generate", "--scales", "global,hourly"], "unknown scale 'hourly'"),
-        (["generate", "--context", "/nonexistent/context.txt", "--question", "q"], "cannot read context file"),
+        (["generate", "--question", ""], "--question is empty"),
+        (["generate", "--question", "  "], "--question is empty"),
+        (["generate", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+        (["generate", "--context", "/nonexistent/context.txt", "--question", "q"],
+         "cannot read context file /nonexistent/context.txt: no such file"),
+        (["generate", "--context", "{latin1}", "--question", "q"], "cannot read context file {latin1}: not UTF-8"),
+        (["generate", "--context", "{tmp}", "--question", "q"], "cannot read context file {tmp}: it is a directory"),
+        (["generate", "--context", "{empty}", "--question", "q"], "context file {empty} is empty"),
         (["generate", "--context", __file__], "--question is required"),
         (["generate", "--model", "/nonexistent/model.gguf"], "no GGUF file at /nonexistent/model.gguf"),
+        (["generate", "--model", "/nonexistent/dir"], "no model directory or file at /nonexistent/dir"),
+        (["generate", "--model", "./no/such/model"], "no model directory or file at ./no/such/model"),
+        (["generate", "--model", "{tmp}"], "{tmp} is not a model directory: it holds no config.json"),
+        (["generate", "--model", "{fake_gguf}"], "{fake_gguf} is not a GGUF file"),
+        (["generate", "--dtype", "int3"], "unknown dtype 'int3'"),
         (["eval", "--shard", "3/2"], "shard 3/2: need 0 <= k < n"),
+        (["eval", "--lengths", "0"], "context lengths must be positive"),
+        (["eval", "--lengths", "16384"],
+         "context length 16384 does not fit the model's context window of 8192 tokens (max_position_embeddings)"),
+        (["eval", "--methods", "h2o"], "unknown method 'h2o'"),
+        (["eval", "--tasks", "nope"], "unknown task(s) nope"),
+        (["eval", "--ratios", "0.5,1.2"], "compression_ratio must be in [0, 1)"),
+        (["eval", "--samples", "0"], "samples must be >= 1"),
+        (["eval", "--model", "/nonexistent/dir"], "no model directory or file at /nonexistent/dir"),
+        (["eval", "--squad", "/nonexistent/squad.json"], "cannot read SQuAD file /nonexistent/squad.json: no such"),
+        (["eval", "--squad", "{squad}"], "SQuAD file {squad} does not have the dataset's JSON layout"),
+        (["eval", "--out", "{afile}"], "--out {afile} is a file, not a directory"),
+        (["eval", "--benchmark", "ruler", "--data-files", "/nonexistent/x.jsonl"],
+         "cannot read data file /nonexistent/x.jsonl: no such file"),
+        (["eval", "--benchmark", "ruler", "--data-files", "{tmp}"], "cannot read data file {tmp}: it is a directory"),
+        (["eval", "--benchmark", "ruler", "--data-files", "{empty_jsonl}"], "data file {empty_jsonl} is empty"),
+        (["eval", "--benchmark", "ruler", "--data-files", "{binary}"],
+         "cannot read data file {binary} as JSON / JSON lines"),
+        (["eval", "--benchmark", "ruler", "--data-files", "{nulls}"],
+         "data file {nulls}: row 2 has no value for 'context'"),
+        (["eval", "--benchmark", "ruler", "--data-files", "{columns}"],
+         "data file {columns} lacks columns ['answer_prefix', 'max_new_tokens', 'task']"),
+        (["eval", "--benchmark", "ruler", "--data-files", "{tokens}"],
+         "row 1: max_new_tokens must be a positive integer, got 'ten'"),
+        (["eval", "--benchmark", "ruler", "--data-files", RULER_FILE, "--tasks", "cwe,vt"],
+         f"no sample of task(s) cwe in {RULER_FILE}"),
+        (["report", "--results", "{tmp}/results", "--out", "{afile}"], "--out {afile} is a file, not a directory"),
+        (["bench", "--out", "{afile}"], "--out {afile} already exists"),
+        (["bench", "--out", "{tmp}"], "--out {tmp} is a directory"),
+        (["bench", "--length", "9000"], "--length 9000 plus"),
     ],
 )
-def test_bad_input_is_a_one_line_error(argv, message, capsys):
+def test_bad_input_is_a_one_line_error(argv, message, bad_files, no_model_load, capsys):
+    argv = [arg.format(**bad_files) for arg in argv]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("nestedkv: error:") and message in err
-    assert "Traceback" not in err
+    assert err.startswith("nestedkv: error:") and message.format(**bad_files) in err
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_empty_context_file_is_refused(session_model, capsys, tmp_path):
-    context = tmp_path / "empty.txt"
-    context.write_text("\n", encoding="utf-8")
-    assert cli.main(["generate", "--context", str(context), "--question", "q"]) == 2
-    assert "context is empty" in capsys.readouterr().err
+def test_unreachable_hub_is_one_line_naming_data_files(no_model_load, monkeypatch, capsys):
+    """Offline, a hub benchmark or a hub model is refused at once, with what to do instead."""
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert cli.main(["eval", "--benchmark", "longbench", "--subset", "qasper"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nestedkv: error: cannot reach the Hugging Face hub") and "--data-files" in err
+    assert err.count("\n") == 1
+    assert cli.main(["generate", "--model", "org/name"]) == 2
+    assert capsys.readouterr().err == (
+        "nestedkv: error: cannot find model 'org/name' locally and the hub is unreachable (offline)\n"
+    )
+
+
+def test_ctrl_c_during_eval_keeps_the_results(tmp_path, monkeypatch, capsys):
+    def interrupted_run(config, model, tokenizer, store, **kwargs):
+        store.add(dict(model="m", benchmark="b", length=1, task="t", index=0, seed=0, method="none", ratio=0.0,
+                       query_aware=False, score=100.0))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(cli, "run", interrupted_run)
+    assert cli.main(["eval", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.endswith(
+        "nestedkv: interrupted, 1 results kept, run the same command to resume\n"
+    )
+    monkeypatch.setattr(cli, "write_report", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli.main(["report", "--results", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "nestedkv: interrupted\n"
+
+
+def test_context_longer_than_the_window_is_refused(session_model, capsys, tmp_path):
+    context = tmp_path / "long.txt"
+    context.write_text(cli.demo_sample()["context"] * 3, encoding="utf-8")  # ~8.7k tokens
+    assert cli.main(["generate", "--context", str(context), "--question", "Which number?"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokens) plus 48 tokens to generate does not fit" in err
+    assert "context window of 8192 tokens (max_position_embeddings)" in err
 
 
 @pytest.mark.parametrize(

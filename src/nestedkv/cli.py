@@ -7,14 +7,16 @@ import dataclasses
 import json
 import shlex
 import sys
+import warnings
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 from nestedkv.bench.hub import BENCHMARKS as HUB_BENCHMARKS
 from nestedkv.bench.methods import METHODS
 from nestedkv.bench.report import write_report
-from nestedkv.bench.ruler import TASKS, task_names
-from nestedkv.bench.runner import LOCAL_RULER, PRESETS, EvalConfig, run
+from nestedkv.bench.ruler import TASKS, QADataset, read_hotpotqa, read_squad, task_names
+from nestedkv.bench.runner import LOCAL_RULER, PRESETS, EvalConfig, check_window, load_samples, run
 from nestedkv.bench.speed import (
     QUICK,
     BenchSettings,
@@ -24,8 +26,9 @@ from nestedkv.bench.speed import (
     tiny_llama_config,
 )
 from nestedkv.bench.store import ResultStore
+from nestedkv.files import check_new_file, check_output_dir, check_readable, file_error, read_text
 from nestedkv.generate import answer_question
-from nestedkv.models import DEFAULT_MODEL, ModelLoadError, check_device, load_model
+from nestedkv.models import DEFAULT_MODEL, check_device, check_fits, check_load_options, load_model
 from nestedkv.press import NestedKVPress
 
 DEMO_RATIO = 0.75
@@ -105,7 +108,17 @@ def press_from_args(args: argparse.Namespace) -> NestedKVPress:
 # --- commands ---------------------------------------------------------------------------------
 
 
+def _check_model_options(args: argparse.Namespace) -> int | None:
+    """What ``load_model`` would refuse (device, dtype, a model that does not exist), found before it
+    spends half a minute loading and before a hub benchmark is downloaded; returns the model's context window."""
+    return check_load_options(args.model, dtype=args.dtype, device=args.device)
+
+
 def _generate(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.question is not None and not args.question.strip():
+        raise ValueError("--question is empty")
     answer_prefix = args.answer_prefix
     if args.context is None:
         demo = demo_sample()
@@ -113,17 +126,15 @@ def _generate(args: argparse.Namespace) -> None:
         if args.question is None and answer_prefix is None:
             answer_prefix = demo["answer_prefix"]
     else:
-        try:
-            with open(args.context, encoding="utf-8") as handle:
-                context = handle.read()
-        except OSError as error:
-            raise ValueError(f"cannot read context file {args.context}: {error.strerror}") from None
         if args.question is None:
             raise ValueError("--question is required with --context")
-        question = args.question
-    press = press_from_args(args)
+        context, question = read_text(args.context, "context file"), args.question
+        if not context.strip():
+            raise ValueError(f"context file {args.context} is empty")
+    press = press_from_args(args)  # checks the press options before the model loads
+    _check_model_options(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    answer = answer_question(
+    answer = answer_question(  # refuses a prompt longer than the model's window, before any compute
         model, tokenizer, context, question, press if press.compression_ratio > 0 else None,
         answer_prefix=answer_prefix or "", max_new_tokens=args.max_new_tokens,
     )
@@ -135,13 +146,16 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     check_device(args.device)
-    if args.out is not None and not Path(args.out).parent.is_dir():
-        raise ValueError(f"cannot write {args.out}: no directory {Path(args.out).parent}")
+    if args.out is not None:
+        check_new_file(args.out, "--out")
     overrides = {name: getattr(args, name) for name in ("length", "ratios", "scaling_lengths")}
     overrides = {name: value for name, value in overrides.items() if value is not None}
     if args.no_peak_memory:
         overrides["peak_memory"] = False
     settings = dataclasses.replace(QUICK if args.quick else BenchSettings(), **overrides)
+    window = tiny_llama_config().max_position_embeddings if args.tiny_random_model else _check_model_options(args)
+    decoded = settings.warmup + settings.decode_tokens
+    check_fits(settings.length + decoded, window, f"--length {settings.length} plus {decoded} decoded tokens")
     if args.tiny_random_model:
         config = tiny_llama_config()
         model, name, scaling_config = random_model(config, device=args.device), "tiny random Llama", config
@@ -160,7 +174,8 @@ def _bench(args: argparse.Namespace) -> None:
         print(f"\nwrote {args.out}")
 
 
-def _eval(args: argparse.Namespace) -> None:
+def _eval_config(args: argparse.Namespace) -> EvalConfig:
+    """The run the options describe, every option checked (the model is not loaded yet)."""
     options = dict(PRESETS[args.preset])
     for name in ("tasks", "lengths", "ratios", "methods", "samples"):
         if getattr(args, name) is not None:
@@ -174,13 +189,45 @@ def _eval(args: argparse.Namespace) -> None:
         unknown = set(config.tasks or ()) - set(task_names(args.squad, args.hotpot))
         if unknown:
             raise ValueError(f"unknown task(s) {', '.join(sorted(unknown))}; choose from {', '.join(task_names())}")
-        default_out = f"results/{args.preset}"
-    else:
-        default_out = f"results/{config.benchmark}-{config.subset or 'all'}"
-    store = ResultStore(args.out or default_out)
-    print(f"results: {store.path} ({len(store)} already there)", file=sys.stderr)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    added = run(config, model, tokenizer, store)
+        qa_files = ((args.squad, read_squad, "SQuAD file"), (args.hotpot, read_hotpotqa, "HotpotQA file"))
+        for path, reader, what in qa_files:
+            if path is not None:
+                _check_qa_file(path, reader, what)
+    return config
+
+
+def _check_qa_file(path: str, reader: Callable[[str], QADataset], what: str) -> None:
+    """Read a --squad / --hotpot file now, so that a wrong one is named before the model loads."""
+    check_readable(path, what)
+    try:
+        data = reader(path)
+    except UnicodeDecodeError as error:
+        raise file_error(path, what, error) from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"cannot read {what} {path}: not JSON ({error})") from None
+    except (KeyError, TypeError, IndexError, AttributeError) as error:
+        layout = f"{type(error).__name__}: {error}"
+        raise ValueError(f"{what} {path} does not have the dataset's JSON layout ({layout})") from None
+    if not data.items:
+        raise ValueError(f"{what} {path} holds no answerable question")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    config = _eval_config(args)
+    default_out = f"results/{args.preset}" if config.benchmark == LOCAL_RULER else (
+        f"results/{config.benchmark}-{config.subset or 'all'}"
+    )
+    out = check_output_dir(args.out or default_out, "--out")
+    check_window(config, _check_model_options(args))
+    samples = load_samples(config)  # a hub benchmark's data, read before the model: a bad file fails fast
+    store = ResultStore(out)
+    retried = f", {store.errors} errors to measure again" if store.errors else ""
+    print(f"results: {store.path} ({len(store)} already there{retried})", file=sys.stderr)
+    try:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        added = run(config, model, tokenizer, store, samples=samples)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted, {len(store)} results kept, run the same command to resume") from None
     print(f"{added} new results in {store.path}; `nestedkv report --results {store.path.parent}` summarises them")
 
 
@@ -188,13 +235,20 @@ def _report(args: argparse.Namespace) -> None:
     store = Path(args.results) / "results.jsonl"
     if not store.is_file():
         raise ValueError(f"no results store at {store}: run `nestedkv eval --out {args.results}` first")
-    out = Path(args.out or args.results)
+    out = check_output_dir(args.out or args.results, "--out")
     print(write_report(ResultStore(args.results), out, args.heatmap_ratio))
     print(f"wrote {out / 'report.md'}, {out / 'score_vs_ratio.png'}, {out / 'task_heatmap.png'}", file=sys.stderr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option ends like every other bad input: one line, exit code 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"nestedkv: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nestedkv", description=__doc__)
+    parser = _Parser(prog="nestedkv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser(
@@ -208,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--answer-prefix", default=None, help="text the answer starts with (primes the model)")
     generate.add_argument("--ratio", type=float, default=DEMO_RATIO, help="fraction of KV removed (default: 0.75)")
     add_model_options(generate)
-    generate.add_argument("--max-new-tokens", type=int, default=48)
+    generate.add_argument(
+        "--max-new-tokens", type=int, default=48,
+        help="answer tokens, >= 1; with the prompt, they must fit the model's context window (default: 48)",
+    )
     add_press_options(generate)
     generate.set_defaults(run=_generate)
 
@@ -226,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--scaling-lengths", type=_tuple_of(int), default=None, help=f"default: {_joined(full.scaling_lengths)}"
     )
-    bench.add_argument("--out", default=None, help="also write the report as JSON to this file")
+    bench.add_argument(
+        "--out", default=None, help="also write the report as JSON to this new file (an existing one is kept)"
+    )
     bench.add_argument(
         "--quick", action="store_true",
         help=f"short run: length {quick.length}, r={_joined(quick.ratios)}, scaling to {max(quick.scaling_lengths)}, "
@@ -240,8 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="benchmark methods x ratios x lengths x tasks (RULER, built locally), resumable",
         description="Run every (sample, method, ratio) not yet in the results store. Each sample is "
-        "prefilled once and every method is applied to that same prefill. Interrupt at will: "
-        "running the same command again resumes.",
+        "prefilled once and every method is applied to that same prefill. Interrupt at will (Ctrl-C, exit code "
+        "130): running the same command again resumes. A result recorded as an error (the method failed on that "
+        "sample) is measured again by the next run; `nestedkv report` lists the errors. Lengths longer than the "
+        "model's context window are refused before the model loads.",
     )
     evaluate.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="default: quick (~20 min)")
     evaluate.add_argument("--tasks", type=_tuple_of(str), help=f"comma list (default: all of {', '.join(TASKS)})")
@@ -270,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report", help="Markdown tables and PNG plots from a results store",
         description="Mean score per method and ratio (95 %% CI), per-task tables, a score-vs-ratio plot and a "
-        "task x method heat map. Only samples measured with every (method, ratio) are counted.",
+        "task x method heat map. Only samples measured with every (method, ratio) are counted; results recorded "
+        "as errors are listed per method and ratio with the first error message.",
     )
     report.add_argument("--results", default="results/quick", help="results directory (default: results/quick)")
     report.add_argument("--out", help="where to write report.md and the plots (default: the results directory)")
@@ -279,15 +341,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"nestedkv: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input ends with one line ``nestedkv: error: ...`` and exit code 2, an
+    interruption (Ctrl-C) with exit code 130."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a bad option (its one line already printed)
+        return int(stop.code or 0)
     args.argv = argv
     try:
-        args.run(args)
-    except (ValueError, ModelLoadError) as error:
-        print(f"nestedkv: error: {error}", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line  # one line each, not the warning's source line
+            args.run(args)
+    except (ValueError, ConnectionError) as error:  # ModelLoadError is a ValueError
+        print(f"nestedkv: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        print(f"nestedkv: {str(interrupt) or 'interrupted'}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -8,6 +8,8 @@ from kvpress import BasePress, KVPressTextGenerationPipeline
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from nestedkv.cache import CacheSummary, summarize_cache
+from nestedkv.models import check_fits, config_window
+from nestedkv.prompts import encode_prompt
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,19 @@ def answer_question(
 ) -> Answer:
     """Compress ``context`` with ``press`` (query-agnostic: before the question is seen), then
     answer ``question`` greedily from the compressed cache.
+
+    A prompt that, with ``max_new_tokens`` to generate, does not fit the model's context window is
+    refused with a ``ValueError`` (kvpress's pipeline would cut the context silently).
     """
     if not context.strip():
         raise ValueError("context is empty")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    context_ids, question_ids = encode_prompt(tokenizer, context, question, answer_prefix)
+    prompt = context_ids.shape[1] + question_ids.shape[1]
+    what = f"the prompt ({prompt} tokens) plus {max_new_tokens} tokens to generate"
+    check_fits(prompt + max_new_tokens, config_window(model.config), what)
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
-    max_length = tokenizer.model_max_length
-    context_ids = pipe.preprocess(context, [question], answer_prefix, max_length)["context_ids"]
     cache = DynamicCache()
     result = pipe(
         context,

@@ -6,13 +6,22 @@ This is the only module that knows about GGUF files and the package that ships t
 from __future__ import annotations
 
 import importlib.util
+import re
+import struct
 from functools import partial
 from pathlib import Path
 from unittest import mock
 
 import torch
 import transformers.modeling_gguf_pytorch_utils as gguf_utils
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -44,8 +53,16 @@ def default_model_file() -> Path:
     return path
 
 
+# What a Hugging Face repo id looks like ("gpt2", "org/name"); anything else that is not on disk is a
+# mistyped path, which transformers would answer with "Repo id must be in the form ...".
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _resolve(name_or_path: str | None) -> tuple[str, dict]:
-    """Map what the user typed to ``from_pretrained`` arguments."""
+    """Map what the user typed to ``from_pretrained`` arguments, refusing what cannot be a model (a
+    missing path, a directory without a config or tokenizer, a hub id neither cached nor reachable)
+    before transformers answers with a message about something else."""
     if name_or_path is None or name_or_path == DEFAULT_MODEL:
         gguf = default_model_file()
         return str(gguf.parent), {"gguf_file": gguf.name}
@@ -54,9 +71,141 @@ def _resolve(name_or_path: str | None) -> tuple[str, dict]:
         if not path.is_file():
             raise ModelLoadError(f"no GGUF file at {path}")
         return str(path.parent), {"gguf_file": path.name}
-    if path.exists() and not path.is_dir():
+    if path.is_dir():
+        _check_model_directory(path)
+        return str(path), {}
+    if path.exists():
         raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
+    if not _HUB_ID.fullmatch(name_or_path):
+        raise ModelLoadError(f"no model directory or file at {name_or_path}")
+    _check_hub_model(name_or_path)
     return name_or_path, {}
+
+
+def _check_model_directory(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        hint = f"; for a GGUF model pass the file, e.g. {ggufs[0]}" if ggufs else ""
+        raise ModelLoadError(f"{path} is not a model directory: it holds no config.json{hint}")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(f"{path} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)})")
+
+
+def _check_hub_model(repo_id: str) -> None:
+    """Refuse a hub id that is neither in the local cache nor on a reachable hub, in one request
+    without retries (transformers retries for about a minute before its own message)."""
+    import httpx
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    unreachable = f"cannot find model {repo_id!r} locally and the hub is unreachable"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(f"{unreachable} (offline)")
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"))
+    except GatedRepoError:
+        raise ModelLoadError(f"model {repo_id!r} is gated: accept its terms on the hub, then `hf auth login`") from None
+    except RepositoryNotFoundError:
+        message = f"no model {repo_id!r} locally nor on the hub (a private one needs `hf auth login`)"
+        raise ModelLoadError(message) from None
+    except RemoteEntryNotFoundError:
+        raise ModelLoadError(f"{repo_id!r} on the hub has no config.json: not a transformers model") from None
+    except (httpx.HTTPError, OSError) as error:
+        raise ModelLoadError(f"{unreachable} ({error})") from None
+
+
+# --- the context window, known before the weights are loaded ------------------------------------
+
+
+def config_window(config: PretrainedConfig) -> int | None:
+    """The model's context window in tokens (``max_position_embeddings``); ``None`` if it names none."""
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
+def check_fits(tokens: int, window: int | None, what: str) -> None:
+    """Refuse ``tokens`` positions beyond a model's ``window``: past its trained positions a model
+    reads noise without failing, and kvpress's pipeline would silently cut the context instead.
+    ``what`` names the tokens with their count, e.g. ``"context length 16384"``."""
+    if window is not None and tokens > window:
+        raise ValueError(
+            f"{what} does not fit the model's context window of {window} tokens (max_position_embeddings)"
+        )
+
+
+def check_load_options(
+    name_or_path: str | None = None, *, dtype: torch.dtype | str | None = None, device: str | None = None
+) -> int | None:
+    """Everything :func:`load_model` would refuse (the device, the dtype, a model that does not exist),
+    found in milliseconds without loading anything; returns the model's context window (:func:`model_window`)."""
+    if device is not None:
+        check_device(str(device))
+    if isinstance(dtype, str):
+        _parse_dtype(dtype)
+    return model_window(name_or_path)
+
+
+def model_window(name_or_path: str | None = None) -> int | None:
+    """The context window of the model ``load_model(name_or_path)`` would load, read from its
+    ``config.json`` or GGUF header without loading weights or tokenizer; ``None`` if it names none.
+
+    Raises :class:`ModelLoadError` for a model that does not exist, as ``load_model`` would.
+    """
+    source, extra = _resolve(name_or_path)
+    if "gguf_file" in extra:
+        return _gguf_context_length(Path(source) / extra["gguf_file"])
+    try:
+        return config_window(AutoConfig.from_pretrained(source))
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"cannot read the config of model {name_or_path!r}: {error}") from error
+
+
+# GGUF metadata value types (the GGUF spec's gguf_type): struct formats of the fixed-size ones.
+_GGUF_FIXED = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_MAX_STRING = 1 << 26
+
+
+def _gguf_context_length(path: Path) -> int | None:
+    """``<architecture>.context_length`` (transformers' ``max_position_embeddings``) from the key-value
+    header of a GGUF file alone: milliseconds, where transformers parses every tensor first."""
+    try:
+        with path.open("rb") as file:
+
+            def read(fmt: str):
+                return struct.unpack(fmt, file.read(struct.calcsize(fmt)))[0]
+
+            def value(kind: int):
+                """The value of type ``kind`` at the file position; arrays are skipped (``None``)."""
+                if kind == _GGUF_STRING:
+                    size = read("<Q")
+                    if size > _GGUF_MAX_STRING:  # a corrupt length: do not try to allocate it
+                        raise struct.error(f"a string of {size} bytes")
+                    return file.read(size).decode("utf-8", "replace")
+                if kind == _GGUF_ARRAY:
+                    item, count = read("<I"), read("<Q")
+                    if item in _GGUF_FIXED:
+                        file.seek(struct.calcsize(_GGUF_FIXED[item]) * count, 1)
+                    else:
+                        for _ in range(count):
+                            value(item)
+                    return None
+                return read(_GGUF_FIXED[kind])
+
+            if file.read(4) != b"GGUF" or read("<I") < 2:  # magic, version (v1 counted in 32 bits)
+                raise ModelLoadError(f"{path} is not a GGUF file (version 2 or later)")
+            read("<Q")  # tensor count
+            metadata: dict[str, object] = {}
+            for _ in range(read("<Q")):
+                key = value(_GGUF_STRING)
+                metadata[key] = value(read("<I"))
+                architecture = metadata.get("general.architecture")
+                if f"{architecture}.context_length" in metadata:
+                    return int(metadata[f"{architecture}.context_length"])
+            return None
+    except (OSError, struct.error, KeyError, RecursionError) as error:
+        raise ModelLoadError(f"cannot read the GGUF header of {path}: {error or type(error).__name__}") from None
 
 
 def check_device(device: str) -> str:
@@ -107,7 +256,7 @@ def load_model(
         model = model.to(device)
     model.eval()
     # GGUF and some hub tokenizers carry no usable limit; the model's own context is the truth.
-    max_positions = getattr(model.config, "max_position_embeddings", None)
+    max_positions = config_window(model.config)
     if max_positions and tokenizer.model_max_length > max_positions:
         tokenizer.model_max_length = max_positions
     return model, tokenizer

@@ -28,13 +28,16 @@ per-task scorers.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from nestedkv.bench.ruler import Sample
+from nestedkv.files import check_readable
 from nestedkv.validation import check_choice
 
 HUB_DATASETS: dict[str, str] = {
@@ -169,28 +172,85 @@ def longbench_e_bucket(length: int) -> str:
     return "0-4k" if length < 4000 else "4-8k" if length < 8000 else "8k+"
 
 
+@contextlib.contextmanager
+def _quiet_loading(progress_bars: bool) -> Iterator[None]:
+    """``datasets`` logs a parse error before raising it, and ``huggingface_hub`` logs every retry:
+    the error this module raises says it all, in one line."""
+    import datasets
+    from huggingface_hub.utils import logging as hub_logging
+
+    levels = datasets.logging.get_verbosity(), hub_logging.get_verbosity()
+    bars = datasets.utils.is_progress_bar_enabled()
+    datasets.logging.set_verbosity(logging.CRITICAL)
+    hub_logging.set_verbosity(logging.CRITICAL)
+    if not progress_bars:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(levels[0])
+        hub_logging.set_verbosity(levels[1])
+        if bars:
+            datasets.enable_progress_bars()
+
+
 def _read_rows(benchmark: str, subset: str | None, data_files: str | None) -> list[dict[str, Any]]:
     """The rows of the local file, or of the hub dataset's ``subset`` (``data_dir``) test split."""
     import datasets
+    import httpx
 
     if data_files is not None:
-        builder = "parquet" if data_files.endswith(".parquet") else "json"
-        return list(datasets.load_dataset(builder, data_files=data_files, split="train"))
+        return _read_local_rows(data_files)
     repository = HUB_DATASETS[benchmark]
     try:
-        return list(datasets.load_dataset(repository, data_dir=subset, split="test"))
-    except (ConnectionError, TimeoutError) as error:
+        with _quiet_loading(progress_bars=True):
+            return list(datasets.load_dataset(repository, data_dir=subset, split="test"))
+    except (ConnectionError, TimeoutError, httpx.TransportError) as error:
         raise ConnectionError(
             f"cannot reach the Hugging Face hub to load {repository} ({subset}); "
-            f"pass data_files=... (a local parquet/jsonl file with the same columns) or connect"
+            f"pass data_files=... (--data-files at the command line: a local parquet/jsonl file with the same "
+            f"columns) or connect"
         ) from error
+
+
+def _read_local_rows(path: str) -> list[dict[str, Any]]:
+    import datasets
+
+    if check_readable(path, "data file").stat().st_size == 0:
+        raise ValueError(f"data file {path} is empty")
+    builder = "parquet" if path.endswith(".parquet") else "json"
+    try:
+        with _quiet_loading(progress_bars=False):
+            rows = list(datasets.load_dataset(builder, data_files=path, split="train"))
+    except Exception as error:  # a parser's error on the user's file (pyarrow's, datasets' own): name the file
+        reason = " ".join(str(error.__cause__ or error).split()) or type(error).__name__
+        kind = "parquet" if builder == "parquet" else "JSON / JSON lines"
+        raise ValueError(f"cannot read data file {path} as {kind}: {reason}") from error
+    if not rows:
+        raise ValueError(f"data file {path} holds no rows")
+    return rows
+
+
+def _check_rows(rows: list[dict[str, Any]], source: str, needs_task: bool) -> None:
+    """Refuse rows that lack a field a sample needs, naming the row (1-based) and the field, before
+    any is measured. In a JSON-lines file a row without a field reads as that field null."""
+    answer = "answers" if "answers" in rows[0] else "answer"
+    required = (*_PROMPT_COLUMNS, answer, *(("task",) if needs_task else ()))
+    missing = [column for column in required if column not in rows[0]]
+    if missing:
+        raise ValueError(f"{source} lacks columns {missing}; its columns are {sorted(rows[0])}")
+    for number, row in enumerate(rows, start=1):
+        for column in required:
+            if row[column] is None:
+                raise ValueError(f"{source}: row {number} has no value for {column!r}")
+        tokens = row["max_new_tokens"]
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"{source}: row {number}: max_new_tokens must be a positive integer, got {tokens!r}")
 
 
 def _answers(row: Mapping[str, Any]) -> tuple[str, ...]:
     """The reference answers of a row (``answers`` in LongBench, ``answer`` elsewhere)."""
     value = row.get("answers", row.get("answer"))
-    if value is None:
-        raise ValueError(f"row has no answer column (answers / answer); its columns are {sorted(row)}")
     return (value,) if isinstance(value, str) else tuple(str(answer) for answer in value)
 
 
@@ -204,21 +264,13 @@ def _choice_answers(task: str, row: Mapping[str, Any], letters: tuple[str, ...])
 
 
 def _row_task(benchmark: str, subset: str | None, row: Mapping[str, Any]) -> str:
+    """The task of a row: RULER's ``task`` column, else the subset, else the (resolved) ``task`` column."""
     if benchmark == "ruler":
-        if "task" not in row:
-            raise ValueError("a RULER row needs its task column")
         return str(row["task"])
-    if subset is not None:
-        return subset
-    if "task" not in row:
-        raise ValueError(f"without a subset, every {benchmark} row needs a task column")
-    return resolve_subset(benchmark, str(row["task"]))
+    return subset if subset is not None else resolve_subset(benchmark, str(row["task"]))
 
 
 def _to_sample(benchmark: str, task: str, index: int, row: Mapping[str, Any]) -> HubSample:
-    missing = [column for column in _PROMPT_COLUMNS if column not in row]
-    if missing:
-        raise ValueError(f"{benchmark} row lacks columns {missing}; its columns are {sorted(row)}")
     answers = _answers(row)
     if benchmark == "infinitebench" and task in _CHOICE_TASKS:
         answers = _choice_answers(task, row, answers)
@@ -226,11 +278,11 @@ def _to_sample(benchmark: str, task: str, index: int, row: Mapping[str, Any]) ->
     return HubSample(
         task=task,
         index=index,
-        context=row["context"] or "",
-        question=row["question"] or "",
-        answer_prefix=row["answer_prefix"] or "",
+        context=row["context"],
+        question=row["question"],
+        answer_prefix=row["answer_prefix"],
         answers=answers,
-        max_new_tokens=int(row["max_new_tokens"]),
+        max_new_tokens=row["max_new_tokens"],
         metric=metric_for(benchmark, task),
         all_classes=tuple(row.get("all_classes") or ()),
         length=None if length is None else int(length),
@@ -257,7 +309,8 @@ def load_hub_samples(
     (``context``, ``question``, ``answer_prefix``, ``answer`` or ``answers``, ``max_new_tokens``,
     and ``task`` for RULER), and then ``subset`` may be None if the rows have a ``task`` column.
 
-    Raises ``ValueError`` for an unknown benchmark or subset, and ``ConnectionError`` when the hub
+    Raises ``ValueError`` for an unknown benchmark or subset, a data file that cannot be read or a row
+    without a needed field (naming the file, row and field), and ``ConnectionError`` when the hub
     cannot be reached.
     """
     choices = subsets(benchmark)
@@ -267,8 +320,11 @@ def load_hub_samples(
         subset = resolve_subset(benchmark, subset)
     elif data_files is None:
         raise ValueError(f"choose a {benchmark} subset to load from the hub: one of {choices}")
+    rows = _read_rows(benchmark, subset, data_files)
+    source = f"data file {data_files}" if data_files is not None else f"{HUB_DATASETS[benchmark]} ({subset})"
+    _check_rows(rows, source, needs_task=benchmark == "ruler" or subset is None)
     by_task: dict[str, list[Mapping[str, Any]]] = {}
-    for row in _read_rows(benchmark, subset, data_files):
+    for row in rows:
         by_task.setdefault(_row_task(benchmark, subset, row), []).append(row)
     samples = []
     for task, rows in by_task.items():

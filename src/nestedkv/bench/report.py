@@ -3,7 +3,8 @@
 Scores are in [0, 100]. A method's score at a ratio is the unweighted mean over tasks of the
 per-task mean (RULER's headline); its 95 % confidence interval is the normal approximation
 ``1.96 * sqrt(sum_t s_t^2 / n_t) / T`` from the per-task sample standard deviations ``s_t``
-(shown only when every task has at least two samples).
+(shown only when every task has at least two samples). Results recorded as errors are left out of
+the tables and listed after them, per method and ratio with the first error message.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from statistics import mean, stdev
 
 from nestedkv.bench.methods import NO_COMPRESSION
-from nestedkv.bench.store import KEY_FIELDS, sample_key
+from nestedkv.bench.store import KEY_FIELDS, is_error, result_key, sample_key
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,15 @@ class Cell:
 def collect(records: Iterable[dict]) -> tuple[dict[tuple[str, float], Cell], list[str]]:
     """Group records by (method, ratio). Only samples measured for *every* (method, ratio) are kept,
     so that every cell compares the same samples; returns the cells and the sorted task names."""
+    records = list(records)
     by_job: dict[tuple[str, float], dict[tuple, float]] = defaultdict(dict)
     for record in records:
-        if record.get("score") is None:  # the method failed on this sample (see its "error")
+        if is_error(record):  # the method failed on this sample (see its "error")
             continue
         by_job[record["method"], record["ratio"]][sample_key(record)] = record["score"]
+    if not by_job and records:
+        first = records[0].get("error") or "no score"
+        raise ValueError(f"every result in the store is an error (the first: {first}); `nestedkv eval` retries them")
     if not by_job:
         raise ValueError("the results store is empty: run `nestedkv eval` first")
     common = set.intersection(*(set(samples) for samples in by_job.values()))
@@ -96,6 +101,37 @@ def _cell_at(cells: dict[tuple[str, float], Cell], method: str, ratio: float) ->
     return cells.get((method, 0.0 if method == NO_COMPRESSION else ratio))
 
 
+def errors(records: Iterable[dict]) -> dict[tuple[str, float], list[str]]:
+    """The error messages of the results recorded only as errors (none measured successfully since),
+    per (method, ratio), in file order."""
+    records = list(records)
+    done = {result_key(record) for record in records if not is_error(record)}
+    failed: dict[tuple, str] = {}
+    for record in records:
+        if is_error(record) and result_key(record) not in done:
+            failed.setdefault(result_key(record), record.get("error") or "no score recorded")
+    by_job: dict[tuple[str, float], list[str]] = defaultdict(list)
+    for key, message in failed.items():
+        by_job[key[KEY_FIELDS.index("method")], key[KEY_FIELDS.index("ratio")]].append(message)
+    return dict(by_job)
+
+
+def errors_markdown(failed: dict[tuple[str, float], list[str]], cells: dict[tuple[str, float], Cell]) -> str:
+    """A table of the errors per (method, ratio) with the first message; the methods that have nothing
+    but errors are named, as they are absent from every other table."""
+    if not failed:
+        return ""
+    lines = ["", "Errors, left out of the tables above (`nestedkv eval` measures them again on its next run):", ""]
+    only_errors = sorted({method for method, _ in failed} - {method for method, _ in cells})
+    if only_errors:
+        lines += [f"No result yet for {', '.join(only_errors)}: every measurement of it failed.", ""]
+    lines += ["| method | ratio | errors | first error |", "|---|---:|---:|---|"]
+    for (method, ratio), messages in failed.items():
+        first = " ".join(messages[0].split())[:200].replace("|", "\\|")
+        lines.append(f"| {method} | {ratio} | {len(messages)} | {first} |")
+    return "\n".join(lines) + "\n"
+
+
 def _format(cell: Cell | None, sign: str = "") -> str:
     if cell is None:
         return "–"
@@ -113,6 +149,13 @@ def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str]) -> s
         f"Mean score over {len(tasks)} tasks (0-100, ± 95 % CI), {n} sample(s) per task, "
         f"{any_cell.total} samples per cell; the same samples in every cell.",
         "",
+    ]
+    if not ratios:  # nothing compressed has a score yet: the baseline alone, said so
+        return "\n".join([
+            *lines, "| method | score |", "|---|---:|", f"| {NO_COMPRESSION} (r=0) | {_format(any_cell)} |", "",
+            "Only the uncompressed baseline has results so far: no compressed method to compare with yet.",
+        ]) + "\n"
+    lines += [
         "| method | " + " | ".join(f"r={r}" for r in ratios) + " |",
         "|---|" + "---:|" * len(ratios),
     ]
@@ -197,8 +240,11 @@ def plot_score_vs_ratio(cells: dict[tuple[str, float], Cell], path: Path) -> Non
     plt.close(figure)
 
 
-def plot_task_heatmap(cells: dict[tuple[str, float], Cell], tasks: list[str], ratio: float, path: Path) -> None:
-    """Per-task mean score of every method at one ratio, as a task × method heat map."""
+def plot_task_heatmap(
+    cells: dict[tuple[str, float], Cell], tasks: list[str], ratio: float | None, path: Path
+) -> None:
+    """Per-task mean score of every method at one ratio (``None``: nothing compressed measured, the
+    baseline alone), as a task × method heat map."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,7 +260,8 @@ def plot_task_heatmap(cells: dict[tuple[str, float], Cell], tasks: list[str], ra
         for column, value in enumerate(values):
             axes.text(column, row, f"{value:.0f}", ha="center", va="center", fontsize=6,
                       color="white" if value < 50 else "black")
-    axes.set_title(f"score per task at r={ratio} (baseline at r=0)")
+    title = "baseline only" if ratio is None else f"score per task at r={ratio} (baseline at r=0)"
+    axes.set_title(title)
     figure.colorbar(image, ax=axes, fraction=0.03)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -223,14 +270,15 @@ def plot_task_heatmap(cells: dict[tuple[str, float], Cell], tasks: list[str], ra
 
 def write_report(records: Iterable[dict], out: Path, heatmap_ratio: float | None = None) -> str:
     """Write ``report.md``, ``score_vs_ratio.png`` and ``task_heatmap.png`` into ``out``; return the Markdown."""
+    records = list(records)
     cells, tasks = collect(records)
     _, ratios = _methods_and_ratios(cells)
     if heatmap_ratio is None:
-        heatmap_ratio = 0.9 if 0.9 in ratios else ratios[-1]
+        heatmap_ratio = 0.9 if 0.9 in ratios else ratios[-1] if ratios else None
     elif heatmap_ratio not in ratios:
         raise ValueError(f"no results at ratio {heatmap_ratio}; measured ratios: {ratios}")
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown_tables(cells, tasks)
+    text = markdown_tables(cells, tasks) + errors_markdown(errors(records), cells)
     (out / "report.md").write_text(text, encoding="utf-8")
     plot_score_vs_ratio(cells, out / "score_vs_ratio.png")
     plot_task_heatmap(cells, tasks, heatmap_ratio, out / "task_heatmap.png")

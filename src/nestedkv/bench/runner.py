@@ -23,6 +23,7 @@ from nestedkv.bench.metrics import score_sample
 from nestedkv.bench.replay import compress_replay, prefill_once, reuse_scores
 from nestedkv.bench.ruler import TASKS, Sample, build_samples
 from nestedkv.bench.store import KEY_FIELDS, ResultStore
+from nestedkv.models import check_fits, config_window
 from nestedkv.prompts import encode_prompt
 from nestedkv.validation import check_ratio
 
@@ -71,6 +72,8 @@ class EvalConfig:
             check_ratio(ratio)
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if not self.lengths or min(self.lengths) < 1:
+            raise ValueError(f"context lengths must be positive token counts, got {self.lengths}")
         index, count = self.shard
         if not 0 <= index < count:
             raise ValueError(f"shard {index}/{count}: need 0 <= k < n for shard k/n")
@@ -99,12 +102,47 @@ PRESETS: dict[str, dict] = {
 # --- the run ----------------------------------------------------------------------------------
 
 
-def plan_samples(config: EvalConfig, tokenizer: PreTrainedTokenizerBase) -> list[tuple[int | None, Sample]]:
+def _fitted_lengths(config: EvalConfig) -> tuple[int, ...]:
+    """The context lengths (prompt and answer) the samples are built for: the local RULER lengths, or
+    the length of kvpress's prebuilt RULER subset; none for the other hub benchmarks."""
+    if config.benchmark == LOCAL_RULER:
+        return config.lengths
+    return (int(config.subset),) if config.benchmark == "ruler" and config.subset else ()
+
+
+def check_window(config: EvalConfig, window: int | None) -> None:
+    """Refuse context lengths longer than the model's context window ``window`` (``None``: unknown),
+    before any sample is built: the CLI checks this from the model's config before loading it."""
+    for length in _fitted_lengths(config):
+        check_fits(length, window, f"context length {length}")
+
+
+def load_samples(config: EvalConfig) -> list[Sample] | None:
+    """The samples of a hub benchmark (``None`` for local RULER, which is built with the model's
+    tokenizer), each requested task checked to be there. The CLI reads them before loading the
+    model, so that a bad data file or an unreachable hub fails in seconds."""
+    if config.benchmark == LOCAL_RULER:
+        return None
+    samples = load_hub_samples(
+        config.benchmark, config.subset, config.samples, data_files=config.data_files, seed=config.seed
+    )
+    found = {sample.task for sample in samples}
+    missing = set(config.tasks or ()) - found
+    if missing:
+        source = config.data_files or f"{config.benchmark} {config.subset}"
+        raise ValueError(f"no sample of task(s) {', '.join(sorted(missing))} in {source}; its tasks: {sorted(found)}")
+    return samples
+
+
+def plan_samples(
+    config: EvalConfig, tokenizer: PreTrainedTokenizerBase, samples: list[Sample] | None = None
+) -> list[tuple[int | None, Sample]]:
     """(length, sample) pairs of this shard, sample index outermost: an interrupted run covers every
     task evenly, and so does every shard (they take the planned samples in turn).
 
     ``length`` is the target context length of locally built RULER samples, the subset's length for
     kvpress's prebuilt RULER, and ``None`` for the other hub benchmarks (their samples are not fitted).
+    ``samples``: the hub benchmark's samples if already loaded (:func:`load_samples`).
     """
     if config.benchmark == LOCAL_RULER:
         planned = [
@@ -122,10 +160,8 @@ def plan_samples(config: EvalConfig, tokenizer: PreTrainedTokenizerBase) -> list
             )
         ]
     else:
-        length = int(config.subset) if config.benchmark == "ruler" and config.subset else None
-        loaded = load_hub_samples(
-            config.benchmark, config.subset, config.samples, data_files=config.data_files, seed=config.seed
-        )
+        length = next(iter(_fitted_lengths(config)), None)
+        loaded = samples if samples is not None else load_samples(config)
         planned = [(length, sample) for sample in loaded if config.tasks is None or sample.task in config.tasks]
     # Sample-major order: every task's first sample, then every task's second, ... (a stable sort keeps
     # lengths and tasks in their order within each rank).
@@ -145,12 +181,21 @@ def run(
     tokenizer: PreTrainedTokenizerBase,
     store: ResultStore,
     *,
+    samples: list[Sample] | None = None,
     progress: bool = True,
 ) -> int:
-    """Measure every (sample, method, ratio) of ``config`` not yet in ``store``; return how many were added."""
+    """Measure every (sample, method, ratio) of ``config`` not yet in ``store`` (a result recorded as an
+    error is measured again); return how many were added. ``samples``: the hub benchmark's samples
+    if already loaded (:func:`load_samples`).
+
+    A sample whose prompt and answer do not fit the model's context window is refused with a
+    ``ValueError`` before anything is prefilled.
+    """
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
     jobs = config.jobs()
-    planned = plan_samples(config, tokenizer)
+    window = config_window(model.config)
+    check_window(config, window)
+    planned = plan_samples(config, tokenizer, samples)
 
     def key(length: int | None, sample: Sample, method: str, ratio: float) -> tuple:
         return (
@@ -165,53 +210,74 @@ def run(
             config.query_aware,
         )
 
-    todo = [
-        (length, sample, [job for job in jobs if key(length, sample, *job) not in store]) for length, sample in planned
-    ]
+    todo = []
+    for length, sample in planned:
+        pending = [job for job in jobs if key(length, sample, *job) not in store]
+        if pending:
+            todo.append((length, sample, pending, *_encode(sample, tokenizer, config.query_aware)))
+    _check_prompts_fit(todo, window)
     total = len(planned) * len(jobs)
-    remaining = sum(len(pending) for *_, pending in todo)
+    remaining = sum(len(pending) for _, _, pending, *_ in todo)
     bar = tqdm(total=total, initial=total - remaining, disable=not progress, unit="answer", dynamic_ncols=True)
     added = 0
-    for length, sample, pending in todo:
-        if not pending:
-            continue
-        context, question = sample.context, sample.question
-        if config.query_aware:  # the question is compressed along with the context
-            context, question = context + question, ""
-        context_ids, question_ids = encode_prompt(tokenizer, context, question, sample.answer_prefix)
-        bar.set_postfix_str(f"{length} {sample.task}#{sample.index} prefill")
-        prefill = prefill_once(model, context_ids)
-        score_memos: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
-        for method, ratio in pending:
-            bar.set_postfix_str(f"{length} {sample.task}#{sample.index} {method} r={ratio}")
-            start = time.perf_counter()
-            press = make_press(method, ratio)
-            if method in METHODS and METHODS[method].ratio_free_scores:
-                press = reuse_scores(press, score_memos[method])
-            outcome: dict = {"context_tokens": prefill.context_length}
-            try:
-                with torch.no_grad():
-                    cache = compress_replay(model, prefill, press)
-                    prediction = pipe.generate_answer(
-                        question_ids.to(model.device), cache, prefill.context_length, sample.max_new_tokens
-                    )
-                outcome |= {
-                    "prediction": prediction,
-                    "score": score_sample(
-                        sample.metric, prediction, sample.answers, all_classes=getattr(sample, "all_classes", ())
-                    ),
+    try:
+        for length, sample, pending, context_ids, question_ids in todo:
+            bar.set_postfix_str(f"{length} {sample.task}#{sample.index} prefill")
+            prefill = prefill_once(model, context_ids)
+            score_memos: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+            for method, ratio in pending:
+                bar.set_postfix_str(f"{length} {sample.task}#{sample.index} {method} r={ratio}")
+                start = time.perf_counter()
+                press = make_press(method, ratio)
+                if method in METHODS and METHODS[method].ratio_free_scores:
+                    press = reuse_scores(press, score_memos[method])
+                outcome: dict = {"context_tokens": prefill.context_length}
+                try:
+                    with torch.no_grad():
+                        cache = compress_replay(model, prefill, press)
+                        prediction = pipe.generate_answer(
+                            question_ids.to(model.device), cache, prefill.context_length, sample.max_new_tokens
+                        )
+                    outcome |= {
+                        "prediction": prediction,
+                        "score": score_sample(
+                            sample.metric, prediction, sample.answers, all_classes=getattr(sample, "all_classes", ())
+                        ),
+                    }
+                except (RuntimeError, ValueError, AssertionError) as error:  # a failing method must not stop the run
+                    outcome |= {"prediction": None, "score": None, "error": f"{type(error).__name__}: {error}"}
+                record = {
+                    **dict(zip(KEY_FIELDS, key(length, sample, method, ratio), strict=True)),
+                    "metric": sample.metric,
+                    "answers": list(sample.answers),
+                    **outcome,
+                    "seconds": round(time.perf_counter() - start, 3),
                 }
-            except (RuntimeError, ValueError, AssertionError) as error:  # a method that fails must not stop the run
-                outcome |= {"prediction": None, "score": None, "error": f"{type(error).__name__}: {error}"}
-            record = {
-                **dict(zip(KEY_FIELDS, key(length, sample, method, ratio), strict=True)),
-                "metric": sample.metric,
-                "answers": list(sample.answers),
-                **outcome,
-                "seconds": round(time.perf_counter() - start, 3),
-            }
-            store.add(record)
-            added += 1
-            bar.update()
-    bar.close()
+                store.add(record)
+                added += 1
+                bar.update()
+    finally:
+        bar.close()  # an interrupted run's message starts on a line of its own
     return added
+
+
+def _encode(sample: Sample, tokenizer: PreTrainedTokenizerBase, query_aware: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context ids, question ids) of ``sample``; query-aware, the question is compressed with the context."""
+    context, question = sample.context, sample.question
+    if query_aware:
+        context, question = context + question, ""
+    return encode_prompt(tokenizer, context, question, sample.answer_prefix)
+
+
+def _check_prompts_fit(todo: list[tuple], window: int | None) -> None:
+    """Refuse the run, before any prefill, if a sample's prompt and answer exceed the model's window
+    (a hub benchmark's samples are not fitted to the model)."""
+    needs = [(ids.shape[1] + question.shape[1] + sample.max_new_tokens, sample) for _, sample, _, ids, question in todo]
+    too_long = [(tokens, sample) for tokens, sample in needs if window is not None and tokens > window]
+    if too_long:
+        tokens, sample = max(too_long, key=lambda item: item[0])
+        raise ValueError(
+            f"{len(too_long)} of {len(needs)} samples do not fit the model's context window of {window} tokens "
+            f"(max_position_embeddings), the longest {sample.task}#{sample.index} with {tokens} tokens (prompt and "
+            "answer): choose shorter samples or a model with a longer window"
+        )
