@@ -103,23 +103,30 @@ def _no_cache(kwargs: dict) -> bool:
     return True
 
 
-class _FreshMasks:
+class _LeavesModelAsFound:
     """Mixin: entering the press clears kvpress's head-wise masks left on the model by an earlier masked
-    run, which kvpress's attention patch would otherwise apply to an unrelated cache."""
+    run (kvpress's attention patch would apply them to an unrelated cache); a refusal inside the press
+    also drops the cache ``generate`` keeps on the model between calls (a static cache it was filling),
+    so that the next ``generate`` starts from a fresh one."""
 
     @contextmanager
     def __call__(self, model):
         for module in attention_modules(model):
             module.masked_key_indices = None
-        with super().__call__(model):
-            yield
+        try:
+            with super().__call__(model):
+                yield
+        except BaseException:
+            if hasattr(model, "_cache"):
+                del model._cache
+            raise
 
 
 # --- the presses ----------------------------------------------------------------------------------
 
 
 @dataclass
-class HeadAdaptivePress(_FreshMasks, BasePress):
+class HeadAdaptivePress(_LeavesModelAsFound, BasePress):
     """Head-adaptive budgets (AdaKV, arXiv 2407.11550) for any kvpress ``ScorerPress``.
 
     Like kvpress's ``AdaKVPress`` with a choice of storage: ``ragged`` frees what is evicted,
@@ -210,7 +217,7 @@ def _can_hide_context(module) -> bool:
 
 
 @dataclass
-class NestedKVPress(_FreshMasks, NestedKVConfig, ScorerPress):
+class NestedKVPress(_LeavesModelAsFound, NestedKVConfig, ScorerPress):
     """NestedKV: key-only, training-free KV cache eviction (Chen et al., arXiv 2605.26678).
 
     After each layer's prefill, every position of every KV head is scored from its L2-normalised
