@@ -217,3 +217,19 @@ def test_masks_of_an_earlier_masked_run_do_not_leak_into_a_later_one(model, toke
         ragged = prefill(model, encoded, NestedKVPress(0.5))
     assert all(module.self_attn.masked_key_indices is None for module in model.model.layers)
     assert isinstance(ragged.layers[0], RaggedLayer)
+
+
+def test_decoding_press_around_nestedkv_keeps_the_cache_near_its_target():
+    """kvpress's DecodingPress calls compress() on windows shorter than one block: two half blocks serve."""
+    from kvpress import DecodingPress
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**TINY, num_key_value_heads=2)
+    config._attn_implementation = "sdpa"
+    tiny = LlamaForCausalLM(config).eval()
+    input_ids = torch.randint(0, 128, (1, 40))
+    press = DecodingPress(NestedKVPress(), compression_interval=16, target_size=48)
+    with torch.no_grad(), press(tiny):
+        out = tiny.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=100,
+                            min_new_tokens=100, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    assert all(layer.keys.shape[2] <= 48 + 16 for layer in out.past_key_values.layers)

@@ -141,8 +141,8 @@ def test_bad_input_is_named(model, tokenizer):
         NestedKVPress(0.5, storage="disk")
     with pytest.raises(ValueError, match="context is empty"):
         answer_question(model, tokenizer, "  ", "What?", NestedKVPress(0.5))
-    with pytest.raises(ValueError, match="shorter than one block"):
-        answer_question(model, tokenizer, "A short context about a cat.", "What?", NestedKVPress(0.5))
+    short = answer_question(model, tokenizer, "A short context about a cat.", "What?", NestedKVPress(0.5))
+    assert short.cache.kept_fraction < 0.6  # shorter than one block: compressed with two half blocks
     with pytest.raises(ValueError, match="fewer than the 4 sink"):
         answer_question(model, tokenizer, "word " * 300, "What?", NestedKVPress(0.99))
     with pytest.raises(ModelLoadError, match="no GGUF file"):

@@ -219,11 +219,12 @@ def test_bad_options_are_named(options, message):
         NestedKVConfig(**options)
 
 
-def test_context_shorter_than_sinks_or_a_block_is_refused():
+def test_context_shorter_than_sinks_is_refused_and_shorter_than_a_block_uses_two_half_blocks():
     with pytest.raises(ValueError, match="not longer than the 4 sink tokens"):
         nestedkv_score(torch.randn(1, 1, 4, 8))
-    with pytest.raises(ValueError, match="shorter than one block of 128 tokens"):
-        nestedkv_score(torch.randn(1, 1, 100, 8))
+    keys = torch.randn(1, 1, 100, 8)
+    assert torch.equal(nestedkv_score(keys), nestedkv_score(keys, NestedKVConfig(block_size=50)))
+    assert torch.isfinite(nestedkv_score(torch.randn(1, 2, 5, 8))[..., 4:]).all()
     # without the block scale a short context is fine
     assert nestedkv_score(torch.randn(1, 1, 100, 8), NestedKVConfig(scales=("global", "window"))).shape == (1, 1, 100)
 

@@ -129,9 +129,20 @@ def block_bounds(n: int, block_size: int) -> list[int]:
     return bounds
 
 
+def block_size_for(n: int, config: NestedKVConfig) -> int:
+    """The block size used on N positions: the configured one, or the paper's default.
+
+    [open] A context shorter than one block (short prompts, the small windows that kvpress's
+    ``DecodingPress`` and ``ChunkPress`` compress) is cut into two half blocks instead, so that the
+    block anchor still differs from the global one.
+    """
+    size = config.block_size or default_block_size(n)
+    return size if n >= size else max(1, n // 2)
+
+
 def block_bounds_of(n: int, config: NestedKVConfig) -> list[int]:
-    """:func:`block_bounds` of N positions with the configured block size, or the paper's default."""
-    return block_bounds(n, config.block_size or default_block_size(n))
+    """:func:`block_bounds` of N positions with :func:`block_size_for`'s block size."""
+    return block_bounds(n, block_size_for(n, config))
 
 
 def centred_prefix(k_hat: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
@@ -305,13 +316,6 @@ def check_context_length(n: int, config: NestedKVConfig) -> None:
     """Raise a clear ``ValueError`` when N positions are too few for the configured score."""
     if n <= config.n_sink:
         raise ValueError(f"context of {n} tokens is not longer than the {config.n_sink} sink tokens")
-    if "block" in config.scales:
-        size = config.block_size or default_block_size(n)
-        if n < size:
-            raise ValueError(
-                f"context of {n} tokens is shorter than one block of {size} tokens; "
-                "use a longer context, a smaller block_size, or drop the block scale"
-            )
 
 
 CPU_CHUNK_ELEMENTS = 2**18
