@@ -109,7 +109,7 @@ def test_cli_quick_end_to_end_with_memory(tmp_path, capsys):
         (["bench", "--ratios", "0.5,1.0"], "compression_ratio must be in [0, 1)"),
         (["bench", "--ratios", "-0.1"], "compression_ratio must be in [0, 1)"),
         (["bench", "--length", "64"], "fewer than NestedKV's 4 sink positions"),
-        (["bench", "--scaling-lengths", "1024,16"], "context of 16 tokens"),
+        (["bench", "--scaling-lengths", "1024,16"], "keeps 1 of 16 positions per head"),
         (["bench", "--scaling-lengths", "1024"], "at least two different scaling lengths"),
         (["bench", "--out", "/nonexistent/dir/bench.json"], "no directory /nonexistent/dir"),
     ],
