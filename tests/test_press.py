@@ -237,17 +237,16 @@ def test_layers_of_different_lengths_decode():
     assert torch.isfinite(logits.logits).all()
 
 
-def test_ragged_storage_refuses_sliding_window_layers_masked_works():
+def test_sliding_window_cache_layers_stay_uncompressed_in_both_storages():
     torch.manual_seed(0)
     config = MistralConfig(**TINY, num_key_value_heads=2, sliding_window=256)
     config._attn_implementation = "sdpa"
     tiny = MistralForCausalLM(config).eval()
     input_ids = torch.randint(0, 128, (1, 400))
-    with pytest.raises(ValueError, match="ragged storage needs a plain dynamic cache layer"):
-        with torch.no_grad(), NestedKVPress(0.5)(tiny):
-            tiny.model(input_ids=input_ids, past_key_values=DynamicCache(config=config))
-    cache = DynamicCache(config=config)
-    with torch.no_grad(), NestedKVPress(0.5, storage="masked")(tiny):
-        tiny.model(input_ids=input_ids, past_key_values=cache)
-    window = cache.layers[0].keys.shape[2]  # what the sliding layer holds of the 400 tokens
-    assert window < 400 and sum(summarize_cache(tiny, cache, 400).kept[0]) == 2 * compute_n_kept(window, 0.5)
+    for storage in ("ragged", "masked"):
+        cache = DynamicCache(config=config)
+        with pytest.warns(UserWarning, match="sliding-window cache layers stay uncompressed"):
+            with torch.no_grad(), NestedKVPress(0.5, storage=storage)(tiny):
+                tiny.model(input_ids=input_ids, past_key_values=cache)
+        window = cache.layers[0].keys.shape[2]  # what the sliding layer holds of the 400 tokens
+        assert window < 400 and sum(summarize_cache(tiny, cache, 400).kept[0]) == 2 * window
