@@ -121,6 +121,13 @@ def test_second_turn_reuses_the_compressed_cache(model, tokenizer):
     assert held < 0.6 * cache.get_seq_length() * layer.heads  # only the kept half plus the new tokens
 
 
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(**TINY, num_key_value_heads=2)
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).eval()
+
+
 def tiny_mistral(sliding_window):
     torch.manual_seed(0)
     config = MistralConfig(**TINY, num_key_value_heads=2, sliding_window=sliding_window)
@@ -155,10 +162,7 @@ def test_sliding_window_cache_layers_stay_uncompressed_with_a_warning():
 
 
 def test_static_cache_is_refused_and_the_model_left_as_it_was():
-    torch.manual_seed(0)
-    config = LlamaConfig(**TINY, num_key_value_heads=2)
-    config._attn_implementation = "sdpa"
-    tiny = LlamaForCausalLM(config).eval()
+    tiny = tiny_llama()
     input_ids = torch.randint(0, 128, (1, 300))
     with pytest.raises(ValueError, match="a static cache cannot be compressed"):
         with torch.no_grad(), NestedKVPress(0.5)(tiny):
@@ -168,10 +172,7 @@ def test_static_cache_is_refused_and_the_model_left_as_it_was():
 
 
 def test_use_cache_false_warns_and_does_nothing():
-    torch.manual_seed(0)
-    config = LlamaConfig(**TINY, num_key_value_heads=2)
-    config._attn_implementation = "sdpa"
-    tiny = LlamaForCausalLM(config).eval()
+    tiny = tiny_llama()
     input_ids = torch.randint(0, 128, (1, 300))
     with torch.no_grad():
         want = tiny(input_ids, use_cache=False).logits
@@ -223,10 +224,7 @@ def test_decoding_press_around_nestedkv_keeps_the_cache_near_its_target():
     """kvpress's DecodingPress calls compress() on windows shorter than one block: two half blocks serve."""
     from kvpress import DecodingPress
 
-    torch.manual_seed(0)
-    config = LlamaConfig(**TINY, num_key_value_heads=2)
-    config._attn_implementation = "sdpa"
-    tiny = LlamaForCausalLM(config).eval()
+    tiny = tiny_llama()
     input_ids = torch.randint(0, 128, (1, 40))
     press = DecodingPress(NestedKVPress(), compression_interval=16, target_size=48)
     with torch.no_grad(), press(tiny):

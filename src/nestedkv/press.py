@@ -23,6 +23,7 @@ from kvpress.presses.base_press import is_prefilling
 
 from nestedkv.budgets import BUDGETS, compute_n_kept, head_adaptive_keep
 from nestedkv.cache import RaggedLayer
+from nestedkv.cache.attention import visible_columns
 from nestedkv.models import attention_modules
 from nestedkv.scoring import NestedKVConfig, nestedkv_score
 from nestedkv.validation import check_choice, check_number, check_ratio
@@ -45,11 +46,8 @@ def real_positions(attention_mask: torch.Tensor | None, batch: int, n: int) -> t
     """
     if attention_mask is None:
         return None
-    if attention_mask.dim() == 2:  # flash attention's padding mask
-        real = attention_mask.bool()[:, -n:]
-    else:
-        visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        real = visible.any(dim=1).any(dim=1)[:, -n:]
+    queries = attention_mask.shape[-2] if attention_mask.dim() == 4 else 1
+    real = visible_columns(attention_mask, batch, queries).any(dim=1)[:, -n:]
     return None if bool(real.all()) else real.expand(batch, n)
 
 
