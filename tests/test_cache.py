@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nestedkv.cache import RaggedLayer
-from nestedkv.cache.attention import ragged_attention
+from nestedkv.cache.attention import ragged_attention, uses_varlen_kernel
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
@@ -43,21 +43,38 @@ def ragged_layer(keys, values, keep, tail_keys, tail_values, keep_positions):
     return layer
 
 
-@settings(max_examples=80, deadline=None)
-@given(
+SHAPES = dict(
     batch=st.integers(1, 3),
     heads=st.integers(1, 4),
     group=st.integers(1, 4),
     n=st.integers(1, 200),
     tail=st.integers(1, 5),
-    window=st.one_of(st.none(), st.integers(1, 64)),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     seed=st.integers(0, 2**16),
     data=st.data(),
 )
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    window=st.one_of(st.none(), st.integers(1, 64)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    **SHAPES,
+)
 def test_ragged_attention_equals_dense_masked_attention(batch, heads, group, n, tail, window, dtype, seed, data):
+    check_against_dense(batch, heads, group, n, tail, window, dtype, seed, data, device="cpu", d=8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from([torch.bfloat16, torch.float16]), d=st.sampled_from([64, 128]), **SHAPES)
+def test_cuda_varlen_kernel_equals_dense_masked_attention(batch, heads, group, n, tail, dtype, d, seed, data):
+    check_against_dense(batch, heads, group, n, tail, None, dtype, seed, data, device="cuda", d=d)
+
+
+def check_against_dense(batch, heads, group, n, tail, window, dtype, seed, data, device, d):
+    """Random ragged layer (padding, keep masks, tail, optional sliding window) on ``device``:
+    ragged_attention must equal :func:`dense_reference`, and use the varlen kernel wherever it can."""
     generator = torch.Generator().manual_seed(seed)
-    d = 8
     q_len = data.draw(st.integers(1, tail))
     keys, values = (torch.randn(batch, heads, n, d, generator=generator).to(dtype) for _ in range(2))
     tail_keys, tail_values = (torch.randn(batch, heads, tail, d, generator=generator).to(dtype) for _ in range(2))
@@ -80,12 +97,17 @@ def test_ragged_attention_equals_dense_masked_attention(batch, heads, group, n, 
     model_mask = torch.cat([real, torch.ones(batch, tail, dtype=torch.bool)], dim=-1)[:, None, :].expand(-1, q_len, -1)
     if window is not None:
         model_mask = model_mask & (columns > rows[:, None] - window)
-    layer = ragged_layer(keys, values, keep, tail_keys, tail_values, keep_positions=window is not None)
+    layer = ragged_layer(
+        keys.to(device), values.to(device), keep.to(device), tail_keys.to(device), tail_values.to(device),
+        keep_positions=window is not None,
+    )
     scaling = d**-0.5
-    got = ragged_attention(query, layer, scaling, model_mask[:, None])
+    query_on = query.to(device)
+    assert uses_varlen_kernel(query_on, layer) == (device == "cuda" and window is None)
+    got = ragged_attention(query_on, layer, scaling, model_mask[:, None].to(device))
     want = dense_reference(query, keys, values, tail_keys, tail_values, keep, model_mask, scaling)
-    assert got.dtype == dtype and got.shape == want.shape
-    torch.testing.assert_close(got.double(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    assert got.dtype == dtype and got.shape == want.shape and got.device.type == device
+    torch.testing.assert_close(got.cpu().double(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -12,6 +12,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralCon
 from nestedkv.bench.ruler import build_samples
 from nestedkv.budgets import compute_n_kept
 from nestedkv.cache import RaggedLayer
+from nestedkv.cache.attention import uses_varlen_kernel
 from nestedkv.press import HeadAdaptivePress, NestedKVPress
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -150,6 +151,32 @@ def test_plain_cache_under_a_sliding_window_mask_equals_masked_storage():
         logits[storage] = torch.stack(steps)
     assert cache.layers[0].keys.shape[2] == 206
     torch.testing.assert_close(logits["ragged"], logits["masked"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bfloat16_ragged_decoding_through_the_varlen_kernel_equals_masked_storage():
+    tiny = tiny_llama().to("cuda", torch.bfloat16)
+    input_ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(1)).cuda()
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :40] = 0  # a left-padded row
+    encoded = dict(input_ids=input_ids, attention_mask=attention_mask)
+    logits = {}
+    for storage in ("masked", "ragged"):
+        cache, mask, steps = DynamicCache(), attention_mask, []
+        # One press context for prefill and decoding: entering a press clears masked storage's masks.
+        with torch.no_grad(), NestedKVPress(0.75, storage=storage)(tiny):
+            tiny.model(**encoded, position_ids=(attention_mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache)
+            for step in range(6):  # the same tokens for both storages, as generate would feed them
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+                token = torch.full((2, 1), step + 3, device="cuda")
+                out = tiny(input_ids=token, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                           past_key_values=cache)
+                steps.append(out.logits[:, -1].float())
+        logits[storage] = torch.stack(steps)
+    layer = cache.layers[0]
+    assert isinstance(layer, RaggedLayer)
+    assert uses_varlen_kernel(torch.empty(1, 4, 1, 16, device="cuda", dtype=torch.bfloat16), layer)
+    torch.testing.assert_close(logits["ragged"], logits["masked"], atol=1e-2, rtol=1e-2)
 
 
 def test_sliding_window_cache_layers_stay_uncompressed_with_a_warning():

@@ -81,11 +81,11 @@ def test_fitted_exponent():
 
 def test_cli_quick_end_to_end_with_memory(tmp_path, capsys):
     out_file = tmp_path / "bench.json"
-    assert cli.main(["bench", "--tiny-random-model", "--quick", "--out", str(out_file)]) == 0
+    assert cli.main(["bench", "--random-shape", "tiny", "--quick", "--out", str(out_file)]) == 0
     out = capsys.readouterr().out
     assert "| method | r | KV held (MiB) |" in out and "| NestedKV |" in out and "| 8192 |" in out
     report = json.loads(out_file.read_text())
-    assert report["command"] == f"nestedkv bench --tiny-random-model --quick --out {out_file}"
+    assert report["command"] == f"nestedkv bench --random-shape tiny --quick --out {out_file}"
     for key in ("date", "cpu", "cpu_cores", "torch", "transformers", "kvpress", "torch_threads"):
         assert key in report["machine"]
     assert report["settings"]["length"] == 1024 and report["settings"]["ratios"] == [0.9]

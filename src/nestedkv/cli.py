@@ -19,16 +19,16 @@ from nestedkv.bench.ruler import TASKS, QADataset, read_hotpotqa, read_squad, ta
 from nestedkv.bench.runner import LOCAL_RULER, PRESETS, EvalConfig, check_window, load_samples, run
 from nestedkv.bench.speed import (
     QUICK,
+    RANDOM_SHAPES,
     BenchSettings,
     format_markdown,
     random_model,
     run_bench,
-    tiny_llama_config,
 )
 from nestedkv.bench.store import ResultStore
 from nestedkv.files import check_new_file, check_output_dir, check_readable, file_error, read_text
 from nestedkv.generate import answer_question
-from nestedkv.models import DEFAULT_MODEL, check_device, check_fits, check_load_options, load_model
+from nestedkv.models import DEFAULT_MODEL, check_device, check_fits, check_load_options, load_model, parse_dtype
 from nestedkv.press import NestedKVPress
 
 DEMO_RATIO = 0.75
@@ -148,17 +148,25 @@ def _bench(args: argparse.Namespace) -> None:
     check_device(args.device)
     if args.out is not None:
         check_new_file(args.out, "--out")
-    overrides = {name: getattr(args, name) for name in ("length", "ratios", "scaling_lengths")}
+    overrides = {name: getattr(args, name) for name in ("length", "batch", "ratios", "scaling_lengths")}
     overrides = {name: value for name, value in overrides.items() if value is not None}
     if args.no_peak_memory:
         overrides["peak_memory"] = False
     settings = dataclasses.replace(QUICK if args.quick else BenchSettings(), **overrides)
-    window = tiny_llama_config().max_position_embeddings if args.tiny_random_model else _check_model_options(args)
+    if args.random_shape is not None:
+        if args.model is not None:
+            raise ValueError("give --model or --random-shape, not both")
+        config = RANDOM_SHAPES[args.random_shape]()
+        dtype = parse_dtype(args.dtype or "bfloat16")
+        window = config.max_position_embeddings
+    else:
+        window = _check_model_options(args)
     decoded = settings.warmup + settings.decode_tokens
     check_fits(settings.length + decoded, window, f"--length {settings.length} plus {decoded} decoded tokens")
-    if args.tiny_random_model:
-        config = tiny_llama_config()
-        model, name, scaling_config = random_model(config, device=args.device), "tiny random Llama", config
+    if args.random_shape is not None:
+        model = random_model(config, dtype=dtype, device=args.device)
+        name = f"random-weight {args.random_shape}"
+        scaling_config = config if args.random_shape == "tiny" else None
     else:
         model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
         name, scaling_config = args.model or DEFAULT_MODEL, None
@@ -279,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(bench)
     full, quick = BenchSettings(), QUICK
     bench.add_argument("--length", type=int, default=None, help=f"context tokens (default: {full.length})")
+    bench.add_argument(
+        "--batch", type=int, default=None,
+        help=f"rows decoded together, each with its own context (default: {full.batch})",
+    )
     bench.add_argument("--ratios", type=_tuple_of(float), default=None, help=f"default: {_joined(full.ratios)}")
     bench.add_argument(
         "--scaling-lengths", type=_tuple_of(int), default=None, help=f"default: {_joined(full.scaling_lengths)}"
@@ -292,7 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"{quick.repeats} repeat, {quick.decode_tokens} decoded tokens (explicit options win)",
     )
     bench.add_argument("--no-peak-memory", action="store_true", help="skip the fresh-process memory measurements")
-    bench.add_argument("--tiny-random-model", action="store_true", help=argparse.SUPPRESS)  # for the tests
+    bench.add_argument(
+        "--random-shape", choices=sorted(RANDOM_SHAPES), default=None,
+        help="instead of --model, a randomly initialised model of this shape (speed and memory do not depend on "
+        "the weights; nothing to download); tiny is for the tests",
+    )
     bench.set_defaults(run=_bench)
 
     evaluate = commands.add_parser(

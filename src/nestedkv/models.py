@@ -142,7 +142,7 @@ def check_load_options(
     if device is not None:
         check_device(str(device))
     if isinstance(dtype, str):
-        _parse_dtype(dtype)
+        parse_dtype(dtype)
     return model_window(name_or_path)
 
 
@@ -238,7 +238,7 @@ def load_model(
         check_device(str(device))
     source, extra = _resolve(name_or_path)
     if isinstance(dtype, str):
-        dtype = _parse_dtype(dtype)
+        dtype = parse_dtype(dtype)
     hf_logging.disable_progress_bar()
     # The GGUF converter draws its own tqdm bar that the logging switch above does not reach.
     quiet_gguf = mock.patch.object(gguf_utils, "tqdm", partial(gguf_utils.tqdm, disable=True))
@@ -272,7 +272,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def _parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str) -> torch.dtype:
+    """The torch dtype named ``float32``, ``bfloat16`` or ``float16``; else a clear :class:`ModelLoadError`."""
     try:
         return _DTYPES[name]
     except KeyError:

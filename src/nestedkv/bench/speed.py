@@ -41,7 +41,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from functools import partial
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import psutil
@@ -80,6 +80,15 @@ def llama_1b_config() -> LlamaConfig:
     )
 
 
+def smollm2_135m_config() -> LlamaConfig:
+    """The shape of the default model, SmolLM2-135M (30 layers, 3 KV heads of 64 dims), for machines without
+    its file."""
+    return LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        head_dim=64, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000, tie_word_embeddings=True,
+    )
+
+
 def tiny_llama_config() -> LlamaConfig:
     """A tiny Llama (2 layers, 4 heads over 2 KV heads of 16 dims) that the tests run the benchmark on."""
     return LlamaConfig(
@@ -88,13 +97,21 @@ def tiny_llama_config() -> LlamaConfig:
     )
 
 
+RANDOM_SHAPES: dict[str, Callable[[], LlamaConfig]] = {
+    "smollm2-135m": smollm2_135m_config, "llama-3.2-1b": llama_1b_config, "tiny": tiny_llama_config,
+}
+"""Shapes ``nestedkv bench --random-shape`` builds with random weights (speed and memory do not depend on
+the weights)."""
+
+
 def random_model(
     config: LlamaConfig, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
 ) -> PreTrainedModel:
     """A randomly initialised Llama of ``config``'s shape (seed 0) with SDPA attention, in eval mode."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return model.to(device).eval()
+    with torch.device(device):  # initialised where it runs: a 1B model initialises in seconds on a GPU
+        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
 
 
 # --- settings and checks --------------------------------------------------------------------------
@@ -104,7 +121,8 @@ def random_model(
 class BenchSettings:
     """What ``nestedkv bench`` runs. Lengths are in tokens.
 
-    length: the context of the memory and time table. ratios: fractions of the KV removed.
+    length: the context of the memory and time table, for each of ``batch`` rows (random tokens,
+    no padding). ratios: fractions of the KV removed.
     scaling_lengths: contexts of the scaling table; those up to ``verify_max_length`` are also
     prefilled for real to check the cache bytes. decode_tokens: timed greedy steps (after
     ``warmup`` untimed ones). repeats / warmup: timed / untimed runs of each measurement.
@@ -112,6 +130,7 @@ class BenchSettings:
     """
 
     length: int = 2048
+    batch: int = 1
     ratios: tuple[float, ...] = RATIOS
     scaling_lengths: tuple[int, ...] = SCALING_LENGTHS
     decode_tokens: int = 32
@@ -137,7 +156,7 @@ class BenchSettings:
                     )
         if len(set(self.scaling_lengths)) < 2:
             raise ValueError("give at least two different scaling lengths: the exponent is fitted across them")
-        for name in ("decode_tokens", "repeats"):
+        for name in ("batch", "decode_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
@@ -154,30 +173,27 @@ QUICK = BenchSettings(
 # --- prefill and decode ---------------------------------------------------------------------------
 
 
-def random_input_ids(model: PreTrainedModel, length: int, seed: int = 0) -> torch.Tensor:
-    """``(1, length)`` token ids drawn uniformly from the model's vocabulary, on the model's device."""
+def random_input_ids(model: PreTrainedModel, length: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    """``(batch, length)`` token ids drawn uniformly from the model's vocabulary, on the model's device."""
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(model.get_input_embeddings().num_embeddings, (1, length), generator=generator)
+    ids = torch.randint(model.get_input_embeddings().num_embeddings, (batch, length), generator=generator)
     return ids.to(model.device)
 
 
 def prefill_greedy(
     model: PreTrainedModel, input_ids: torch.Tensor, press: BasePress | None
 ) -> tuple[DynamicCache, torch.Tensor]:
-    """:func:`~nestedkv.bench.replay.prefill` ``input_ids (1, N)`` under ``press`` (none: no compression),
-    then the output head on the last position: returns the cache and the greedy next token ``(1, 1)``."""
+    """:func:`~nestedkv.bench.replay.prefill` ``input_ids (B, N)`` under ``press`` (none: no compression),
+    then the output head on the last position: returns the cache and the greedy next tokens ``(B, 1)``."""
     cache, hidden = prefill(model, input_ids, press)
     with torch.no_grad():
         return cache, model.get_output_embeddings()(hidden).argmax(dim=-1)
 
 
 def decode_step(model: PreTrainedModel, cache: DynamicCache, token: torch.Tensor, position: int) -> torch.Tensor:
-    """Feed ``token (1, 1)`` at ``position`` and return the greedy next token ``(1, 1)``.
-
-    The position is passed explicitly (a ragged cache's ``get_seq_length`` counts its dense tail only).
-    """
+    """Feed ``token (B, 1)`` at ``position`` and return the greedy next tokens ``(B, 1)``."""
     with torch.no_grad():
-        position_ids = torch.tensor([[position]], device=model.device)
+        position_ids = torch.full_like(token, position)
         logits = model(input_ids=token, past_key_values=cache, position_ids=position_ids).logits
     return logits[:, -1:].argmax(dim=-1)
 
@@ -303,7 +319,7 @@ class _MemoryProbe:
 
 def _memory_of_one_configuration(
     model_dir: str, dtype: torch.dtype, attn_implementation: str, device: str, threads: int, method: str,
-    ratio: float, length: int, decode_tokens: int, seed: int,
+    ratio: float, length: int, batch: int, decode_tokens: int, seed: int,
 ) -> PeakMemory:
     """Runs in a fresh process: load the saved model, warm up, then measure one configuration."""
     _release_freed_memory_at_once()
@@ -314,10 +330,18 @@ def _memory_of_one_configuration(
     with torch.no_grad():
         for tensor in model.state_dict().values():  # page in weights that loading left memory-mapped
             tensor.sum()
-    input_ids = random_input_ids(model, length, seed)
+    input_ids = random_input_ids(model, length, seed, batch)
     cache, token = prefill_greedy(model, input_ids[:, :WARMUP_TOKENS], None)
     decode_step(model, cache, token, WARMUP_TOKENS)
     del cache, token
+    return _peak_memory(model, input_ids, method, ratio, decode_tokens)
+
+
+def _peak_memory(
+    model: PreTrainedModel, input_ids: torch.Tensor, method: str, ratio: float, decode_tokens: int
+) -> PeakMemory:
+    """Prefill ``input_ids`` under ``(method, ratio)`` and decode ``decode_tokens`` steps, reading memory."""
+    length = input_ids.shape[1]
     press = make_press(method, ratio)
     probe = _MemoryProbe(model.device)
     cache, token = prefill_greedy(model, input_ids, press)
@@ -332,15 +356,20 @@ def _memory_of_one_configuration(
 
 def measure_memory(
     model: PreTrainedModel, configurations: Sequence[tuple[str, float]], length: int, decode_tokens: int,
-    seed: int = 0,
+    seed: int = 0, batch: int = 1,
 ) -> list[PeakMemory]:
-    """:class:`PeakMemory` of each ``(method, ratio)``, each measured in its own fresh spawned process.
+    """:class:`PeakMemory` of each ``(method, ratio)``: on CPU each measured in its own fresh spawned process.
 
     The model is saved once to a temporary directory for the processes to load. Every process
     prefills the same ``length`` random tokens (``seed``) and decodes ``decode_tokens`` greedily.
+    On CUDA the allocator's counters are exact and resettable, so the configurations are measured
+    one after the other in this process, each cache freed before the next.
     """
     device = str(model.device)
     check_peak_memory_supported(device)
+    if model.device.type == "cuda":
+        input_ids = random_input_ids(model, length, seed, batch)
+        return [_peak_memory(model, input_ids, method, ratio, decode_tokens) for method, ratio in configurations]
     context = multiprocessing.get_context("spawn")
     results = []
     with tempfile.TemporaryDirectory(prefix="nestedkv-bench-") as model_dir:
@@ -353,7 +382,7 @@ def measure_memory(
             with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
                 job = pool.submit(
                     _memory_of_one_configuration, model_dir, model.dtype, model.config._attn_implementation, device,
-                    torch.get_num_threads(), method, ratio, length, decode_tokens, seed,
+                    torch.get_num_threads(), method, ratio, length, batch, decode_tokens, seed,
                 )
                 results.append(job.result())
     return results
@@ -369,7 +398,8 @@ class ConfigurationResult:
     bytes_full / bytes_held: K+V bytes of the uncompressed context / held after prefill.
     kept_fraction: share of (layer, head, position) attention still reads; target_fraction:
     ``compute_n_kept(N, r) / N``, what the budget asks for. prefill_s: median seconds;
-    decode_tokens_per_s: 1 / median seconds of one greedy step. memory: ``None`` when not measured.
+    decode_tokens_per_s: tokens generated per second over the batch (batch / median seconds of one
+    greedy step). memory: ``None`` when not measured.
     """
 
     method: str
@@ -403,7 +433,7 @@ def measure_configurations(
     decoded, again in turns (one greedy step of each configuration per round); a masked
     configuration's ``masked_key_indices`` are put back on the modules before each of its steps.
     """
-    length, device = input_ids.shape[1], model.device
+    (batch, length), device = input_ids.shape, model.device
     modules = attention_modules(model)
     prefill_times: dict[tuple[str, float], list[float]] = {config: [] for config in configs}
     live, summaries = {}, {}
@@ -428,7 +458,7 @@ def measure_configurations(
         ConfigurationResult(
             method, ratio, summaries[method, ratio].bytes_full, summaries[method, ratio].bytes_held,
             summaries[method, ratio].kept_fraction, compute_n_kept(length, ratio) / length,
-            statistics.median(prefill_times[method, ratio]), 1 / statistics.median(step_times[method, ratio]),
+            statistics.median(prefill_times[method, ratio]), batch / statistics.median(step_times[method, ratio]),
         )
         for method, ratio in configs
     ]
@@ -548,6 +578,13 @@ def fitted_exponent(lengths: Sequence[int], seconds: Sequence[float]) -> float:
 # --- the whole benchmark ----------------------------------------------------------------------
 
 
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "not installed"
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """CPU (and GPU) name, cores, memory, torch threads, library versions and the date (UTC)."""
     cpu = platform.processor() or platform.machine()
@@ -562,7 +599,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        **{name: version(name) for name in ("torch", "transformers", "kvpress", "nestedkv")},
+        **{name: _version(name) for name in ("torch", "transformers", "kvpress", "nestedkv")},
         "device": str(device),
     }
     if device.type == "cuda":
@@ -581,6 +618,11 @@ def run_bench(
     receives one line before each stage.
     """
     device = model.device
+    if device.type == "cuda":
+        # torch 2.11's cuDNN attention, which SDPA prefers on Hopper, rebuilds its plan for every new key
+        # length: ~2.5 ms of CPU per layer and decoding step (measured, docs/benchmarks_cuda.md). The
+        # uncompressed baseline would be slowed by that, not by its cache: use FlashAttention instead.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     length = settings.length
     if length + settings.warmup + settings.decode_tokens > model.config.max_position_embeddings:
         raise ValueError(
@@ -595,7 +637,7 @@ def run_bench(
         "parameters": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers,
         "kv_heads": model.config.num_key_value_heads, "head_dim": model.config.head_dim,
     }
-    input_ids = random_input_ids(model, length, settings.seed)
+    input_ids = random_input_ids(model, length, settings.seed, settings.batch)
     configs = configurations(settings.ratios)
     progress(f"prefill and decode: {len(configs)} configurations taking turns")
     rows = measure_configurations(model, input_ids, configs, settings)
@@ -604,8 +646,8 @@ def run_bench(
     report["scoring"] = asdict(scoring_times([layer.keys for layer in cache.layers], settings.repeats, settings.warmup))
     del cache
     if settings.peak_memory:
-        progress(f"memory: {len(rows)} fresh processes")
-        memories = measure_memory(model, configs, length, settings.decode_tokens, settings.seed)
+        progress(f"memory: {len(rows)} configurations" + (" in fresh processes" if device.type == "cpu" else ""))
+        memories = measure_memory(model, configs, length, settings.decode_tokens, settings.seed, settings.batch)
         rows = [replace(row, memory=memory) for row, memory in zip(rows, memories, strict=True)]
     report["configurations"] = [asdict(row) for row in rows]
     scaling_config = scaling_config or llama_1b_config()
@@ -642,7 +684,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     length = settings["length"]
     lines = [
         f"{model['name']} ({model['parameters'] / 1e6:.1f} M parameters, {model['dtype']}) on {machine['device']} "
-        f"({hardware}); context {length} random tokens; {machine['date']}",
+        f"({hardware}); context {length} random tokens x batch {settings.get('batch', 1)}; {machine['date']}",
         "",
         "| method | r | KV held (MiB) | held / full | target (1 - r, rounded) | peak prefill (MiB) "
         "| peak prefill+decode (MiB) | retained after prefill (MiB) | prefill (s) | vs no compression "

@@ -1,14 +1,24 @@
 """Attention over a :class:`~nestedkv.cache.storage.RaggedLayer`, hooked into transformers.
 
 :func:`ragged_attention` reads, for each KV head of each batch row (a *stream*), only that
-stream's packed context plus the dense tail, for all streams at once: the packed context is
-gathered into a ``(streams, longest, head_dim)`` block whose missing entries are masked, and one
-batched matrix product serves every head. It honours the attention mask transformers built for
-the layer, whose columns are cache positions (the layer reports its logical length): the last
-``T`` columns mask the tail (padding, causality), and, where the layer keeps its keys' positions
-(sliding-window layers), the columns of those positions mask the context. Logits and softmax are
-in float32 whatever the model's dtype, with the scale applied to the queries before the product,
-so half precision cannot overflow.
+stream's packed context plus the dense tail, for all streams at once. The two parts are attended
+separately and merged by their log-sum-exps, as split-KV attention kernels do:
+
+* the packed context, on CUDA in half precision, goes to PyTorch's variable-length FlashAttention
+  (``torch.nn.attention.varlen``): each stream is one sequence whose queries are its group of
+  query heads, its keys the rows ``offsets[s]:offsets[s + 1]`` of the packed buffer, read in place;
+* elsewhere (CPU, float32, or a layer that keeps key positions) it is gathered into a
+  ``(streams, longest, head_dim)`` block whose missing entries are masked, and one batched matrix
+  product serves every head (:func:`gathered_context_attention`, also the reference the CUDA path
+  is tested against);
+* the dense tail ``(B, H, T, head_dim)`` is one batched product.
+
+It honours the attention mask transformers built for the layer, whose columns are cache positions
+(the layer reports its logical length): the last ``T`` columns mask the tail (padding, causality),
+and, where the layer keeps its keys' positions (sliding-window layers), the columns of those
+positions mask the context. Logits and softmax are in float32 whatever the model's dtype (inside
+the kernel on CUDA), with the scale applied to the queries before the product, so half precision
+cannot overflow.
 
 It is reached through transformers' attention registry, wrapped once at import (like kvpress's
 own patch): when the key tensor handed to attention is the tail of a ragged layer, attention is
@@ -23,6 +33,13 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from nestedkv.cache.storage import RaggedLayer
+
+try:
+    from torch.nn.attention.varlen import AuxRequest, varlen_attn
+except ImportError:  # torch < 2.10
+    varlen_attn = None
+
+VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def visible_columns(attention_mask: torch.Tensor | None, batch: int, q_len: int) -> torch.Tensor | None:
@@ -44,6 +61,73 @@ def visible_columns(attention_mask: torch.Tensor | None, batch: int, q_len: int)
     return mask[:, 0].expand(batch, q_len, -1) if mask.shape[1] == 1 else mask.any(dim=1).expand(batch, q_len, -1)
 
 
+def _partial_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of scaled float32 ``q (S, R, d)`` over ``keys, values (S, K, d)`` where ``visible``
+    (bool, broadcast to ``(S, R, K)``). ``-> (output (S, R, d) float32, log-sum-exp (S, R))``; a row that
+    sees nothing has output 0 and log-sum-exp -inf."""
+    logits = (q @ keys.float().transpose(1, 2)).masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    weights = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
+    return weights @ values.float(), lse
+
+
+def gathered_context_attention(
+    q: torch.Tensor, layer: RaggedLayer, visible: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of scaled float32 ``q (streams, group * q_len, d)`` over each stream's packed context.
+
+    The context is gathered into a masked ``(streams, longest, d)`` block. ``visible``: bool
+    ``(B, q_len, K)`` mask columns, read at the kept keys' positions where the layer keeps them.
+    ``-> (output (streams, group * q_len, d) float32, log-sum-exp (streams, group * q_len))``.
+    """
+    streams, rows_per_stream, _ = q.shape
+    batch, heads, longest = layer.batch, layer.heads, layer.longest
+    slots = torch.arange(longest, device=q.device)
+    present = slots < layer.offsets.diff()[:, None]  # (streams, longest)
+    rows = (layer.offsets[:-1, None] + slots).clamp_max(max(layer.context_keys.shape[0] - 1, 0))
+    context_visible = present[:, None, :]
+    if visible is not None and layer.positions is not None:  # the mask's columns at the kept keys' own positions
+        q_len = visible.shape[1]
+        columns = layer.positions[rows].view(batch, heads * longest)
+        seen = visible.gather(-1, columns[:, None, :].expand(-1, q_len, -1))  # (B, q_len, H * longest)
+        seen = seen.view(batch, q_len, heads, longest).transpose(1, 2).reshape(streams, 1, q_len, longest)
+        group = rows_per_stream // q_len
+        context_visible = (context_visible[:, :, None] & seen).expand(-1, group, -1, -1)
+        context_visible = context_visible.reshape(streams, rows_per_stream, longest)
+    return _partial_attention(q, layer.context_keys[rows], layer.context_values[rows], context_visible)
+
+
+def _varlen_context_attention(q: torch.Tensor, layer: RaggedLayer, dtype: torch.dtype, scaling: float):
+    """:func:`gathered_context_attention` by variable-length FlashAttention, reading the packed buffer in place.
+
+    ``q (streams, R, d)`` unscaled, in the model's half dtype; each stream is a sequence of ``R``
+    queries (its query heads x new tokens) over its own kept keys. ``-> (float32 output, log-sum-exp)``.
+    """
+    streams, rows_per_stream, head_dim = q.shape
+    cu_seq_q = torch.arange(0, (streams + 1) * rows_per_stream, rows_per_stream, device=q.device, dtype=torch.int32)
+    output, lse = varlen_attn(
+        q.reshape(streams * rows_per_stream, 1, head_dim).to(dtype),
+        layer.context_keys[:, None, :], layer.context_values[:, None, :],
+        cu_seq_q, layer.offsets_int32, rows_per_stream, max(layer.longest, 1),
+        return_aux=AuxRequest(lse=True), scale=scaling,
+    )
+    lse = lse.reshape(streams, rows_per_stream).float()
+    lse = lse.masked_fill(layer.empty_streams[:, None], float("-inf"))  # FlashAttention leaves these at +inf
+    return output.view(streams, rows_per_stream, head_dim).float(), lse
+
+
+def uses_varlen_kernel(query: torch.Tensor, layer: RaggedLayer) -> bool:
+    """Whether :func:`ragged_attention` reads ``layer``'s context with variable-length FlashAttention:
+    on CUDA, in float16/bfloat16, head dims FlashAttention takes, and no per-key mask (sliding windows)."""
+    return (
+        varlen_attn is not None and query.is_cuda and layer.context_keys.dtype in VARLEN_DTYPES
+        and query.dtype == layer.context_keys.dtype and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256
+        and layer.positions is None
+    )
+
+
 def ragged_attention(
     query: torch.Tensor, layer: RaggedLayer, scaling: float, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -57,36 +141,33 @@ def ragged_attention(
     batch, query_heads, q_len, head_dim = query.shape
     heads, tail = layer.heads, layer.keys.shape[-2]
     group, streams = query_heads // heads, batch * heads
-    device = query.device
-    lengths = layer.offsets.diff()
-    longest = int(lengths.max()) if streams else 0
-    # (streams, longest) rows of the packed buffer, and which of them belong to the stream.
-    slots = torch.arange(longest, device=device)
-    present = slots < lengths[:, None]
-    rows = (layer.offsets[:-1, None] + slots).clamp_max(max(layer.context_keys.shape[0] - 1, 0))
-    q = (query.float() * scaling).reshape(streams, group * q_len, head_dim)
-    tail_keys = layer.keys.reshape(streams, tail, head_dim).float()
-    tail_values = layer.values.reshape(streams, tail, head_dim).float()
-    logits = torch.cat(
-        [q @ layer.context_keys[rows].float().transpose(1, 2), q @ tail_keys.transpose(1, 2)], dim=-1
-    ).view(batch, heads, group, q_len, longest + tail)
-
-    causal = torch.arange(tail, device=device) <= torch.arange(tail - q_len, tail, device=device)[:, None]
-    context_visible = present.view(batch, heads, 1, 1, longest)
-    tail_visible = causal.view(1, 1, 1, q_len, tail)
+    grouped = query.reshape(streams, group * q_len, head_dim)  # stream s = (b, h) holds query heads h*group...
+    q = grouped.float() * scaling
     visible = visible_columns(attention_mask, batch, q_len)
+    if uses_varlen_kernel(query, layer):
+        context_out, context_lse = _varlen_context_attention(grouped, layer, query.dtype, scaling)
+    else:
+        context_out, context_lse = gathered_context_attention(q, layer, visible)
+
+    device = query.device
+    tail_visible = torch.arange(tail, device=device) <= torch.arange(tail - q_len, tail, device=device)[:, None]
+    tail_visible = tail_visible.expand(batch, q_len, tail)
     if visible is not None:
-        tail_visible = tail_visible & visible[..., -tail:].view(batch, 1, 1, q_len, tail)
-        if layer.positions is not None:  # the mask's columns at the kept keys' own positions
-            columns = layer.positions[rows].view(batch, heads * longest)
-            seen = visible.gather(-1, columns[:, None, :].expand(-1, q_len, -1))
-            context_visible = context_visible & seen.view(batch, q_len, heads, longest).permute(0, 2, 1, 3)[:, :, None]
-    shape = (batch, heads, group, q_len)
-    visible_all = torch.cat([context_visible.expand(*shape, longest), tail_visible.expand(*shape, tail)], dim=-1)
-    weights = torch.softmax(logits.masked_fill(~visible_all, float("-inf")), dim=-1).nan_to_num(0.0)
-    weights = weights.view(streams, group * q_len, longest + tail)
-    values = torch.cat([layer.context_values[rows].float(), tail_values], dim=1)
-    output = (weights @ values).view(batch, query_heads, q_len, head_dim)
+        tail_visible = tail_visible & visible[..., -tail:]
+    tail_visible = tail_visible[:, None, None].expand(batch, heads, group, q_len, tail)
+    tail_out, tail_lse = _partial_attention(
+        q, layer.keys.reshape(streams, tail, head_dim), layer.values.reshape(streams, tail, head_dim),
+        tail_visible.reshape(streams, group * q_len, tail),
+    )
+
+    # Merge the two partial softmaxes: each weighted by its share of the total exp-sum.
+    top = torch.maximum(context_lse, tail_lse)
+    top = top.masked_fill(top == float("-inf"), 0.0)
+    context_weight, tail_weight = torch.exp(context_lse - top), torch.exp(tail_lse - top)
+    output = (context_weight[..., None] * context_out + tail_weight[..., None] * tail_out) / (
+        context_weight + tail_weight
+    )[..., None]
+    output = output.nan_to_num(0.0).view(batch, query_heads, q_len, head_dim)
     return output.to(query.dtype).transpose(1, 2).contiguous()
 
 

@@ -30,8 +30,10 @@ class RaggedLayer(DynamicLayer):
     at rows ``offsets[s]:offsets[s + 1]``, in their original order. positions: ``(L,)`` cache
     position (mask column) of each kept key, kept only where attention can hide context keys from
     later tokens (sliding windows); ``None`` otherwise. context_length: mask columns the compressed
-    context spans (its length before compression, padding included). keys, values: the dense tail
-    ``(B, H, T, head_dim)`` of tokens added after compression, as in ``DynamicLayer``.
+    context spans (its length before compression, padding included). longest: the most positions
+    any stream keeps, a Python int read when the offsets change, so that attention needs no host
+    synchronisation while decoding. keys, values: the dense tail ``(B, H, T, head_dim)`` of tokens
+    added after compression, as in ``DynamicLayer``.
     """
 
     def __init__(
@@ -39,7 +41,8 @@ class RaggedLayer(DynamicLayer):
         context_length: int, positions: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.context_keys, self.context_values, self.offsets = context_keys, context_values, offsets
+        self.context_keys, self.context_values = context_keys, context_values
+        self._set_offsets(offsets)
         self.positions, self.context_length = positions, context_length
         self.batch, self.heads = batch, heads
         self.dtype, self.device = context_keys.dtype, context_keys.device
@@ -58,6 +61,13 @@ class RaggedLayer(DynamicLayer):
         offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
         positions = torch.arange(n, device=keep.device).expand(batch, heads, n)[keep] if keep_positions else None
         return cls(keys[keep], values[keep], offsets, batch, heads, n, positions)
+
+    def _set_offsets(self, offsets: torch.Tensor) -> None:
+        self.offsets = offsets
+        lengths = offsets.diff()
+        self.longest = int(lengths.max()) if len(lengths) else 0
+        # What the varlen kernel reads on every decoding step, made once per change of the offsets.
+        self.offsets_int32, self.empty_streams = offsets.to(torch.int32), lengths == 0
 
     @property
     def context_lengths(self) -> torch.Tensor:
@@ -111,7 +121,8 @@ class RaggedLayer(DynamicLayer):
         self.context_keys, self.context_values = self.context_keys[index], self.context_values[index]
         if self.positions is not None:
             self.positions = self.positions[index]
-        self.offsets, self.batch = offsets, len(rows)
+        self._set_offsets(offsets)
+        self.batch = len(rows)
         tail_rows = rows.to(self.keys.device)
         self.keys, self.values = self.keys[tail_rows], self.values[tail_rows]
 

@@ -60,7 +60,7 @@ def summarize_cache(model: PreTrainedModel, cache: Cache, context_length: int) -
             masked = getattr(module, "masked_key_indices", None)
             if masked is not None:
                 batch_idx, head_idx, _ = masked
-                per_head = per_head - torch.bincount(head_idx[batch_idx == 0], minlength=heads)
+                per_head = per_head - torch.bincount(head_idx[batch_idx == 0].cpu(), minlength=heads)
             bytes_held += layer.keys[:1].nbytes + layer.values[:1].nbytes
         kept.append(per_head.tolist())
         bytes_full += 2 * heads * context_length * head_dim * itemsize
