@@ -1,11 +1,11 @@
 """Speed and memory of KV cache compression: the library behind ``nestedkv bench``.
 
-What is measured, for one model and one context of ``N`` tokens (uniformly random token ids: cost
-does not depend on what the text says), for no compression, NestedKV with ragged storage, NestedKV
+What is measured, for one model and a batch of contexts of ``N`` tokens (uniformly random token
+ids: cost does not depend on what the text says), for no compression, NestedKV with ragged storage, NestedKV
 with kvpress's masking, and KeyDiff, at every compression ratio ``r``:
 
 * KV bytes held right after prefill, from :func:`nestedkv.cache.summarize_cache`;
-* memory (:class:`PeakMemory`): each configuration runs once more in a fresh process started
+* memory (:class:`PeakMemory`): on CPU each configuration runs once more in a fresh process started
   with ``multiprocessing``'s spawn method, so that its high-water mark is its own. In that
   process glibc is told to hand freed blocks of 64 KiB or more back to the OS at once
   (``mallopt``), the model is loaded, its weights paged in and a short generation run, freed heap
@@ -13,9 +13,12 @@ with kvpress's masking, and KeyDiff, at every compression ratio ``r``:
   (``/proc/self/clear_refs``), and the configuration prefills and decodes. Figures are bytes
   above the resident memory just before the prefill: KV cache, activations and the press's
   temporaries. On CUDA they come from the CUDA allocator (``max_memory_allocated`` after
-  ``reset_peak_memory_stats``, above ``memory_allocated`` before the prefill);
+  ``reset_peak_memory_stats``, above ``memory_allocated`` before the prefill), exact and
+  resettable, so the configurations are measured one after another in the benchmark's process;
 * prefill time (median of ``repeats`` runs after ``warmup`` runs), so the press's overhead over
-  an uncompressed prefill; decoding speed (1 / median time of one greedy step). The
+  an uncompressed prefill; decoding speed (batch / median time of one greedy step). On CUDA,
+  cuDNN's SDPA is turned off so that the uncompressed baseline runs FlashAttention (see
+  :func:`run_bench`). The
   configurations take turns, round after round, rather than each running all its repeats in a
   row: on a shared machine whose load drifts, they are then slowed alike.
 
@@ -126,7 +129,7 @@ class BenchSettings:
     scaling_lengths: contexts of the scaling table; those up to ``verify_max_length`` are also
     prefilled for real to check the cache bytes. decode_tokens: timed greedy steps (after
     ``warmup`` untimed ones). repeats / warmup: timed / untimed runs of each measurement.
-    peak_memory: measure memory in fresh processes (the slowest part). seed: of the token ids.
+    peak_memory: measure memory (on CPU in fresh processes: the slowest part). seed: of the token ids.
     """
 
     length: int = 2048
