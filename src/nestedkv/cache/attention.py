@@ -1,17 +1,16 @@
 """Attention over a :class:`~nestedkv.cache.storage.RaggedLayer`, hooked into transformers.
 
 :func:`ragged_attention` reads, for each KV head of each batch row (a *stream*), only that
-stream's packed context plus the dense tail, for all streams at once. The two parts are attended
-separately and merged by their log-sum-exps, as split-KV attention kernels do:
+stream's packed context plus the dense tail, for all streams at once:
 
 * the packed context, on CUDA in half precision, goes to PyTorch's variable-length FlashAttention
   (``torch.nn.attention.varlen``): each stream is one sequence whose queries are its group of
-  query heads, its keys the rows ``offsets[s]:offsets[s + 1]`` of the packed buffer, read in place;
-* elsewhere (CPU, float32, or a layer that keeps key positions) it is gathered into a
-  ``(streams, longest, head_dim)`` block whose missing entries are masked, and one batched matrix
-  product serves every head (:func:`gathered_context_attention`, also the reference the CUDA path
-  is tested against);
-* the dense tail ``(B, H, T, head_dim)`` is one batched product.
+  query heads, its keys the rows ``offsets[s]:offsets[s + 1]`` of the packed buffer, read in place,
+  and the dense tail ``(B, H, T, head_dim)`` is attended apart; the two partial softmaxes are
+  merged by their log-sum-exps, as split-KV attention kernels do;
+* elsewhere (CPU, float32, or a layer that keeps key positions) the context is gathered into a
+  ``(streams, longest, head_dim)`` block whose missing entries are masked (:func:`gathered_context`),
+  the tail appended, and one batched product and one softmax serve every head.
 
 It honours the attention mask transformers built for the layer, whose columns are cache positions
 (the layer reports its logical length): the last ``T`` columns mask the tail (padding, causality),
@@ -61,30 +60,29 @@ def visible_columns(attention_mask: torch.Tensor | None, batch: int, q_len: int)
     return mask[:, 0].expand(batch, q_len, -1) if mask.shape[1] == 1 else mask.any(dim=1).expand(batch, q_len, -1)
 
 
-def _partial_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of scaled float32 ``q (S, R, d)`` over ``keys, values (S, K, d)`` where ``visible``
-    (bool, broadcast to ``(S, R, K)``). ``-> (output (S, R, d) float32, log-sum-exp (S, R))``; a row that
-    sees nothing has output 0 and log-sum-exp -inf."""
-    logits = (q @ keys.float().transpose(1, 2)).masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
-    weights = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
-    return weights @ values.float(), lse
+def _masked_logits(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Logits of scaled float32 ``q (S, R, d)`` against ``keys (S, K, d)``, -inf where not ``visible``
+    (bool, broadcast to ``(S, R, K)``). ``-> (S, R, K)`` float32."""
+    return (q @ keys.float().transpose(1, 2)).masked_fill(~visible, float("-inf"))
 
 
-def gathered_context_attention(
-    q: torch.Tensor, layer: RaggedLayer, visible: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of scaled float32 ``q (streams, group * q_len, d)`` over each stream's packed context.
+def _attend(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Softmax of ``logits (S, R, K)`` applied to ``values (S, K, d)``; a row that sees nothing gets 0."""
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0) @ values.float()
 
-    The context is gathered into a masked ``(streams, longest, d)`` block. ``visible``: bool
-    ``(B, q_len, K)`` mask columns, read at the kept keys' positions where the layer keeps them.
-    ``-> (output (streams, group * q_len, d) float32, log-sum-exp (streams, group * q_len))``.
+
+def gathered_context(
+    layer: RaggedLayer, visible: torch.Tensor | None, rows_per_stream: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each stream's packed context gathered into a ``(streams, longest, d)`` block, with which of its
+    entries each of the stream's ``rows_per_stream`` queries (query heads x new tokens) may read.
+
+    ``visible``: bool ``(B, q_len, K)`` mask columns, read at the kept keys' positions where the layer
+    keeps them. ``-> keys, values (streams, longest, d), visible (streams, 1 or rows_per_stream, longest)``.
     """
-    streams, rows_per_stream, _ = q.shape
     batch, heads, longest = layer.batch, layer.heads, layer.longest
-    slots = torch.arange(longest, device=q.device)
+    streams = batch * heads
+    slots = torch.arange(longest, device=layer.offsets.device)
     present = slots < layer.offsets.diff()[:, None]  # (streams, longest)
     rows = (layer.offsets[:-1, None] + slots).clamp_max(max(layer.context_keys.shape[0] - 1, 0))
     context_visible = present[:, None, :]
@@ -96,11 +94,11 @@ def gathered_context_attention(
         group = rows_per_stream // q_len
         context_visible = (context_visible[:, :, None] & seen).expand(-1, group, -1, -1)
         context_visible = context_visible.reshape(streams, rows_per_stream, longest)
-    return _partial_attention(q, layer.context_keys[rows], layer.context_values[rows], context_visible)
+    return layer.context_keys[rows], layer.context_values[rows], context_visible
 
 
 def _varlen_context_attention(q: torch.Tensor, layer: RaggedLayer, dtype: torch.dtype, scaling: float):
-    """:func:`gathered_context_attention` by variable-length FlashAttention, reading the packed buffer in place.
+    """Attention over each stream's packed context by variable-length FlashAttention, reading the buffer in place.
 
     ``q (streams, R, d)`` unscaled, in the model's half dtype; each stream is a sequence of ``R``
     queries (its query heads x new tokens) over its own kept keys. ``-> (float32 output, log-sum-exp)``.
@@ -141,13 +139,10 @@ def ragged_attention(
     batch, query_heads, q_len, head_dim = query.shape
     heads, tail = layer.heads, layer.keys.shape[-2]
     group, streams = query_heads // heads, batch * heads
-    grouped = query.reshape(streams, group * q_len, head_dim)  # stream s = (b, h) holds query heads h*group...
+    rows_per_stream = group * q_len
+    grouped = query.reshape(streams, rows_per_stream, head_dim)  # stream s = (b, h) holds query heads h*group...
     q = grouped.float() * scaling
     visible = visible_columns(attention_mask, batch, q_len)
-    if uses_varlen_kernel(query, layer):
-        context_out, context_lse = _varlen_context_attention(grouped, layer, query.dtype, scaling)
-    else:
-        context_out, context_lse = gathered_context_attention(q, layer, visible)
 
     device = query.device
     tail_visible = torch.arange(tail, device=device) <= torch.arange(tail - q_len, tail, device=device)[:, None]
@@ -155,19 +150,29 @@ def ragged_attention(
     if visible is not None:
         tail_visible = tail_visible & visible[..., -tail:]
     tail_visible = tail_visible[:, None, None].expand(batch, heads, group, q_len, tail)
-    tail_out, tail_lse = _partial_attention(
-        q, layer.keys.reshape(streams, tail, head_dim), layer.values.reshape(streams, tail, head_dim),
-        tail_visible.reshape(streams, group * q_len, tail),
-    )
+    tail_visible = tail_visible.reshape(streams, rows_per_stream, tail)
+    tail_keys, tail_values = layer.keys.reshape(streams, tail, head_dim), layer.values.reshape(streams, tail, head_dim)
 
-    # Merge the two partial softmaxes: each weighted by its share of the total exp-sum.
-    top = torch.maximum(context_lse, tail_lse)
-    top = top.masked_fill(top == float("-inf"), 0.0)
-    context_weight, tail_weight = torch.exp(context_lse - top), torch.exp(tail_lse - top)
-    output = (context_weight[..., None] * context_out + tail_weight[..., None] * tail_out) / (
-        context_weight + tail_weight
-    )[..., None]
-    output = output.nan_to_num(0.0).view(batch, query_heads, q_len, head_dim)
+    if uses_varlen_kernel(query, layer):
+        context_out, context_lse = _varlen_context_attention(grouped, layer, query.dtype, scaling)
+        tail_logits = _masked_logits(q, tail_keys, tail_visible)
+        tail_lse = torch.logsumexp(tail_logits, dim=-1)
+        tail_out = _attend(tail_logits, tail_values)
+        # Merge the two partial softmaxes, each weighted by its share of the total exp-sum.
+        top = torch.maximum(context_lse, tail_lse)
+        top = top.masked_fill(top == float("-inf"), 0.0)
+        context_weight, tail_weight = torch.exp(context_lse - top), torch.exp(tail_lse - top)
+        output = (context_weight[..., None] * context_out + tail_weight[..., None] * tail_out) / (
+            context_weight + tail_weight
+        )[..., None]
+        output = output.nan_to_num(0.0)
+    else:  # one softmax over the gathered context and the tail (their logits side by side, not their keys)
+        keys, values, context_visible = gathered_context(layer, visible, rows_per_stream)
+        logits = torch.cat([_masked_logits(q, keys, context_visible), _masked_logits(q, tail_keys, tail_visible)], -1)
+        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        longest = keys.shape[1]
+        output = weights[..., :longest] @ values.float() + weights[..., longest:] @ tail_values.float()
+    output = output.view(batch, query_heads, q_len, head_dim)
     return output.to(query.dtype).transpose(1, 2).contiguous()
 
 
