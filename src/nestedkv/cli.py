@@ -303,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"short run: length {quick.length}, r={_joined(quick.ratios)}, scaling to {max(quick.scaling_lengths)}, "
         f"{quick.repeats} repeat, {quick.decode_tokens} decoded tokens (explicit options win)",
     )
-    bench.add_argument("--no-peak-memory", action="store_true", help="skip the fresh-process memory measurements")
+    bench.add_argument(
+        "--no-peak-memory", action="store_true", help="skip the memory measurements (fresh processes on CPU)"
+    )
     bench.add_argument(
         "--random-shape", choices=sorted(RANDOM_SHAPES), default=None,
         help="instead of --model, a randomly initialised model of this shape (speed and memory do not depend on "

@@ -66,9 +66,9 @@ def _masked_logits(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -
     return (q @ keys.float().transpose(1, 2)).masked_fill(~visible, float("-inf"))
 
 
-def _attend(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Softmax of ``logits (S, R, K)`` applied to ``values (S, K, d)``; a row that sees nothing gets 0."""
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0) @ values.float()
+def _weights(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax of ``logits (S, R, K)`` over keys; a row that sees nothing gets zero weights."""
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
 def gathered_context(
@@ -97,16 +97,16 @@ def gathered_context(
     return layer.context_keys[rows], layer.context_values[rows], context_visible
 
 
-def _varlen_context_attention(q: torch.Tensor, layer: RaggedLayer, dtype: torch.dtype, scaling: float):
+def _varlen_context_attention(q: torch.Tensor, layer: RaggedLayer, scaling: float):
     """Attention over each stream's packed context by variable-length FlashAttention, reading the buffer in place.
 
-    ``q (streams, R, d)`` unscaled, in the model's half dtype; each stream is a sequence of ``R``
+    ``q (streams, R, d)`` unscaled, in the layer's half dtype; each stream is a sequence of ``R``
     queries (its query heads x new tokens) over its own kept keys. ``-> (float32 output, log-sum-exp)``.
     """
     streams, rows_per_stream, head_dim = q.shape
     cu_seq_q = torch.arange(0, (streams + 1) * rows_per_stream, rows_per_stream, device=q.device, dtype=torch.int32)
     output, lse = varlen_attn(
-        q.reshape(streams * rows_per_stream, 1, head_dim).to(dtype),
+        q.reshape(streams * rows_per_stream, 1, head_dim),
         layer.context_keys[:, None, :], layer.context_values[:, None, :],
         cu_seq_q, layer.offsets_int32, rows_per_stream, max(layer.longest, 1),
         return_aux=AuxRequest(lse=True), scale=scaling,
@@ -154,10 +154,10 @@ def ragged_attention(
     tail_keys, tail_values = layer.keys.reshape(streams, tail, head_dim), layer.values.reshape(streams, tail, head_dim)
 
     if uses_varlen_kernel(query, layer):
-        context_out, context_lse = _varlen_context_attention(grouped, layer, query.dtype, scaling)
+        context_out, context_lse = _varlen_context_attention(grouped, layer, scaling)
         tail_logits = _masked_logits(q, tail_keys, tail_visible)
         tail_lse = torch.logsumexp(tail_logits, dim=-1)
-        tail_out = _attend(tail_logits, tail_values)
+        tail_out = _weights(tail_logits) @ tail_values.float()
         # Merge the two partial softmaxes, each weighted by its share of the total exp-sum.
         top = torch.maximum(context_lse, tail_lse)
         top = top.masked_fill(top == float("-inf"), 0.0)
@@ -169,7 +169,7 @@ def ragged_attention(
     else:  # one softmax over the gathered context and the tail (their logits side by side, not their keys)
         keys, values, context_visible = gathered_context(layer, visible, rows_per_stream)
         logits = torch.cat([_masked_logits(q, keys, context_visible), _masked_logits(q, tail_keys, tail_visible)], -1)
-        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        weights = _weights(logits)
         longest = keys.shape[1]
         output = weights[..., :longest] @ values.float() + weights[..., longest:] @ tail_values.float()
     output = output.view(batch, query_heads, q_len, head_dim)
