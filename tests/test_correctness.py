@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from kvpress import KeyDiffPress
+from kvpress import CAMPress, ChunkPress, ComposedPress, KeyDiffPress, KnormPress, PerLayerCompressionPress
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from nestedkv.bench.ruler import build_samples
@@ -208,11 +208,59 @@ def test_use_cache_false_warns_and_does_nothing():
     assert torch.equal(got, want)
 
 
-def test_uniform_budget_refuses_a_padded_batch(model, tokenizer, prompts):
+@pytest.mark.parametrize("make_press", [lambda: NestedKVPress(0.5, budget="uniform"),
+                                        lambda: ChunkPress(NestedKVPress(0.5), chunk_length=128)],
+                         ids=["uniform", "chunk-press"])
+def test_a_dense_cache_refuses_a_padded_batch(model, tokenizer, prompts, make_press):
     tokenizer.padding_side = "left"
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with pytest.raises(ValueError, match="cannot hold the different lengths of a padded batch"):
-        prefill(model, encoded, NestedKVPress(0.5, budget="uniform"))
+        prefill(model, encoded, make_press())
+
+
+def greedy(model, input_ids, press, max_new_tokens=12):
+    with torch.no_grad(), press(model):
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True, pad_token_id=0)
+    return torch.stack(out.logits, dim=1), out.past_key_values
+
+
+def test_per_layer_ratios_of_kvpress_reach_each_ragged_layer():
+    tiny, input_ids = tiny_llama(), torch.randint(0, 128, (1, 300))
+    ratios = [0.25, 0.75]
+    logits, cache = greedy(tiny, input_ids, PerLayerCompressionPress(NestedKVPress(), ratios))
+    for layer, ratio in zip(cache.layers, ratios, strict=True):
+        assert int(layer.context_lengths.sum()) == layer.heads * compute_n_kept(300, ratio)
+    masked_logits, _ = greedy(tiny, input_ids, PerLayerCompressionPress(NestedKVPress(storage="masked"), ratios))
+    torch.testing.assert_close(logits, masked_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("head_adaptive", [lambda: NestedKVPress(0.5), lambda: NestedKVPress(0.5, storage="masked"),
+                                           lambda: HeadAdaptivePress(KeyDiffPress(0.5))],
+                         ids=["nestedkv", "nestedkv-masked", "head-adaptive-keydiff"])
+def test_composed_press_refuses_a_head_adaptive_press_before_another(head_adaptive):
+    tiny, input_ids = tiny_llama(), torch.randint(0, 128, (1, 300))
+    with pytest.raises(ValueError, match="must be the last press of a ComposedPress"):
+        greedy(tiny, input_ids, ComposedPress([head_adaptive(), KnormPress(0.5)]))
+
+
+def test_composed_press_with_nestedkv_last_compresses_what_the_first_press_kept():
+    tiny, input_ids = tiny_llama(), torch.randint(0, 128, (1, 300))
+    logits, cache = greedy(tiny, input_ids, ComposedPress([KnormPress(0.5), NestedKVPress(0.5)]))
+    for layer in cache.layers:
+        assert int(layer.context_lengths.sum()) == layer.heads * 75
+    masked_logits, _ = greedy(tiny, input_ids, ComposedPress([KnormPress(0.5), NestedKVPress(0.5, storage="masked")]))
+    torch.testing.assert_close(logits, masked_logits, atol=1e-4, rtol=0)
+
+
+def test_chunk_press_and_cam_press_around_nestedkv_score_with_the_uniform_budget():
+    tiny, input_ids = tiny_llama(), torch.randint(0, 128, (1, 300))
+    _, cache = greedy(tiny, input_ids, ChunkPress(NestedKVPress(0.5), chunk_length=128), max_new_tokens=1)
+    assert all(layer.keys.shape[2] == 64 + 64 + 22 for layer in cache.layers)  # half of each chunk of 128, 128, 44
+    _, cache = greedy(tiny, input_ids[:, :40], CAMPress(NestedKVPress(), compression_interval=16, target_size=48),
+                      max_new_tokens=60)
+    assert all(layer.keys.shape[2] <= 48 + 16 for layer in cache.layers)
 
 
 @pytest.mark.parametrize("field", ["beta", "kappa", "tau", "gap_fraction", "eps", "alpha_safeguard", "window"])

@@ -13,12 +13,13 @@ anything is changed (static caches; quantized caches with ragged storage).
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from kvpress import BasePress, KVPressTextGenerationPipeline, ScorerPress
+from kvpress import BasePress, ComposedPress, KVPressTextGenerationPipeline, ScorerPress
 from kvpress.presses.base_press import is_prefilling
 
 from nestedkv.budgets import BUDGETS, compute_n_kept, head_adaptive_keep
@@ -120,6 +121,25 @@ class _LeavesModelAsFound:
             raise
 
 
+def _refuse_unless_last_in_composed_press(press: BasePress) -> None:
+    """Refuse a head-adaptive press that a kvpress ``ComposedPress`` runs before another press.
+
+    The presses after it would prune a cache whose layout they do not know (a ragged layer's context
+    is not in ``layer.keys``; masked storage's evicted indices would point at moved keys), so, like
+    kvpress's own ``AdaKVPress``, it may only come last. kvpress tells a press nothing of the
+    composition, so the ``ComposedPress`` that is setting this press up is found on the call stack.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        caller = frame.f_locals.get("self")
+        if isinstance(caller, ComposedPress) and any(item is press for item in caller.presses[:-1]):
+            raise ValueError(
+                "a head-adaptive press must be the last press of a ComposedPress (the presses after it cannot "
+                "prune its per-head cache); put it last, or use budget='uniform'"
+            )
+        frame = frame.f_back
+
+
 # --- the presses ----------------------------------------------------------------------------------
 
 
@@ -145,6 +165,7 @@ class HeadAdaptivePress(_LeavesModelAsFound, BasePress):
         check_choice("storage", self.storage, STORAGES)
 
     def post_init_from_model(self, model) -> None:
+        _refuse_unless_last_in_composed_press(self)
         self.press.post_init_from_model(model)
 
     @property
@@ -230,8 +251,10 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVConfig, ScorerPress):
     Every score switch of :class:`~nestedkv.scoring.NestedKVConfig` is a constructor argument.
     ``scales=("global",), budget="uniform", n_sink=0`` ranks exactly as kvpress's ``KeyDiffPress``.
 
-    kvpress wrappers that call :meth:`compress` themselves and store a dense cache (``DecodingPress``,
-    ``ChunkPress``...) get the uniform budget, since a dense cache holds the same count per head.
+    kvpress wrappers that score through :meth:`score` and store a dense cache (``DecodingPress``,
+    ``ChunkPress``, ``CAMPress``) get the uniform budget, since a dense cache holds the same count per
+    head; ``PerLayerCompressionPress`` sets the ratio of each layer; in a ``ComposedPress`` the
+    head-adaptive budget must come last.
     """
 
     budget: str = "head-adaptive"
@@ -245,7 +268,20 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVConfig, ScorerPress):
         check_number("alpha_safeguard", self.alpha_safeguard, low=0, high=1)
         check_choice("storage", self.storage, STORAGES)
 
+    def post_init_from_model(self, model) -> None:
+        if self.budget == "head-adaptive":
+            _refuse_unless_last_in_composed_press(self)
+
     def score(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and real_positions(mask, keys.shape[0], mask.shape[-1]) is not None:
+            # HeadAdaptivePress scores each row of a padded batch alone (without a mask); whoever else
+            # scores padded rows (budget='uniform', kvpress's ChunkPress, DecodingPress...) keeps a dense cache
+            raise ValueError(
+                "a dense cache (budget='uniform', or a kvpress wrapper such as ChunkPress or DecodingPress) cannot "
+                "hold the different lengths of a padded batch's rows; use budget='head-adaptive', or run the rows "
+                "one by one"
+            )
         return nestedkv_score(keys, self)
 
     def check_budget(self, n: int) -> None:
@@ -260,11 +296,6 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVConfig, ScorerPress):
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         if self.compression_ratio == 0:
             return keys, values
-        if real_positions(kwargs.get("attention_mask"), keys.shape[0], keys.shape[2]) is not None:
-            raise ValueError(
-                "budget='uniform' keeps a dense cache, which cannot hold the different lengths of a padded "
-                "batch's rows; use budget='head-adaptive', or run the rows one by one"
-            )
         self.check_budget(keys.shape[2])
         return super().compress(module, hidden_states, keys, values, attentions, kwargs)
 
