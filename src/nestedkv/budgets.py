@@ -27,20 +27,38 @@ def uniform_keep(scores: torch.Tensor, n_kept: int) -> torch.Tensor:
     return keep.scatter_(-1, scores.topk(n_kept, dim=-1).indices, True)
 
 
-def head_adaptive_keep(scores: torch.Tensor, n_kept: int, alpha_safeguard: float = 0.20) -> torch.Tensor:
+def head_adaptive_keep(
+    scores: torch.Tensor,
+    n_kept: int,
+    alpha_safeguard: float = 0.20,
+    *,
+    max_per_head: int | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Head-adaptive keep mask for one layer. ``(B, H, N) -> bool (B, H, N)``.
 
     Each head first keeps its own best ``floor(alpha_safeguard * n_kept)`` positions; the rest of
     the layer budget ``H * n_kept`` goes to the best remaining (head, position) pairs of the layer.
     Every batch row keeps exactly ``H * n_kept`` positions. Scores must be comparable across heads.
+
+    ``max_per_head`` caps what one head may keep (a streaming cache bounds its longest head);
+    ``valid`` (bool ``(B, H, N)``) marks real candidates when heads have different numbers of them
+    (the rest is padding, never kept). A row with too few eligible candidates keeps them all.
     """
     check_number("alpha_safeguard", alpha_safeguard, low=0, high=1)
     batch, heads, n = scores.shape
-    n_safe = int(alpha_safeguard * n_kept)
+    if valid is not None:
+        scores = scores.masked_fill(~valid, -torch.inf)
+    n_safe = min(int(alpha_safeguard * n_kept), n)
     keep = uniform_keep(scores, n_safe)
     # Scores of -inf (some scorers use them) are lifted so that already-kept pairs sort last.
     remaining = scores.clamp_min(torch.finfo(scores.dtype).min).masked_fill(keep, -torch.inf)
+    if max_per_head is not None:
+        remaining = remaining.masked_fill(~uniform_keep(scores, min(max_per_head, n)), -torch.inf)
+    if valid is not None:
+        remaining = remaining.masked_fill(~valid, -torch.inf)
     remaining = remaining.reshape(batch, heads * n)
-    extra = remaining.topk(heads * (n_kept - n_safe), dim=-1).indices
-    return keep.reshape(batch, heads * n).scatter_(-1, extra, True).reshape(batch, heads, n)
-
+    extra = remaining.topk(heads * (n_kept - n_safe), dim=-1)
+    picked = torch.zeros_like(remaining, dtype=torch.bool).scatter_(-1, extra.indices, extra.values > -torch.inf)
+    keep = keep | picked.reshape(batch, heads, n)
+    return keep if valid is None else keep & valid

@@ -349,12 +349,20 @@ def nestedkv_score(keys: torch.Tensor, config: NestedKVConfig | None = None) -> 
 
 def score_heads(keys: torch.Tensor, config: NestedKVConfig) -> torch.Tensor:
     """Steps 1 to 6 of the score on a stack of heads. ``keys (H, N, d) -> scores (H, N)``."""
-    start = config.n_sink
-    normalise = minmax if config.normalisation == "minmax" else rank_normalise
-
     k_hat = normalise_keys(keys, config.eps)  # step 1
     anchor = anchors(k_hat, config)  # step 2
-    a = normalise(scale_anomalies(k_hat, anchor, config), start)  # step 3: (H, S, N), all scales at once
+    return score_anomalies(scale_anomalies(k_hat, anchor, config), config)  # steps 3 to 6
+
+
+def score_anomalies(anomalies: torch.Tensor, config: NestedKVConfig) -> torch.Tensor:
+    """Steps 3 (normalisation) to 6 from the raw cosine anomalies. ``(H, S, N) -> scores (H, N)``.
+
+    Shared by the one-shot score and the streaming one (:mod:`nestedkv.streaming`), which keeps its
+    anchors across compressions and hands over the anomalies of the positions it still holds.
+    """
+    start = config.n_sink
+    normalise = minmax if config.normalisation == "minmax" else rank_normalise
+    a = normalise(anomalies, start)  # step 3: (H, S, N), all scales at once
     gaps = discriminative_gap(a, config.gap_fraction, start)  # step 4: (H, S)
     prior = torch.tensor([config.prior[SCALES.index(s)] for s in config.scales])
     weights = mixing_weights(gaps, prior, config.beta, config.mixing)

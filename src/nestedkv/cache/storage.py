@@ -33,17 +33,21 @@ class RaggedLayer(DynamicLayer):
     context spans (its length before compression, padding included). longest: the most positions
     any stream keeps, a Python int read when the offsets change, so that attention needs no host
     synchronisation while decoding. keys, values: the dense tail ``(B, H, T, head_dim)`` of tokens
-    added after compression, as in ``DynamicLayer``.
+    added after compression, as in ``DynamicLayer``. per_key, per_stream: what a streaming scorer
+    remembers (:mod:`nestedkv.streaming`), tensors whose first axis runs over the kept keys ``(L, ...)``
+    or over the streams ``(B * H, ...)``; batch operations move them with the keys.
     """
 
     def __init__(
         self, context_keys: torch.Tensor, context_values: torch.Tensor, offsets: torch.Tensor, batch: int, heads: int,
-        context_length: int, positions: torch.Tensor | None = None,
+        context_length: int, positions: torch.Tensor | None = None, *,
+        per_key: dict[str, torch.Tensor] | None = None, per_stream: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.context_keys, self.context_values = context_keys, context_values
         self._set_offsets(offsets)
         self.positions, self.context_length = positions, context_length
+        self.per_key, self.per_stream = per_key or {}, per_stream or {}
         self.batch, self.heads = batch, heads
         self.dtype, self.device = context_keys.dtype, context_keys.device
         self.keys = context_keys.new_empty(batch, heads, 0, context_keys.shape[-1])
@@ -76,8 +80,10 @@ class RaggedLayer(DynamicLayer):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: packed context, its offsets (and positions), and the dense tail."""
-        tensors = [self.context_keys, self.context_values, self.offsets, self.keys, self.values]
+        """Bytes held: packed context, its offsets (and positions), the dense tail, and what a streaming
+        scorer remembers."""
+        tensors = [self.context_keys, self.context_values, self.offsets, self.keys, self.values,
+                   *self.per_key.values(), *self.per_stream.values()]
         if self.positions is not None:
             tensors.append(self.positions)
         return sum(t.nbytes for t in tensors)
@@ -121,6 +127,8 @@ class RaggedLayer(DynamicLayer):
         self.context_keys, self.context_values = self.context_keys[index], self.context_values[index]
         if self.positions is not None:
             self.positions = self.positions[index]
+        self.per_key = {name: tensor[index] for name, tensor in self.per_key.items()}
+        self.per_stream = {name: tensor[streams] for name, tensor in self.per_stream.items()}
         self._set_offsets(offsets)
         self.batch = len(rows)
         tail_rows = rows.to(self.keys.device)

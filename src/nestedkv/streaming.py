@@ -1,0 +1,255 @@
+"""A cache that stays within a budget while it grows: chunked prefill, compression while decoding, multi-turn.
+
+:class:`BudgetedPress` keeps every layer of the cache near ``budget`` positions per KV head,
+whatever the length of the prompt, the turns or the generation: after a forward pass of several
+tokens (a prompt, a chunk of one, a new turn) the layer is brought back to the budget, and while
+decoding it is brought back every ``interval`` tokens. Each compression re-scores what the layer
+holds (the positions kept so far and the tokens added since) with NestedKV, chooses head-adaptive
+budgets (AdaKV) capped at ``budget + head_slack`` positions per head, and repacks the survivors in a
+:class:`~nestedkv.cache.RaggedLayer`, so evicted memory is freed. Between compressions a layer holds
+at most ``budget + interval`` positions per head on average and ``budget + head_slack + interval``
+in its longest head (:func:`prefill_in_chunks` adds at most one chunk to that while prefilling).
+
+NestedKV's anchors in a stream. The score compares each key with three anchors; once keys are
+evicted they must not be forgotten by the anchors, so each stream (one batch row's KV head) keeps,
+in the ragged layer's ``per_stream`` memory, everything they need (``d`` = head dim):
+
+* global: the sum of every normalised key seen, evicted or not (``(d,)``); the anchor is the sum
+  divided by the tokens seen;
+* block: the sum of every normalised key of each block of ``block_size`` positions (``(n_blocks, d)``);
+  a closed block's mean never changes, the open one's follows its keys;
+* window: each key's anomaly against the mean of the ``window`` keys ending at it is fixed once the
+  key is seen (the window is causal), so it is computed then, from the last ``window - 1`` keys
+  seen (``(window - 1, d)``), and kept beside the key in ``per_key``, with the key's position.
+
+The anomalies of the held keys against these anchors then go through the paper's steps 3 to 6
+(:func:`nestedkv.scoring.score_anomalies`: min-max over the held positions, head-adaptive mixing,
+surprise gate, pinned sinks and recent positions). Before anything is evicted this is the one-shot
+score of :func:`nestedkv.scoring.nestedkv_score` with the same block size. A compression of a layer
+holding ``M`` positions per head and ``T`` new ones costs ``O((M + T) d)`` per head plus a
+``(B, H * (M + T))`` top-k; the memory added is ``(n_blocks + window + 1) d`` floats per stream and
+two numbers per kept key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from kvpress import BasePress
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+
+from nestedkv.budgets import head_adaptive_keep
+from nestedkv.cache import RaggedLayer
+from nestedkv.press import _can_hide_context, _LeavesModelAsFound, _no_cache, compressible, real_positions
+from nestedkv.scoring import (
+    NestedKVConfig,
+    check_context_length,
+    cosine_anomaly,
+    normalise_keys,
+    score_anomalies,
+    window_means,
+)
+from nestedkv.validation import check_number
+
+STREAM_BLOCK_SIZE = 128
+"""Block size when the config names none: the paper's ``clip(N // 32, 128, 256)`` needs the final
+length N, which a stream does not know; 128 is its value up to 4k tokens."""
+
+
+# --- the anchors' memory, as pure functions on one layer's streams ---------------------------------
+
+
+def remember(memory: dict[str, torch.Tensor], k_hat: torch.Tensor, seen: int, config: NestedKVConfig) -> torch.Tensor:
+    """Add new normalised keys to the anchors' memory; return their window anomalies.
+
+    memory: per stream ``global_sum (S, d)``, ``block_sums (S, n_blocks, d)``, ``recent_keys (S, <= W - 1, d)``
+    (empty dict for a new stream); k_hat: ``(S, T, d)`` the keys at positions ``seen .. seen + T - 1``.
+    ``-> (S, T)`` the anomaly of each new key against the mean of the ``window`` keys ending at it.
+    """
+    streams, t, d = k_hat.shape
+    block_size = config.block_size or STREAM_BLOCK_SIZE
+    total = seen + t
+    if not memory:
+        memory.update(global_sum=k_hat.new_zeros(streams, d), block_sums=k_hat.new_zeros(streams, 0, d),
+                      recent_keys=k_hat.new_zeros(streams, 0, d))
+    memory["global_sum"] = memory["global_sum"] + k_hat.sum(dim=1)
+    blocks = memory["block_sums"]
+    grown = blocks.new_zeros(streams, math.ceil(total / block_size), d)
+    grown[:, : blocks.shape[1]] = blocks
+    block_of = torch.arange(seen, total, device=k_hat.device) // block_size
+    memory["block_sums"] = grown.index_add_(1, block_of, k_hat)
+    recent_and_new = torch.cat([memory["recent_keys"], k_hat], dim=1)
+    memory["recent_keys"] = recent_and_new[:, -(config.window - 1) :] if config.window > 1 else recent_and_new[:, :0]
+    centre = recent_and_new.mean(dim=1, keepdim=True)
+    prefix = torch.nn.functional.pad((recent_and_new - centre).cumsum(dim=1), (0, 0, 1, 0))
+    window_anchor = window_means(prefix, centre, config.window)[:, -t:]
+    return cosine_anomaly(k_hat, window_anchor, config.eps)
+
+
+def stream_anomalies(
+    k_hat: torch.Tensor, positions: torch.Tensor, window_anomaly: torch.Tensor, global_sum: torch.Tensor,
+    block_sums: torch.Tensor, seen: int, config: NestedKVConfig,
+) -> torch.Tensor:
+    """Raw anomalies of one stream's held keys against its remembered anchors. ``-> (S_scales, N)``.
+
+    k_hat ``(N, d)``, positions ``(N,)``, window_anomaly ``(N,)``: the held keys, in position order;
+    global_sum ``(d,)`` and block_sums ``(n_blocks, d)`` over all ``seen`` keys.
+    """
+    block_size = config.block_size or STREAM_BLOCK_SIZE
+    per_scale = []
+    for scale in config.scales:
+        if scale == "global":
+            per_scale.append(cosine_anomaly(k_hat, (global_sum / seen)[None], config.eps))
+        elif scale == "block":
+            block = positions // block_size
+            counts = (seen - block * block_size).clamp_max(block_size).unsqueeze(-1)
+            per_scale.append(cosine_anomaly(k_hat, block_sums[block] / counts, config.eps))
+        else:
+            per_scale.append(window_anomaly)
+    return torch.stack(per_scale)
+
+
+def held_scores(
+    held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], memory: dict[str, torch.Tensor], seen: int,
+    config: NestedKVConfig,
+) -> torch.Tensor:
+    """NestedKV scores of what each stream holds. held: per stream (keys ``(N_s, d)``, positions ``(N_s,)``,
+    window anomalies ``(N_s,)``) in position order; ``-> (streams, max N_s)``, ``-inf`` past each stream's end."""
+    scores = torch.full((len(held), max(len(keys) for keys, *_ in held)), -torch.inf, device=held[0][0].device)
+    for s, (keys, positions, window) in enumerate(held):
+        k_hat = normalise_keys(keys, config.eps)
+        raw = stream_anomalies(k_hat, positions, window, memory["global_sum"][s], memory["block_sums"][s], seen, config)
+        scores[s, : len(keys)] = score_anomalies(raw[None], config)[0]
+    return scores
+
+
+def compress_layer(
+    layer: DynamicLayer, budget: int, max_per_head: int, alpha_safeguard: float, config: NestedKVConfig,
+    keep_positions: bool = False,
+) -> RaggedLayer:
+    """Bring one layer back to ``budget`` positions per head on average (at most ``max_per_head`` in
+    any head): score what it holds, keep the best, repack. A plain layer holds positions ``0..T-1``;
+    a ragged layer made here holds its kept context plus the tail added since."""
+    tail_keys, tail_values = layer.keys, layer.values
+    batch, heads, t, d = tail_keys.shape
+    streams = batch * heads
+    if isinstance(layer, RaggedLayer):
+        seen, memory = layer.context_length, dict(layer.per_stream)
+        offsets, context = layer.offsets.tolist(), (layer.context_keys, layer.context_values)
+        held_positions, held_window = layer.per_key["position"], layer.per_key["window_anomaly"]
+    else:
+        seen, memory, offsets = 0, {}, [0] * (streams + 1)
+        context = (tail_keys.new_empty(0, d), tail_values.new_empty(0, d))
+        held_positions, held_window = torch.empty(0, dtype=torch.long), tail_keys.new_empty(0, dtype=torch.float32)
+    check_context_length(seen + t, config)
+    new_k_hat = normalise_keys(tail_keys, config.eps).reshape(streams, t, d)
+    new_window = remember(memory, new_k_hat, seen, config)
+    new_positions = torch.arange(seen, seen + t, device=tail_keys.device)
+    seen += t
+
+    # Every stream's candidates: its kept context, then the tail, in position order.
+    candidates = []
+    for s in range(streams):
+        start, end = offsets[s], offsets[s + 1]
+        row, head = divmod(s, heads)
+        candidates.append((
+            torch.cat([context[0][start:end], tail_keys[row, head]]),
+            torch.cat([context[1][start:end], tail_values[row, head]]),
+            torch.cat([held_positions[start:end].to(new_positions.device), new_positions]),
+            torch.cat([held_window[start:end].to(new_window.device), new_window[s]]),
+        ))
+    scores = held_scores([(keys, positions, window) for keys, _, positions, window in candidates], memory, seen, config)
+    longest = scores.shape[-1]
+    lengths = torch.tensor([len(keys) for keys, *_ in candidates], device=scores.device)
+    valid = torch.arange(longest, device=scores.device) < lengths[:, None]
+    keep = head_adaptive_keep(scores.view(batch, heads, longest), min(budget, longest), alpha_safeguard,
+                              max_per_head=max_per_head, valid=valid.view(batch, heads, longest)).view(streams, -1)
+
+    kept = [tuple(part[keep[s, : len(part)]] for part in candidate) for s, candidate in enumerate(candidates)]
+    kept_lengths = torch.tensor([len(keys) for keys, *_ in kept])
+    offsets = torch.nn.functional.pad(kept_lengths.cumsum(0), (1, 0)).to(tail_keys.device)
+    keys, values, positions, window = (torch.cat(parts) for parts in zip(*kept, strict=True))
+    return RaggedLayer(keys, values, offsets, batch, heads, seen, positions if keep_positions else None,
+                       per_key={"position": positions, "window_anomaly": window}, per_stream=memory)
+
+
+def held_per_head(layer: DynamicLayer) -> tuple[float, int]:
+    """(average, most) positions one KV head of the layer holds: kept context plus tail."""
+    tail = layer.keys.shape[-2]
+    if not isinstance(layer, RaggedLayer):
+        return float(tail), tail
+    return int(layer.offsets[-1]) / len(layer.offsets[:-1]) + tail, layer.longest + tail
+
+
+# --- the press ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class BudgetedPress(_LeavesModelAsFound, BasePress):
+    """Keep the cache within ``budget`` positions per KV head whatever comes: NestedKV in a stream.
+
+    budget: positions per KV head (on average over a layer's heads) after each compression.
+    interval: decoding steps between compressions, the slack the cache may grow by.
+    head_slack: how many more than ``budget`` one head may keep (head-adaptive budgets).
+    Works as a context manager around ``model(...)``, ``model.generate`` or a chat loop, with the
+    default dynamic cache; a padded batch is refused (rows of different lengths: run them one by one).
+    """
+
+    budget: int = 512
+    interval: int = 16
+    head_slack: int = 16
+    alpha_safeguard: float = 0.20
+    config: NestedKVConfig = field(default_factory=NestedKVConfig)
+
+    def __post_init__(self) -> None:
+        check_number("budget", self.budget, low=1, integer=True)
+        check_number("interval", self.interval, low=1, integer=True)
+        check_number("head_slack", self.head_slack, low=0, integer=True)
+        check_number("alpha_safeguard", self.alpha_safeguard, low=0, high=1)
+        protected = self.config.n_sink + self.config.n_recent
+        if self.budget <= protected:
+            raise ValueError(f"budget {self.budget} must be above the {protected} sink + recent positions always kept")
+
+    def forward_hook(self, module, input, kwargs, output):
+        if _no_cache(kwargs):
+            return output
+        cache, hidden_states = kwargs["past_key_values"], kwargs["hidden_states"]
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and real_positions(mask, hidden_states.shape[0], mask.shape[-1]) is not None:
+            raise ValueError("a budgeted cache cannot hold a padded batch (rows of different lengths); "
+                             "run the rows one by one")
+        layer = cache.layers[module.layer_idx]
+        if not compressible(layer, "ragged"):
+            return output
+        if isinstance(layer, RaggedLayer) and "global_sum" not in layer.per_stream:
+            raise ValueError("this cache was compressed by another press and cannot be kept within a budget; "
+                             "start from a new cache")
+        average, _ = held_per_head(layer)
+        new_tokens = hidden_states.shape[1]
+        due = new_tokens > 1 or layer.keys.shape[-2] >= self.interval
+        if due and average > self.budget:
+            cache.layers[module.layer_idx] = compress_layer(
+                layer, self.budget, self.budget + self.head_slack, self.alpha_safeguard, self.config,
+                keep_positions=_can_hide_context(module),
+            )
+        return output
+
+
+def prefill_in_chunks(
+    model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache | None = None, chunk_size: int = 512
+) -> DynamicCache:
+    """Feed ``input_ids (B, N)`` to the model ``chunk_size`` tokens at a time, into ``cache`` (a new
+    one if ``None``); returns the cache. Under a :class:`BudgetedPress` each chunk is compressed back to
+    the budget before the next one attends to it, so peak cache memory depends on budget + chunk, not
+    on N. The positions continue from what the cache already holds (a new turn). To generate next,
+    prefill all but the last token and pass all of them to ``generate(..., past_key_values=cache)``.
+    """
+    check_number("chunk_size", chunk_size, low=1, integer=True)
+    cache = DynamicCache() if cache is None else cache
+    with torch.no_grad():
+        for start in range(0, input_ids.shape[1], chunk_size):
+            model(input_ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True)
+    return cache
