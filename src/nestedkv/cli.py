@@ -26,10 +26,13 @@ from nestedkv.bench.speed import (
     run_bench,
 )
 from nestedkv.bench.store import ResultStore
+from nestedkv.chat import Chat
 from nestedkv.files import check_new_file, check_output_dir, check_readable, file_error, read_text
 from nestedkv.generate import answer_question
 from nestedkv.models import DEFAULT_MODEL, check_device, check_fits, check_load_options, load_model, parse_dtype
 from nestedkv.press import NestedKVPress
+from nestedkv.streaming import BudgetedPress
+from nestedkv.validation import check_number
 
 DEMO_RATIO = 0.75
 
@@ -142,6 +145,44 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"answer:   {(answer_prefix or '') + answer.text}".rstrip())
     print(f"press:    NestedKV, compression ratio {press.compression_ratio} ({press.budget} budget, {press.storage})")
     print(answer.cache.format())
+
+
+def _user_turns(interactive: bool):
+    """The user's turns: typed at a ``you>`` prompt in a terminal, else one per line of standard input."""
+    while True:
+        try:
+            line = input("you> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            return
+        if not interactive and not line:
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def _chat(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    press = BudgetedPress(budget=args.budget, interval=args.interval, head_slack=args.head_slack)
+    check_number("--chunk-size", args.chunk_size, low=1, integer=True)
+    context = None
+    if args.context is not None:
+        context = read_text(args.context, "context file")
+        if not context.strip():
+            raise ValueError(f"context file {args.context} is empty")
+    _check_model_options(args)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    chat = Chat(model, tokenizer, press, context=context, chunk_size=args.chunk_size,
+                max_new_tokens=args.max_new_tokens)
+    interactive = sys.stdin.isatty()
+    if context is not None:
+        print(f"context: {args.context}")
+        print(chat.status().format(), flush=True)
+    for turn in _user_turns(interactive):
+        if not interactive:
+            print(f"you> {turn}")
+        print(f"assistant> {chat.say(turn)}")
+        print(chat.status().format(), flush=True)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -276,6 +317,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_press_options(generate)
     generate.set_defaults(run=_generate)
+
+    chat = commands.add_parser(
+        "chat",
+        help="chat with the model, its cache kept within a budget (NestedKV in a stream)",
+        description="A chat whose KV cache never holds much more than --budget positions per KV head: prompts are "
+        "prefilled in chunks and compressed after each, answers are compressed while they are generated. After "
+        "the context and after each turn a status line says: seen <tokens of the conversation> held <the most "
+        "positions a KV head keeps> cache <bytes>. In a terminal, type a turn at the prompt (Ctrl-D ends); "
+        "otherwise each line of standard input is one user turn.",
+    )
+    chat.add_argument("--budget", type=int, default=512, help="positions per KV head the cache keeps (default: 512)")
+    chat.add_argument("--context", help="text file: a document that opens the conversation (the system message)")
+    chat.add_argument("--interval", type=int, default=16,
+                      help="generated tokens between compressions: the cache's slack (default: 16)")
+    chat.add_argument("--head-slack", type=int, default=16,
+                      help="positions one KV head may keep above the budget (head-adaptive budgets; default: 16)")
+    chat.add_argument("--chunk-size", type=int, default=512, help="tokens prefilled at a time (default: 512)")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="answer tokens per turn (default: 256)")
+    add_model_options(chat)
+    chat.set_defaults(run=_chat)
 
     bench = commands.add_parser(
         "bench",
