@@ -1,5 +1,6 @@
 """The command line as a user runs it (the model is the session's real default model)."""
 
+import io
 import json
 from pathlib import Path
 
@@ -143,6 +144,12 @@ RULER_FILE = str(Path(__file__).parent / "data" / "hub" / "ruler_4096.jsonl")
         (["bench", "--out", "{afile}"], "--out {afile} already exists"),
         (["bench", "--out", "{tmp}"], "--out {tmp} is a directory"),
         (["bench", "--length", "9000"], "--length 9000 plus"),
+        (["chat", "--budget", "4"], "budget 4 must be above the 4 sink + recent positions"),
+        (["chat", "--interval", "0"], "interval must be"),
+        (["chat", "--chunk-size", "0"], "--chunk-size must be"),
+        (["chat", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["chat", "--context", "{empty}"], "context file {empty} is empty"),
+        (["chat", "--context", "/nonexistent/doc.txt"], "cannot read context file /nonexistent/doc.txt: no such file"),
     ],
 )
 def test_bad_input_is_a_one_line_error(argv, message, bad_files, no_model_load, capsys):
@@ -182,6 +189,19 @@ def test_ctrl_c_during_eval_keeps_the_results(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "write_report", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
     assert cli.main(["report", "--results", str(tmp_path)]) == 130
     assert capsys.readouterr().err == "nestedkv: interrupted\n"
+
+
+def test_chat_reads_one_turn_per_line_and_reports_the_cache_after_each(session_model, capsys, tmp_path, monkeypatch):
+    context = tmp_path / "doc.txt"
+    context.write_text(cli.demo_sample()["context"], encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello!\n\nWhat is this text about?\n"))
+    assert cli.main(["chat", "--budget", "256", "--context", str(context), "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    statuses = [line.split() for line in out.splitlines() if line.startswith("seen ")]
+    assert len(statuses) == 3 and out.count("assistant> ") == 2 and "you> Hello!" in out  # blank line skipped
+    seen = [int(status[1]) for status in statuses]
+    assert seen[0] > 2500 and seen[0] < seen[1] < seen[2]
+    assert all(int(status[3]) <= 256 + 16 + 16 for status in statuses)
 
 
 def test_context_longer_than_the_window_is_refused(session_model, capsys, tmp_path):

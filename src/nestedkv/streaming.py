@@ -17,7 +17,8 @@ in the ragged layer's ``per_stream`` memory, everything they need (``d`` = head 
 * global: the sum of every normalised key seen, evicted or not (``(d,)``); the anchor is the sum
   divided by the tokens seen;
 * block: the sum of every normalised key of each block of ``block_size`` positions (``(n_blocks, d)``);
-  a closed block's mean never changes, the open one's follows its keys;
+  a closed block's mean never changes, the open one's follows its keys; a closed block none of whose
+  keys is held any more is forgotten (no held key needs it), so this memory is bounded by the budget;
 * window: each key's anomaly against the mean of the ``window`` keys ending at it is fixed once the
   key is seen (the window is causal), so it is computed then, from the last ``window - 1`` keys
   seen (``(window - 1, d)``), and kept beside the key in ``per_key``, with the key's position.
@@ -27,13 +28,12 @@ The anomalies of the held keys against these anchors then go through the paper's
 surprise gate, pinned sinks and recent positions). Before anything is evicted this is the one-shot
 score of :func:`nestedkv.scoring.nestedkv_score` with the same block size. A compression of a layer
 holding ``M`` positions per head and ``T`` new ones costs ``O((M + T) d)`` per head plus a
-``(B, H * (M + T))`` top-k; the memory added is ``(n_blocks + window + 1) d`` floats per stream and
-two numbers per kept key.
+``(B, H * (M + T))`` top-k; the memory added is ``(n_blocks + window + 1) d`` floats per stream
+(``n_blocks``: the blocks with a held key, plus the open one) and two numbers per kept key.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -65,22 +65,26 @@ length N, which a stream does not know; 128 is its value up to 4k tokens."""
 def remember(memory: dict[str, torch.Tensor], k_hat: torch.Tensor, seen: int, config: NestedKVConfig) -> torch.Tensor:
     """Add new normalised keys to the anchors' memory; return their window anomalies.
 
-    memory: per stream ``global_sum (S, d)``, ``block_sums (S, n_blocks, d)``, ``recent_keys (S, <= W - 1, d)``
-    (empty dict for a new stream); k_hat: ``(S, T, d)`` the keys at positions ``seen .. seen + T - 1``.
+    memory: per stream ``global_sum (S, d)``, ``block_sums (S, n_blocks, d)`` of the blocks numbered
+    ``block_ids (S, n_blocks)`` (sorted, the same in every stream), ``recent_keys (S, <= W - 1, d)``
+    (an empty dict for new streams);
+    k_hat: ``(S, T, d)`` the keys at positions ``seen .. seen + T - 1``.
     ``-> (S, T)`` the anomaly of each new key against the mean of the ``window`` keys ending at it.
     """
     streams, t, d = k_hat.shape
     block_size = config.block_size or STREAM_BLOCK_SIZE
-    total = seen + t
     if not memory:
         memory.update(global_sum=k_hat.new_zeros(streams, d), block_sums=k_hat.new_zeros(streams, 0, d),
+                      block_ids=torch.zeros(streams, 0, dtype=torch.long, device=k_hat.device),
                       recent_keys=k_hat.new_zeros(streams, 0, d))
     memory["global_sum"] = memory["global_sum"] + k_hat.sum(dim=1)
-    blocks = memory["block_sums"]
-    grown = blocks.new_zeros(streams, math.ceil(total / block_size), d)
-    grown[:, : blocks.shape[1]] = blocks
-    block_of = torch.arange(seen, total, device=k_hat.device) // block_size
-    memory["block_sums"] = grown.index_add_(1, block_of, k_hat)
+    block_of = torch.arange(seen, seen + t, device=k_hat.device) // block_size
+    known = memory["block_ids"][0]
+    ids = torch.cat([known, block_of]).unique()  # sorted
+    sums = k_hat.new_zeros(streams, len(ids), d)
+    sums[:, torch.searchsorted(ids, known)] = memory["block_sums"]
+    memory["block_sums"] = sums.index_add_(1, torch.searchsorted(ids, block_of), k_hat)
+    memory["block_ids"] = ids.expand(streams, -1)
     recent_and_new = torch.cat([memory["recent_keys"], k_hat], dim=1)
     memory["recent_keys"] = recent_and_new[:, -(config.window - 1) :] if config.window > 1 else recent_and_new[:, :0]
     centre = recent_and_new.mean(dim=1, keepdim=True)
@@ -89,14 +93,26 @@ def remember(memory: dict[str, torch.Tensor], k_hat: torch.Tensor, seen: int, co
     return cosine_anomaly(k_hat, window_anchor, config.eps)
 
 
+def forget_blocks(
+    memory: dict[str, torch.Tensor], held_positions: torch.Tensor, seen: int, config: NestedKVConfig
+) -> None:
+    """Drop the sums of closed blocks none of whose keys is held any more (no held key needs their anchor),
+    so the memory stays bounded by what is held. held_positions: every position any stream holds."""
+    block_size = config.block_size or STREAM_BLOCK_SIZE
+    needed = torch.cat([held_positions // block_size, held_positions.new_tensor([(seen - 1) // block_size])])
+    keep = torch.isin(memory["block_ids"][0], needed.to(memory["block_ids"].device))
+    memory["block_ids"], memory["block_sums"] = memory["block_ids"][:, keep], memory["block_sums"][:, keep]
+
+
 def stream_anomalies(
     k_hat: torch.Tensor, positions: torch.Tensor, window_anomaly: torch.Tensor, global_sum: torch.Tensor,
-    block_sums: torch.Tensor, seen: int, config: NestedKVConfig,
+    block_sums: torch.Tensor, block_ids: torch.Tensor, seen: int, config: NestedKVConfig,
 ) -> torch.Tensor:
     """Raw anomalies of one stream's held keys against its remembered anchors. ``-> (S_scales, N)``.
 
     k_hat ``(N, d)``, positions ``(N,)``, window_anomaly ``(N,)``: the held keys, in position order;
-    global_sum ``(d,)`` and block_sums ``(n_blocks, d)`` over all ``seen`` keys.
+    global_sum ``(d,)`` over all ``seen`` keys; block_sums ``(n_blocks, d)`` of the blocks ``block_ids``,
+    which include every held key's block.
     """
     block_size = config.block_size or STREAM_BLOCK_SIZE
     per_scale = []
@@ -106,7 +122,8 @@ def stream_anomalies(
         elif scale == "block":
             block = positions // block_size
             counts = (seen - block * block_size).clamp_max(block_size).unsqueeze(-1)
-            per_scale.append(cosine_anomaly(k_hat, block_sums[block] / counts, config.eps))
+            means = block_sums[torch.searchsorted(block_ids, block)] / counts
+            per_scale.append(cosine_anomaly(k_hat, means, config.eps))
         else:
             per_scale.append(window_anomaly)
     return torch.stack(per_scale)
@@ -121,7 +138,8 @@ def held_scores(
     scores = torch.full((len(held), max(len(keys) for keys, *_ in held)), -torch.inf, device=held[0][0].device)
     for s, (keys, positions, window) in enumerate(held):
         k_hat = normalise_keys(keys, config.eps)
-        raw = stream_anomalies(k_hat, positions, window, memory["global_sum"][s], memory["block_sums"][s], seen, config)
+        raw = stream_anomalies(k_hat, positions, window, memory["global_sum"][s], memory["block_sums"][s],
+                              memory["block_ids"][s], seen, config)
         scores[s, : len(keys)] = score_anomalies(raw[None], config)[0]
     return scores
 
@@ -172,6 +190,7 @@ def compress_layer(
     kept_lengths = torch.tensor([len(keys) for keys, *_ in kept])
     offsets = torch.nn.functional.pad(kept_lengths.cumsum(0), (1, 0)).to(tail_keys.device)
     keys, values, positions, window = (torch.cat(parts) for parts in zip(*kept, strict=True))
+    forget_blocks(memory, positions, seen, config)
     return RaggedLayer(keys, values, offsets, batch, heads, seen, positions if keep_positions else None,
                        per_key={"position": positions, "window_anomaly": window}, per_stream=memory)
 

@@ -1,0 +1,179 @@
+"""The budgeted cache (issue 13): streaming anchors, chunked prefill, compression while decoding, chat."""
+
+import pytest
+import torch
+from test_correctness import tiny_llama
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from nestedkv import NestedKVPress
+from nestedkv.budgets import head_adaptive_keep
+from nestedkv.cache import RaggedLayer
+from nestedkv.chat import Chat
+from nestedkv.cli import demo_sample
+from nestedkv.scoring import NestedKVConfig, nestedkv_score, normalise_keys
+from nestedkv.streaming import BudgetedPress, held_per_head, held_scores, prefill_in_chunks, remember
+
+
+@pytest.mark.parametrize("arrivals", [(640,), (100, 300, 240), (1,) * 5 + (635,), (127, 1, 512)])
+def test_streaming_score_before_any_eviction_is_the_one_shot_score(arrivals):
+    torch.manual_seed(0)
+    keys = torch.randn(1, 3, sum(arrivals), 16) + torch.randn(1, 3, 1, 16)  # a shared direction, as real keys have
+    config = NestedKVConfig(block_size=128)
+    k_hat = normalise_keys(keys, config.eps)[0]
+    memory, windows, seen = {}, [], 0
+    for t in arrivals:
+        windows.append(remember(memory, k_hat[:, seen : seen + t], seen, config))
+        seen += t
+    window = torch.cat(windows, dim=1)
+    positions = torch.arange(seen)
+    held = [(keys[0, h], positions, window[h]) for h in range(3)]
+    torch.testing.assert_close(held_scores(held, memory, seen, config), nestedkv_score(keys, config)[0],
+                               atol=1e-5, rtol=0)
+
+
+def test_head_adaptive_keep_caps_each_head_and_never_keeps_an_invalid_candidate():
+    torch.manual_seed(1)
+    scores = torch.rand(2, 3, 50)
+    scores[0, 0] += 1  # head 0 of row 0 would take most of the layer's budget uncapped
+    valid = torch.arange(50) < torch.tensor([[50, 40, 30], [20, 50, 45]])[..., None]
+    keep = head_adaptive_keep(scores, 12, 0.2, max_per_head=15, valid=valid)
+    assert keep.sum(-1).max() <= 15
+    assert not (keep & ~valid).any()
+    assert keep.sum((1, 2)).tolist() == [36, 36]
+    assert head_adaptive_keep(scores, 12, 0.2).sum(-1)[0, 0] > 15  # the cap did something
+
+
+def held_positions(layer) -> list[set[int]]:
+    """Per (row, head) stream, the positions a cache layer holds."""
+    tail = layer.keys.shape[-2]
+    streams = layer.keys.shape[0] * layer.keys.shape[1]
+    seen = layer.context_length if isinstance(layer, RaggedLayer) else 0
+    tail_positions = set(range(seen, seen + tail))
+    if not isinstance(layer, RaggedLayer):
+        return [set(tail_positions) for _ in range(streams)]
+    offsets, positions = layer.offsets.tolist(), layer.per_key["position"].tolist()
+    return [set(positions[offsets[s] : offsets[s + 1]]) | tail_positions for s in range(streams)]
+
+
+def hidden_key_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Reference attention for one unpadded sequence: dense causal softmax in float64 in which the keys
+    ``module.hidden_keys`` (bool ``(B, H_kv, K)``, True = hidden) get no weight."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1).double(), value.repeat_interleave(groups, 1).double()
+    logits = query.double() @ key.transpose(-1, -2) * scaling
+    q, k = logits.shape[-2:]
+    hidden = torch.ones(q, k, dtype=torch.bool).triu(k - q + 1)
+    if getattr(module, "hidden_keys", None) is not None:
+        hidden = hidden | module.hidden_keys.repeat_interleave(groups, 1)[..., None, :k]
+    weights = logits.masked_fill(hidden, -torch.inf).softmax(-1)
+    return (weights @ value).to(query.dtype).transpose(1, 2).contiguous(), weights
+
+
+AttentionInterface.register("hidden_keys", hidden_key_attention)
+AttentionMaskInterface.register("hidden_keys", sdpa_mask)
+
+
+def test_compressions_give_what_the_masked_computation_gives_for_the_held_positions():
+    """Chunked prefill then decoding under a small budget, step by step against a dense cache in which
+    a reference attention hides what the budgeted cache had evicted before each forward pass."""
+    model, reference = tiny_llama(), tiny_llama()
+    reference.config._attn_implementation = "hidden_keys"
+    torch.manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (1, 260))
+    steps = [ids[:, s : s + 50] for s in range(0, 200, 50)] + [ids[:, s : s + 1] for s in range(200, 260)]
+    press = BudgetedPress(budget=40, interval=6, head_slack=8)
+    budgeted, dense, compressed = DynamicCache(), DynamicCache(), 0
+    heads = model.config.num_key_value_heads
+    with torch.no_grad():
+        for step in steps:
+            expected = reference(step, past_key_values=dense).logits
+            with press(model):
+                got = model(step, past_key_values=budgeted).logits
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+            seen = budgeted.get_seq_length()
+            for layer, module in zip(budgeted.layers, reference.model.layers, strict=True):
+                hidden = torch.ones(1, heads, seen + 50, dtype=torch.bool)  # room for the next step's keys
+                hidden[..., seen:] = False
+                for stream, kept in enumerate(held_positions(layer)):
+                    hidden[stream // heads, stream % heads, sorted(kept)] = False
+                module.self_attn.hidden_keys = hidden
+                average, most = held_per_head(layer)
+                assert average <= press.budget + max(press.interval, 50)
+                assert most <= press.budget + press.head_slack + max(press.interval, 50)
+            compressed += isinstance(budgeted.layers[0], RaggedLayer)
+    assert seen == ids.shape[1]
+    assert compressed > 50  # compressed while prefilling and while decoding, not only at the end
+    assert max(len(kept) for kept in held_positions(budgeted.layers[0])) < 70
+
+
+@pytest.fixture(scope="module")
+def demo_ids(tokenizer):
+    return tokenizer(demo_sample()["context"], return_tensors="pt").input_ids
+
+
+def test_chunked_prefill_equals_ordinary_prefill_when_the_budget_holds_everything(model, demo_ids):
+    ids = demo_ids[:, :700]
+    with torch.no_grad():
+        expected = model(ids, past_key_values=DynamicCache()).logits[:, -1]
+        with BudgetedPress(budget=1000)(model):
+            cache = prefill_in_chunks(model, ids[:, :-1], chunk_size=128)
+            got = model(ids[:, -1:], past_key_values=cache).logits[:, -1]
+    assert cache.get_seq_length() == ids.shape[1]
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)
+
+
+def test_cache_stays_within_budget_through_a_1k_token_generation(model, demo_ids):
+    press = BudgetedPress(budget=128, interval=16, head_slack=16)
+    cache, held, nbytes = DynamicCache(), [], []
+
+    def watch(input_ids, scores):  # after every generated token
+        held.append(max(held_per_head(layer)[1] for layer in cache.layers))
+        nbytes.append(sum(layer.nbytes for layer in cache.layers))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    ids = demo_ids[:, :300]
+    with torch.no_grad(), press(model):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, min_new_tokens=1000,
+                             max_new_tokens=1000, do_sample=False, stopping_criteria=[watch])
+    assert out.shape[1] == 1300 and cache.get_seq_length() == 1299 and len(nbytes) == 1000
+    assert max(held) <= press.budget + press.head_slack + press.interval
+    layer, config = cache.layers[0], press.config
+    streams, d = layer.heads * len(cache.layers), layer.keys.shape[-1]
+    float_bytes = layer.keys.element_size()
+    kv_bytes = 2 * d * float_bytes * (press.budget + press.interval)
+    per_key_bytes = (8 + 4) * (press.budget + press.interval)  # position (int64), window anomaly (float32)
+    blocks = 1300 // 128 + 1
+    anchor_bytes = (config.window + 1 + blocks) * d * 4 + blocks * 8
+    assert max(nbytes) <= streams * (kv_bytes + per_key_bytes + anchor_bytes)
+    assert max(nbytes[500:]) <= 1.02 * max(nbytes[:500])  # flat: it does not grow with the tokens generated
+
+
+def test_multi_turn_needle_answered_from_a_budgeted_cache(model, tokenizer):
+    demo = demo_sample()
+    chat = Chat(model, tokenizer, BudgetedPress(budget=1024), context=demo["context"], max_new_tokens=24)
+    seen_after_context = chat.status().seen
+    assert seen_after_context > 2500 and chat.status().held <= 1024 + 16
+    chat.say("Hello! Please read the document carefully.")
+    answer = chat.say(demo["question"])
+    status = chat.status()
+    assert demo["answer"] in answer
+    assert status.seen > seen_after_context + 20 and status.held <= 1024 + 16 + 16
+
+
+def test_refusals(model, tokenizer):
+    with pytest.raises(ValueError, match="budget"):
+        BudgetedPress(budget=4)
+    with pytest.raises(ValueError, match="interval"):
+        BudgetedPress(interval=0)
+    ids = tokenizer(demo_sample()["context"], return_tensors="pt").input_ids[:, :200]
+    left_padded = torch.ones(2, 20, dtype=torch.long)
+    left_padded[0, :5] = 0
+    with pytest.raises(ValueError, match="padded batch"), BudgetedPress(budget=8)(model), torch.no_grad():
+        model(ids[:, :20].expand(2, -1), attention_mask=left_padded, past_key_values=DynamicCache())
+    cache = DynamicCache()
+    with torch.no_grad():
+        with NestedKVPress(compression_ratio=0.5)(model):
+            model(ids, past_key_values=cache)
+        with pytest.raises(ValueError, match="another press"), BudgetedPress(budget=64)(model):
+            model(ids[:, :20], past_key_values=cache)
