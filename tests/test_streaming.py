@@ -4,6 +4,7 @@ import pytest
 import torch
 from test_correctness import tiny_llama
 from transformers import AttentionInterface, DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from nestedkv import NestedKVPress
@@ -12,7 +13,14 @@ from nestedkv.cache import RaggedLayer
 from nestedkv.chat import Chat
 from nestedkv.cli import demo_sample
 from nestedkv.scoring import NestedKVConfig, nestedkv_score, normalise_keys
-from nestedkv.streaming import BudgetedPress, held_per_head, held_scores, prefill_in_chunks, remember
+from nestedkv.streaming import (
+    BudgetedPress,
+    compress_layer,
+    held_per_head,
+    held_scores,
+    prefill_in_chunks,
+    remember,
+)
 
 
 @pytest.mark.parametrize("arrivals", [(640,), (100, 300, 240), (1,) * 5 + (635,), (127, 1, 512)])
@@ -177,3 +185,37 @@ def test_refusals(model, tokenizer):
             model(ids, past_key_values=cache)
         with pytest.raises(ValueError, match="another press"), BudgetedPress(budget=64)(model):
             model(ids[:, :20], past_key_values=cache)
+
+
+def test_batch_operations_move_each_stream_s_memory_and_kept_keys_with_its_row():
+    torch.manual_seed(4)
+    layer = DynamicLayer()
+    layer.update(torch.randn(3, 2, 30, 8), torch.randn(3, 2, 30, 8))
+    ragged = compress_layer(layer, budget=12, max_per_head=16, alpha_safeguard=0.2, config=NestedKVConfig())
+    before = {name: tensor.clone() for name, tensor in ragged.per_stream.items()}
+    offsets, positions = ragged.offsets.tolist(), ragged.per_key["position"].clone()
+    stream_positions = [positions[offsets[s] : offsets[s + 1]] for s in range(6)]
+    ragged.reorder_cache(torch.tensor([2, 0, 2]))
+    ragged.batch_repeat_interleave(2)
+    order = [2, 2, 0, 0, 2, 2]  # rows after both operations, as rows of the original batch
+    streams = [row * 2 + head for row in order for head in range(2)]
+    for name, tensor in ragged.per_stream.items():
+        assert torch.equal(tensor, before[name][streams])
+    offsets = ragged.offsets.tolist()
+    for new, old in enumerate(streams):
+        assert torch.equal(ragged.per_key["position"][offsets[new] : offsets[new + 1]], stream_positions[old])
+
+
+def test_beam_search_over_a_batch_equals_each_row_alone():
+    """Beam search reorders, repeats and selects rows: the per-stream memory must move with them."""
+    model = tiny_llama()
+    torch.manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 120))
+    press = BudgetedPress(budget=40, interval=6, head_slack=8)
+    options = {"max_new_tokens": 30, "num_beams": 3, "num_return_sequences": 2, "do_sample": False,
+               "pad_token_id": 0}
+    with torch.no_grad(), press(model):
+        together = model.generate(ids, attention_mask=torch.ones_like(ids), **options)
+        alone = [model.generate(ids[row : row + 1], attention_mask=torch.ones_like(ids[:1]), **options)
+                 for row in range(2)]
+    assert torch.equal(together, torch.cat(alone))
