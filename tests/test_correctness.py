@@ -306,3 +306,35 @@ def test_decoding_press_around_nestedkv_keeps_the_cache_near_its_target():
         out = tiny.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=100,
                             min_new_tokens=100, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
     assert all(layer.keys.shape[2] <= 48 + 16 for layer in out.past_key_values.layers)
+
+
+@pytest.mark.parametrize(("storage", "scorer", "message"), [
+    ("ragged", KeyDiffPress, "pruned the tail of a compressed"),
+    ("masked", NestedKVPress, "masked storage and cannot be compressed again"),
+])
+def test_decoding_press_after_a_head_adaptive_prefill_is_refused_before_a_wrong_step(storage, scorer, message):
+    """kvpress's DecodingPress sees only the tail of a ragged layer (pruning it would drift positions silently)
+    and indexes masked positions that it has removed."""
+    from kvpress import DecodingPress, PrefillDecodingPress
+
+    tiny = tiny_llama()
+    input_ids = torch.randint(0, 128, (1, 60))
+    press = PrefillDecodingPress(NestedKVPress(compression_ratio=0.5, storage=storage),
+                                 DecodingPress(scorer(), compression_interval=4, target_size=8))
+    with torch.no_grad(), press(tiny), pytest.raises(ValueError, match=message):
+        tiny.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=20, min_new_tokens=20,
+                      do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("storage", ["ragged", "masked"])
+def test_a_forward_with_gradients_on_is_compressed_like_one_without(storage):
+    tiny = tiny_llama()
+    input_ids = torch.randint(0, 128, (1, 60))
+    kept = []
+    for grad in (False, True):
+        cache = DynamicCache()
+        with torch.set_grad_enabled(grad), NestedKVPress(compression_ratio=0.5, storage=storage)(tiny):
+            tiny(input_ids, past_key_values=cache)
+        layer = cache.layers[0]
+        kept.append(layer.offsets if storage == "ragged" else tiny.model.layers[0].self_attn.masked_key_indices[2])
+    assert torch.equal(*kept)

@@ -282,7 +282,12 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVConfig, ScorerPress):
                 "hold the different lengths of a padded batch's rows; use budget='head-adaptive', or run the rows "
                 "one by one"
             )
-        return nestedkv_score(keys, self)
+        if getattr(module, "masked_key_indices", None) is not None:  # only set after a masked prefill
+            raise ValueError(
+                "this cache holds head-adaptive budgets in masked storage and cannot be compressed again (kvpress's "
+                "DecodingPress would index evicted positions that no longer exist); use nestedkv.BudgetedPress"
+            )
+        return nestedkv_score(keys.detach(), self)  # scores only pick positions: no gradient through them
 
     def check_budget(self, n: int) -> None:
         """Refuse a ratio that keeps fewer positions per head than the protected ones (sinks, recent)."""

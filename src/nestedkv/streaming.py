@@ -250,10 +250,11 @@ class BudgetedPress(_LeavesModelAsFound, BasePress):
         new_tokens = hidden_states.shape[1]
         due = new_tokens > 1 or layer.keys.shape[-2] >= self.interval
         if due and average > self.budget:
-            cache.layers[module.layer_idx] = compress_layer(
-                layer, self.budget, self.budget + self.head_slack, self.alpha_safeguard, self.config,
-                keep_positions=_can_hide_context(module),
-            )
+            with torch.no_grad():  # eviction picks positions; nothing to differentiate
+                cache.layers[module.layer_idx] = compress_layer(
+                    layer, self.budget, self.budget + self.head_slack, self.alpha_safeguard, self.config,
+                    keep_positions=_can_hide_context(module),
+                )
         return output
 
 

@@ -52,6 +52,7 @@ class RaggedLayer(DynamicLayer):
         self.dtype, self.device = context_keys.dtype, context_keys.device
         self.keys = context_keys.new_empty(batch, heads, 0, context_keys.shape[-1])
         self.values = context_values.new_empty(batch, heads, 0, context_values.shape[-1])
+        self.tail_length = 0  # tokens appended since compression: what the tail must hold
         self.is_initialized = True
 
     @classmethod
@@ -90,9 +91,19 @@ class RaggedLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         """The logical length: context columns plus tail, what an uncompressed cache would hold."""
-        return self.context_length + self.keys.shape[-2]
+        if self.keys.shape[-2] != self.tail_length:
+            # kvpress's DecodingPress (or any press that prunes a dense cache) rewrote the tail it can see
+            # and would never see the packed context: the positions and budgets would silently drift.
+            raise ValueError(
+                "a press pruned the tail of a compressed (ragged) cache (kvpress's DecodingPress cannot follow a "
+                "head-adaptive ragged prefill); use nestedkv.BudgetedPress to keep a cache within a budget while "
+                "decoding, or budget='uniform' with DecodingPress"
+            )
+        return self.context_length + self.tail_length
 
     def update(self, key_states, value_states, cache_kwargs=None):
+        self.get_seq_length()  # refuses a tail rewritten from outside before anything is added to it
+        self.tail_length += key_states.shape[-2]
         keys, values = super().update(key_states, value_states, cache_kwargs)
         keys.ragged_layer = weakref.ref(self)  # tells the attention wrapper to read this layer
         return keys, values
@@ -107,8 +118,8 @@ class RaggedLayer(DynamicLayer):
                 "compressed together (assisted or prompt-lookup decoding drafts tokens into the prefill); "
                 "generate without assistant_model / prompt_lookup_num_tokens, or compress without them"
             )
-        tail = max_length - self.context_length
-        self.keys, self.values = self.keys[..., :tail, :], self.values[..., :tail, :]
+        self.tail_length = min(self.tail_length, max_length - self.context_length)
+        self.keys, self.values = self.keys[..., : self.tail_length, :], self.values[..., : self.tail_length, :]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Make batch row ``i`` a copy of row ``rows[i]``, context and tail alike. ``rows: (B',)``.
