@@ -144,7 +144,7 @@ RULER_FILE = str(Path(__file__).parent / "data" / "hub" / "ruler_4096.jsonl")
         (["bench", "--out", "{afile}"], "--out {afile} already exists"),
         (["bench", "--out", "{tmp}"], "--out {tmp} is a directory"),
         (["bench", "--length", "9000"], "--length 9000 plus"),
-        (["chat", "--budget", "4"], "budget 4 must be above the 4 sink + recent positions"),
+        (["chat", "--budget", "4"], "budget 4 must be above the 68 sink + recent positions"),
         (["chat", "--interval", "0"], "interval must be"),
         (["chat", "--chunk-size", "0"], "--chunk-size must be"),
         (["chat", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),

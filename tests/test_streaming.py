@@ -90,7 +90,7 @@ def test_compressions_give_what_the_masked_computation_gives_for_the_held_positi
     torch.manual_seed(2)
     ids = torch.randint(0, model.config.vocab_size, (1, 260))
     steps = [ids[:, s : s + 50] for s in range(0, 200, 50)] + [ids[:, s : s + 1] for s in range(200, 260)]
-    press = BudgetedPress(budget=40, interval=6, head_slack=8)
+    press = BudgetedPress(budget=80, interval=6, head_slack=8)
     budgeted, dense, compressed = DynamicCache(), DynamicCache(), 0
     heads = model.config.num_key_value_heads
     with torch.no_grad():
@@ -112,7 +112,7 @@ def test_compressions_give_what_the_masked_computation_gives_for_the_held_positi
             compressed += isinstance(budgeted.layers[0], RaggedLayer)
     assert seen == ids.shape[1]
     assert compressed > 50  # compressed while prefilling and while decoding, not only at the end
-    assert max(len(kept) for kept in held_positions(budgeted.layers[0])) < 70
+    assert max(len(kept) for kept in held_positions(budgeted.layers[0])) <= 80 + 8 + 6
 
 
 @pytest.fixture(scope="module")
@@ -177,13 +177,13 @@ def test_refusals(model, tokenizer):
     ids = tokenizer(demo_sample()["context"], return_tensors="pt").input_ids[:, :200]
     left_padded = torch.ones(2, 20, dtype=torch.long)
     left_padded[0, :5] = 0
-    with pytest.raises(ValueError, match="padded batch"), BudgetedPress(budget=8)(model), torch.no_grad():
+    with pytest.raises(ValueError, match="padded batch"), BudgetedPress(budget=100)(model), torch.no_grad():
         model(ids[:, :20].expand(2, -1), attention_mask=left_padded, past_key_values=DynamicCache())
     cache = DynamicCache()
     with torch.no_grad():
         with NestedKVPress(compression_ratio=0.5)(model):
             model(ids, past_key_values=cache)
-        with pytest.raises(ValueError, match="another press"), BudgetedPress(budget=64)(model):
+        with pytest.raises(ValueError, match="another press"), BudgetedPress(budget=100)(model):
             model(ids[:, :20], past_key_values=cache)
 
 
@@ -210,8 +210,8 @@ def test_beam_search_over_a_batch_equals_each_row_alone():
     """Beam search reorders, repeats and selects rows: the per-stream memory must move with them."""
     model = tiny_llama()
     torch.manual_seed(3)
-    ids = torch.randint(0, model.config.vocab_size, (2, 120))
-    press = BudgetedPress(budget=40, interval=6, head_slack=8)
+    ids = torch.randint(0, model.config.vocab_size, (2, 150))
+    press = BudgetedPress(budget=80, interval=6, head_slack=8)
     options = {"max_new_tokens": 30, "num_beams": 3, "num_return_sequences": 2, "do_sample": False,
                "pad_token_id": 0}
     with torch.no_grad(), press(model):

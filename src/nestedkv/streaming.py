@@ -54,6 +54,12 @@ from nestedkv.scoring import (
 )
 from nestedkv.validation import check_number
 
+STREAM_RECENT = 64
+"""Positions a stream keeps whatever their score (``NestedKVConfig.n_recent``): the paper compresses once,
+before a question, with none protected; a stream that goes on generating needs its newest tokens. 64
+(the window anchor's length) lowered the continuation loss at a budget of 256 from +0.144 to +0.031 nats
+over the uncompressed cache on a development text (16: +0.082), measured apart from the reported one."""
+
 STREAM_BLOCK_SIZE = 128
 """Block size when the config names none: the paper's ``clip(N // 32, 128, 256)`` needs the final
 length N, which a stream does not know; 128 is its value up to 4k tokens."""
@@ -213,6 +219,7 @@ class BudgetedPress(_LeavesModelAsFound, BasePress):
     budget: positions per KV head (on average over a layer's heads) after each compression.
     interval: decoding steps between compressions, the slack the cache may grow by.
     head_slack: how many more than ``budget`` one head may keep (head-adaptive budgets).
+    config: NestedKV's switches; the default protects the newest ``STREAM_RECENT`` positions.
     Works as a context manager around ``model(...)``, ``model.generate`` or a chat loop, with the
     default dynamic cache; a padded batch is refused (rows of different lengths: run them one by one).
     """
@@ -221,7 +228,7 @@ class BudgetedPress(_LeavesModelAsFound, BasePress):
     interval: int = 16
     head_slack: int = 16
     alpha_safeguard: float = 0.20
-    config: NestedKVConfig = field(default_factory=NestedKVConfig)
+    config: NestedKVConfig = field(default_factory=lambda: NestedKVConfig(n_recent=STREAM_RECENT))
 
     def __post_init__(self) -> None:
         check_number("budget", self.budget, low=1, integer=True)

@@ -313,15 +313,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, default=512)
     args = parser.parse_args(argv)
     if args.measurement == "report":
-        results, out = Path(args.results), Path(args.out)
-        parts = []
-        for name, to_markdown in (("continuation", continuation_markdown), ("multiturn", multiturn_markdown),
-                                  ("prefill", prefill_markdown)):
-            if (results / f"{name}.json").exists():
-                report = json.loads((results / f"{name}.json").read_text())
-                extra = {"plot": out.with_name("budgeted_bytes.png")} if name == "continuation" else {}
-                parts.append(f"### {name} ({report['started']}, `{' '.join(report['argv'][1:])}`)\n\n"
-                             + to_markdown(report, **extra))
+        out, parts = Path(args.out), []
+        to_markdown = {"continuation": continuation_markdown, "multiturn": multiturn_markdown,
+                       "prefill": prefill_markdown}
+        for path in sorted(Path(args.results).glob("*.json")):
+            report = json.loads(path.read_text())
+            extra = {}
+            if report["measurement"] == "continuation":
+                extra["plot"] = out.parent / f"budgeted_bytes_{path.stem}.png"
+            parts.append(f"### `{path.name}`: {report['measurement']} ({report['started']}, "
+                         f"`{' '.join(report['argv'][1:])}`)\n\n" + to_markdown[report["measurement"]](report, **extra))
         out.write_text("\n\n".join(parts) + "\n")
         return
     started = time.strftime("%Y-%m-%d %H:%M:%S")
