@@ -278,5 +278,6 @@ def prefill_in_chunks(
     cache = DynamicCache() if cache is None else cache
     with torch.no_grad():
         for start in range(0, input_ids.shape[1], chunk_size):
-            model(input_ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True)
+            # logits_to_keep=1: a chunk's logits (chunk x vocabulary floats) would outweigh a small budget's cache
+            model(input_ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True, logits_to_keep=1)
     return cache

@@ -70,10 +70,11 @@ def most_held(cache: DynamicCache) -> int:
 
 
 def forward(model: PreTrainedModel, cache: DynamicCache, ids: torch.Tensor, start: int) -> torch.Tensor:
-    """Feed ``ids (1, T)`` at positions ``start .. start + T - 1``; the logits ``(1, T, vocab)``."""
+    """Feed ``ids (1, T)`` at positions ``start .. start + T - 1``; the last position's logits ``(1, 1, vocab)``."""
     positions = torch.arange(start, start + ids.shape[1], device=ids.device)
     with torch.no_grad():
-        return model(ids, past_key_values=cache, cache_position=positions, position_ids=positions[None]).logits
+        return model(ids, past_key_values=cache, cache_position=positions, position_ids=positions[None],
+                     logits_to_keep=1).logits
 
 
 def continuation(
@@ -168,7 +169,7 @@ def _prefill_peak(shape: str, length: int, method: str, budget: int, chunk_size:
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     probe = _MemoryProbe(model.device)
     start = time.perf_counter()
-    if method == "one-pass":
+    if method == "one-pass":  # every method keeps only the last position's logits
         cache = DynamicCache()
         forward(model, cache, ids, 0)
     elif method == "chunked":
@@ -208,11 +209,12 @@ def _mean_and_ci(values: list[float], block: int = 64) -> tuple[float, float]:
     return sum(values) / len(values), 1.96 * spread / len(means) ** 0.5
 
 
-def continuation_markdown(report: dict, plot: Path | None = None) -> str:
+def continuation_markdown(report: dict, plot: Path | None = None, baseline: dict | None = None) -> str:
     """Table: bytes at the start, the end and at most, most held positions, loss and its difference
-    from the uncompressed cache (paired, token by token); and a plot of bytes against tokens."""
+    from the uncompressed cache (paired, token by token: ``baseline``, the ``none`` row of a run on the
+    same tokens, where this run has none); and a plot of bytes against tokens."""
     rows = report["rows"]
-    baseline = next((row for row in rows if row["method"] == "none"), None)
+    baseline = next((row for row in rows if row["method"] == "none"), baseline)
     lines = ["| method @ budget | cache MiB after 1 token | at the end | most | most held per head | loss (nats) "
              "| loss − none (95 % CI) |", "|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -238,6 +240,24 @@ def continuation_markdown(report: dict, plot: Path | None = None) -> str:
         figure.tight_layout()
         figure.savefig(plot, dpi=110)
         pyplot.close(figure)
+    return "\n".join(lines)
+
+
+def paired_markdown(runs: dict[str, list[dict]]) -> str:
+    """Each NestedKV row against every other row at the same budget, token by token, across runs on the
+    same text. runs: run name -> rows."""
+    lines = ["| NestedKV run @ budget | against | loss difference (95 % CI) |", "|---|---|---|"]
+    for name, rows in runs.items():
+        for row in rows:
+            if row["method"] != "nestedkv":
+                continue
+            for other_name, other_rows in runs.items():
+                for other in other_rows:
+                    if other is row or other["budget"] != row["budget"] or len(other["loss"]) != len(row["loss"]):
+                        continue
+                    delta, ci = _mean_and_ci([a - b for a, b in zip(row["loss"], other["loss"], strict=True)])
+                    lines.append(f"| `{name}` {_label(row)} | `{other_name}` {_label(other)} | "
+                                 f"{delta:+.3f} ± {ci:.3f} |")
     return "\n".join(lines)
 
 
@@ -316,13 +336,21 @@ def main(argv: list[str] | None = None) -> None:
         out, parts = Path(args.out), []
         to_markdown = {"continuation": continuation_markdown, "multiturn": multiturn_markdown,
                        "prefill": prefill_markdown}
-        for path in sorted(Path(args.results).glob("*.json")):
-            report = json.loads(path.read_text())
+        reports = {path: json.loads(path.read_text()) for path in sorted(Path(args.results).glob("*.json"))}
+        uncompressed = {len(row["loss"]): row for report in reports.values() if report["measurement"] == "continuation"
+                        for row in report["rows"] if row["method"] == "none"}  # by tokens fed: the same text
+        for path, report in reports.items():
             extra = {}
             if report["measurement"] == "continuation":
                 extra["plot"] = out.parent / f"budgeted_bytes_{path.stem}.png"
+                extra["baseline"] = uncompressed.get(len(report["rows"][0]["loss"]))
             parts.append(f"### `{path.name}`: {report['measurement']} ({report['started']}, "
                          f"`{' '.join(report['argv'][1:])}`)\n\n" + to_markdown[report["measurement"]](report, **extra))
+        runs = {path.stem: report["rows"] for path, report in reports.items()
+                if report["measurement"] == "continuation"}
+        if runs:
+            parts.append("### continuation: NestedKV against the other methods at the same budget, paired by token\n\n"
+                         + paired_markdown(runs))
         out.write_text("\n\n".join(parts) + "\n")
         return
     started = time.strftime("%Y-%m-%d %H:%M:%S")
