@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from nestedkv.models import check_fits, config_window
-from nestedkv.streaming import BudgetedPress, held_per_head, prefill_in_chunks
+from nestedkv.streaming import BudgetedPress, cache_bytes, most_held, prefill_in_chunks
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,4 @@ class Chat:
         return answer
 
     def status(self) -> ChatStatus:
-        layers = self.cache.layers
-        held = max((held_per_head(layer)[1] for layer in layers), default=0)
-        nbytes = sum(getattr(layer, "nbytes", None) or layer.keys.nbytes + layer.values.nbytes for layer in layers)
-        return ChatStatus(self.cache.get_seq_length(), held, nbytes)
+        return ChatStatus(self.cache.get_seq_length(), most_held(self.cache), cache_bytes(self.cache))

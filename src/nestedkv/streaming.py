@@ -209,6 +209,16 @@ def held_per_head(layer: DynamicLayer) -> tuple[float, int]:
     return int(layer.offsets[-1]) / len(layer.offsets[:-1]) + tail, layer.longest + tail
 
 
+def cache_bytes(cache: DynamicCache) -> int:
+    """Bytes a cache holds: keys and values, and, in a ragged layer, what its scorer remembers."""
+    return sum(getattr(layer, "nbytes", None) or layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def most_held(cache: DynamicCache) -> int:
+    """The most positions any KV head of any layer of the cache holds."""
+    return max((held_per_head(layer)[1] for layer in cache.layers), default=0)
+
+
 # --- the press ----------------------------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from importlib import resources
 from multiprocessing import get_context
 from pathlib import Path
@@ -39,7 +40,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from nestedkv.bench.ruler import _NEEDLE, _distinct, _essay, _insert_at_depths, random_needle_item
 from nestedkv.bench.speed import RANDOM_SHAPES, _MemoryProbe, _release_freed_memory_at_once, machine_info, random_model
-from nestedkv.streaming import BudgetedPress, held_per_head, prefill_in_chunks
+from nestedkv.streaming import BudgetedPress, cache_bytes, most_held, prefill_in_chunks
 
 METHODS = ("none", "nestedkv", "keydiff", "streamingllm")
 DECODING_INTERVAL = 16
@@ -57,16 +58,6 @@ def make_press(method: str, budget: int, context_tokens: int) -> BasePress | Non
         prefilling_press=scorer(compression_ratio=ratio),
         decoding_press=DecodingPress(scorer(), compression_interval=DECODING_INTERVAL, target_size=budget),
     )
-
-
-def cache_bytes(cache: DynamicCache) -> int:
-    """Bytes the cache holds: keys and values (and, for a budgeted cache, what its anchors remember)."""
-    return sum(getattr(layer, "nbytes", None) or layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-
-
-def most_held(cache: DynamicCache) -> int:
-    """The most positions any KV head of any layer holds."""
-    return max(held_per_head(layer)[1] for layer in cache.layers)
 
 
 def forward(model: PreTrainedModel, cache: DynamicCache, ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -87,7 +78,7 @@ def continuation(
     """
     press = make_press(method, budget, prompt)
     cache, result = DynamicCache(), {"loss": [], "bytes": [], "held": []}
-    with press(model) if press is not None else _nothing():
+    with press(model) if press is not None else nullcontext():
         logits = forward(model, cache, tokens[:, :prompt], 0)[:, -1]
         for position in range(prompt, tokens.shape[1] - 1):
             logits = forward(model, cache, tokens[:, position : position + 1], position)[:, -1]
@@ -96,14 +87,6 @@ def continuation(
             result["bytes"].append(cache_bytes(cache))
             result["held"].append(most_held(cache))
     return result
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def needle_conversation(n_words: int, turns: int, seed: int) -> tuple[str, list[tuple[str, str]]]:
@@ -136,7 +119,7 @@ def multi_turn(
     eos = model.generation_config.eos_token_id
     end_of_turn = set(eos if isinstance(eos, list) else [eos])
     cache, turns = DynamicCache(), []
-    with press(model) if press is not None else _nothing():
+    with press(model) if press is not None else nullcontext():
         if method == "nestedkv":  # the budgeted cache's own chunked prefill; kvpress's presses compress one pass
             prefill_in_chunks(model, ids, cache, chunk_size)
         else:

@@ -87,7 +87,8 @@ class RaggedLayer(DynamicLayer):
                    *self.per_key.values(), *self.per_stream.values()]
         if self.positions is not None:
             tensors.append(self.positions)
-        return sum(t.nbytes for t in tensors)
+        # A streaming scorer's per-key positions may be the very tensor ``positions`` is: count it once.
+        return sum(t.nbytes for t in {id(t): t for t in tensors}.values())
 
     def get_seq_length(self) -> int:
         """The logical length: context columns plus tail, what an uncompressed cache would hold."""
