@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_correctness import tiny_llama
+from test_correctness import tiny_llama, tiny_mistral
 from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -72,6 +72,9 @@ def hidden_key_attention(module, query, key, value, attention_mask, scaling, dro
     logits = query.double() @ key.transpose(-1, -2) * scaling
     q, k = logits.shape[-2:]
     hidden = torch.ones(q, k, dtype=torch.bool).triu(k - q + 1)
+    window = getattr(module.config, "sliding_window", None)
+    if window is not None:  # a key at least ``window`` positions before the query is out of its reach
+        hidden = hidden | torch.ones(q, k, dtype=torch.bool).tril(k - q - window)
     if getattr(module, "hidden_keys", None) is not None:
         hidden = hidden | module.hidden_keys.repeat_interleave(groups, 1)[..., None, :k]
     weights = logits.masked_fill(hidden, -torch.inf).softmax(-1)
@@ -82,10 +85,12 @@ AttentionInterface.register("hidden_keys", hidden_key_attention)
 AttentionMaskInterface.register("hidden_keys", sdpa_mask)
 
 
-def test_compressions_give_what_the_masked_computation_gives_for_the_held_positions():
+@pytest.mark.parametrize("make_model", [tiny_llama, lambda: tiny_mistral(sliding_window=48)], ids=["full", "sliding"])
+def test_compressions_give_what_the_masked_computation_gives_for_the_held_positions(make_model):
     """Chunked prefill then decoding under a small budget, step by step against a dense cache in which
-    a reference attention hides what the budgeted cache had evicted before each forward pass."""
-    model, reference = tiny_llama(), tiny_llama()
+    a reference attention hides what the budgeted cache had evicted before each forward pass (and, for a
+    sliding-window model, what the window hides)."""
+    model, reference = make_model(), make_model()
     reference.config._attn_implementation = "hidden_keys"
     torch.manual_seed(2)
     ids = torch.randint(0, model.config.vocab_size, (1, 260))

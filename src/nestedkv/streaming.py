@@ -254,7 +254,10 @@ class BudgetedPress(_LeavesModelAsFound, BasePress):
             return output
         cache, hidden_states = kwargs["past_key_values"], kwargs["hidden_states"]
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and real_positions(mask, hidden_states.shape[0], mask.shape[-1]) is not None:
+        # Padding is looked for among the new tokens only: earlier ones were checked when they came, and a
+        # sliding window hides old keys from every new query without their being padding.
+        batch, new_tokens = hidden_states.shape[:2]
+        if isinstance(mask, torch.Tensor) and real_positions(mask, batch, new_tokens) is not None:
             raise ValueError("a budgeted cache cannot hold a padded batch (rows of different lengths); "
                              "run the rows one by one")
         layer = cache.layers[module.layer_idx]
@@ -264,7 +267,6 @@ class BudgetedPress(_LeavesModelAsFound, BasePress):
             raise ValueError("this cache was compressed by another press and cannot be kept within a budget; "
                              "start from a new cache")
         average, _ = held_per_head(layer)
-        new_tokens = hidden_states.shape[1]
         due = new_tokens > 1 or layer.keys.shape[-2] >= self.interval
         if due and average > self.budget:
             with torch.no_grad():  # eviction picks positions; nothing to differentiate
