@@ -1,9 +1,11 @@
 """The benchmark: prefill-once replay against kvpress's pipeline, the resumable store, the report."""
 
+import dataclasses
 import json
 import math
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -11,13 +13,13 @@ import torch
 from kvpress import KVPressTextGenerationPipeline, SnapKVPress
 from transformers import DynamicCache
 
-from nestedkv.bench.methods import make_press
+from nestedkv.bench.methods import EAGER_PREFILL, METHODS, PEERS, make_press
 from nestedkv.bench.replay import compress_replay, prefill_once, reuse_scores
 from nestedkv.bench.report import collect, write_report
 from nestedkv.bench.ruler import build_samples
 from nestedkv.bench.runner import EvalConfig, plan_samples, run
 from nestedkv.bench.store import ResultStore, result_key
-from nestedkv.models import attention_modules
+from nestedkv.models import attention_modules, eager_attention
 from nestedkv.prompts import encode_prompt
 
 
@@ -57,6 +59,39 @@ def test_prefill_once_gives_exactly_the_pipeline_answers(model, tokenizer):
     assert sorted(memo) == list(range(model.config.num_hidden_layers))
 
 
+def test_every_offline_peer_runs_through_the_runner_as_in_kvpresss_pipeline(model, tokenizer, tmp_path, monkeypatch):
+    """Each peer of the registry, at one ratio on a short context, gives through the benchmark's
+    runner (shared-prefill replay, or a prefill of its own for KVzip, KVCompose and the eager
+    ObservedAttention) the answer kvpress's pipeline gives for the same press."""
+    # 12 answer tokens tell the presses apart; a collapsed one would otherwise babble for 128
+    short_answers = lambda *args, **kwargs: [  # noqa: E731
+        dataclasses.replace(sample, max_new_tokens=12) for sample in build_samples(*args, **kwargs)
+    ]
+    monkeypatch.setattr("nestedkv.bench.runner.build_samples", short_answers)
+    config = EvalConfig(
+        model="m", tasks=("niah_single_2",), lengths=(640,), ratios=(0.75,), methods=PEERS, samples=1, seed=7
+    )
+    assert run(config, model, tokenizer, ResultStore(tmp_path), progress=False) == len(PEERS)
+    sample = plan_samples(config, tokenizer)[0][1]
+    pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
+    records = {r["method"]: r for r in ResultStore(tmp_path)}
+    for method in PEERS:
+        assert "error" not in records[method], (method, records[method].get("error"))
+        torch.manual_seed(0)  # as the runner seeds randomised presses
+        with eager_attention(model) if METHODS[method].prefill == EAGER_PREFILL else nullcontext():
+            expected = pipe(
+                sample.context,
+                question=sample.question,
+                answer_prefix=sample.answer_prefix,
+                press=make_press(method, 0.75),
+                max_new_tokens=sample.max_new_tokens,
+            )["answer"]
+        assert records[method]["prediction"] == expected, method
+        assert records[method]["prefill_seconds"] > 0
+    # KVzip re-reads the context: its prefill costs more than a replayed press's
+    assert records["kvzip"]["prefill_seconds"] > records["knorm"]["prefill_seconds"]
+
+
 def test_query_based_peers_see_the_models_own_attention(model):
     """SnapKV (and PyramidKV, which scores as it does) recompute the last window's attention from the
     hidden states; on the GGUF-loaded default model that must equal the model's own attention weights,
@@ -68,13 +103,11 @@ def test_query_based_peers_see_the_models_own_attention(model):
         captured[module.layer_idx] = (kwargs["hidden_states"], kwargs["position_embeddings"], output[1])
 
     hooks = [module.register_forward_hook(capture, with_kwargs=True) for module in attention_modules(model)]
-    model.set_attn_implementation("eager")  # the only implementation that returns attention weights
     try:
         cache = DynamicCache()
-        with torch.no_grad():
+        with torch.no_grad(), eager_attention(model):
             model.model(input_ids=input_ids, past_key_values=cache, output_attentions=True)
     finally:
-        model.set_attn_implementation("sdpa")
         for hook in hooks:
             hook.remove()
     for module in attention_modules(model):

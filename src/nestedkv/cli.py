@@ -16,7 +16,17 @@ from nestedkv.bench.hub import BENCHMARKS as HUB_BENCHMARKS
 from nestedkv.bench.methods import METHODS
 from nestedkv.bench.report import write_report
 from nestedkv.bench.ruler import TASKS, QADataset, read_hotpotqa, read_squad, task_names
-from nestedkv.bench.runner import LOCAL_RULER, PRESETS, EvalConfig, check_window, load_samples, run
+from nestedkv.bench.runner import (
+    DOCUMENTS,
+    LOCAL_BENCHMARKS,
+    LOCAL_RULER,
+    PRESETS,
+    SPLIT_SEEDS,
+    EvalConfig,
+    check_window,
+    load_samples,
+    run,
+)
 from nestedkv.bench.speed import (
     QUICK,
     RANDOM_SHAPES,
@@ -226,12 +236,15 @@ def _bench(args: argparse.Namespace) -> None:
 def _eval_config(args: argparse.Namespace) -> EvalConfig:
     """The run the options describe, every option checked (the model is not loaded yet)."""
     options = dict(PRESETS[args.preset])
-    for name in ("tasks", "lengths", "ratios", "methods", "samples"):
+    for name in ("tasks", "lengths", "ratios", "methods", "samples", "benchmark"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    if args.split is not None and args.seed is not None:
+        raise ValueError(f"--split {args.split} is seed {SPLIT_SEEDS[args.split]}: give --split or --seed, not both")
+    seed = SPLIT_SEEDS[args.split or "dev"] if args.seed is None else args.seed
     config = EvalConfig(
-        model=args.model or DEFAULT_MODEL, seed=args.seed, query_aware=args.query_aware,
-        squad_path=args.squad, hotpot_path=args.hotpot, benchmark=args.benchmark, subset=args.subset,
+        model=args.model or DEFAULT_MODEL, seed=seed, query_aware=args.query_aware,
+        squad_path=args.squad, hotpot_path=args.hotpot, subset=args.subset,
         data_files=args.data_files, shard=args.shard, **options,
     )
     if config.benchmark == LOCAL_RULER:
@@ -263,7 +276,7 @@ def _check_qa_file(path: str, reader: Callable[[str], QADataset], what: str) -> 
 
 def _eval(args: argparse.Namespace) -> None:
     config = _eval_config(args)
-    default_out = f"results/{args.preset}" if config.benchmark == LOCAL_RULER else (
+    default_out = f"results/{args.preset}" if config.benchmark in LOCAL_BENCHMARKS else (
         f"results/{config.benchmark}-{config.subset or 'all'}"
     )
     out = check_output_dir(args.out or default_out, "--out")
@@ -389,11 +402,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ratios", type=_tuple_of(float), help="compression ratios")
     evaluate.add_argument("--methods", type=_tuple_of(str), help=f"comma list of: none, {', '.join(METHODS)}")
     evaluate.add_argument("--samples", type=int, help="samples per task and length")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument(
+        "--split", choices=tuple(SPLIT_SEEDS),
+        help="dev (default; tune on it) or test (report it): disjoint RULER seeds and documents",
+    )
+    evaluate.add_argument("--seed", type=int, help="RULER samples' seed instead of a split's (dev is seed 0)")
     evaluate.add_argument("--query-aware", action="store_true", help="compress the question with the context")
     evaluate.add_argument(
-        "--benchmark", default=LOCAL_RULER, choices=(LOCAL_RULER, *HUB_BENCHMARKS),
-        help=f"default: {LOCAL_RULER} (built offline); the others load from the hub (docs/hub_benchmarks.md)",
+        "--benchmark", choices=(*LOCAL_BENCHMARKS, *HUB_BENCHMARKS),
+        help=f"default: the preset's, else {LOCAL_RULER}; {DOCUMENTS}: continuation loss and code completion on "
+        "real source files (both built offline); the others load from the hub (docs/hub_benchmarks.md)",
     )
     evaluate.add_argument("--subset", help="hub benchmark subset (a task, or RULER's length)")
     evaluate.add_argument("--data-files", help="local parquet/jsonl copy of a hub benchmark")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 import re
 import struct
+from collections.abc import Generator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from unittest import mock
@@ -255,6 +257,9 @@ def load_model(
     if device is not None:
         model = model.to(device)
     model.eval()
+    # The GGUF file name is not kept by transformers; presses that reload the tokenizer from
+    # config.name_or_path (KVzip) need it (nestedkv.bench.methods).
+    model.config.gguf_file = extra.get("gguf_file")
     # GGUF and some hub tokenizers carry no usable limit; the model's own context is the truth.
     max_positions = config_window(model.config)
     if max_positions and tokenizer.model_max_length > max_positions:
@@ -266,6 +271,18 @@ def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
     """The self-attention module of every decoder layer (text models and multimodal wrappers)."""
     decoder = model.model.language_model if hasattr(model.model, "language_model") else model.model
     return [layer.self_attn for layer in decoder.layers]
+
+
+@contextmanager
+def eager_attention(model: PreTrainedModel) -> Generator[None, None, None]:
+    """Run ``model`` with eager attention inside the block, the only implementation that returns
+    attention weights (presses that score them need it); the model's own implementation after."""
+    original = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(original)
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

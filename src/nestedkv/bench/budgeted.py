@@ -38,6 +38,7 @@ import torch
 from kvpress import BasePress, DecodingPress, KeyDiffPress, PrefillDecodingPress, StreamingLLMPress
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from nestedkv.bench.replay import feed
 from nestedkv.bench.ruler import _NEEDLE, _distinct, _essay, _insert_at_depths, random_needle_item
 from nestedkv.bench.speed import RANDOM_SHAPES, _MemoryProbe, _release_freed_memory_at_once, machine_info, random_model
 from nestedkv.streaming import BudgetedPress, cache_bytes, most_held, prefill_in_chunks
@@ -60,14 +61,6 @@ def make_press(method: str, budget: int, context_tokens: int) -> BasePress | Non
     )
 
 
-def forward(model: PreTrainedModel, cache: DynamicCache, ids: torch.Tensor, start: int) -> torch.Tensor:
-    """Feed ``ids (1, T)`` at positions ``start .. start + T - 1``; the last position's logits ``(1, 1, vocab)``."""
-    positions = torch.arange(start, start + ids.shape[1], device=ids.device)
-    with torch.no_grad():
-        return model(ids, past_key_values=cache, cache_position=positions, position_ids=positions[None],
-                     logits_to_keep=1).logits
-
-
 def continuation(
     model: PreTrainedModel, tokens: torch.Tensor, prompt: int, method: str, budget: int
 ) -> dict[str, list[float]]:
@@ -79,9 +72,9 @@ def continuation(
     press = make_press(method, budget, prompt)
     cache, result = DynamicCache(), {"loss": [], "bytes": [], "held": []}
     with press(model) if press is not None else nullcontext():
-        logits = forward(model, cache, tokens[:, :prompt], 0)[:, -1]
+        logits = feed(model, cache, tokens[:, :prompt], 0)[:, -1]
         for position in range(prompt, tokens.shape[1] - 1):
-            logits = forward(model, cache, tokens[:, position : position + 1], position)[:, -1]
+            logits = feed(model, cache, tokens[:, position : position + 1], position)[:, -1]
             loss = torch.nn.functional.cross_entropy(logits.float(), tokens[:, position + 1])
             result["loss"].append(float(loss))
             result["bytes"].append(cache_bytes(cache))
@@ -123,18 +116,18 @@ def multi_turn(
         if method == "nestedkv":  # the budgeted cache's own chunked prefill; kvpress's presses compress one pass
             prefill_in_chunks(model, ids, cache, chunk_size)
         else:
-            forward(model, cache, ids, 0)
+            feed(model, cache, ids, 0)
         seen = ids.shape[1]
         for question, value in questions:
             messages.append({"role": "user", "content": question})
             prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             new = tokenizer.encode(prompt[len(fed) :], return_tensors="pt", add_special_tokens=False)
-            logits = forward(model, cache, new.to(model.device), seen)[:, -1]
+            logits = feed(model, cache, new.to(model.device), seen)[:, -1]
             seen += new.shape[1]
             answer: list[int] = []
             while len(answer) < max_new_tokens and (not answer or answer[-1] not in end_of_turn):
                 answer.append(int(logits.argmax(-1)))
-                logits = forward(model, cache, torch.tensor([answer[-1:]], device=model.device), seen)[:, -1]
+                logits = feed(model, cache, torch.tensor([answer[-1:]], device=model.device), seen)[:, -1]
                 seen += 1
             reply = tokenizer.decode(answer, skip_special_tokens=True)
             messages.append({"role": "assistant", "content": reply})
@@ -154,7 +147,7 @@ def _prefill_peak(shape: str, length: int, method: str, budget: int, chunk_size:
     start = time.perf_counter()
     if method == "one-pass":  # every method keeps only the last position's logits
         cache = DynamicCache()
-        forward(model, cache, ids, 0)
+        feed(model, cache, ids, 0)
     elif method == "chunked":
         cache = prefill_in_chunks(model, ids, chunk_size=chunk_size)
     else:

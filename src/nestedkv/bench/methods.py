@@ -1,26 +1,51 @@
 """The methods the benchmark compares: NestedKV, its ablations, and kvpress's peers.
 
-Each method is a name and a factory ``ratio -> press``; every press is used exactly as kvpress
-ships it (defaults included), except where the name says otherwise.
+Each method is a name and a factory ``ratio -> press``; every press is used as kvpress's own
+evaluation registry configures it (defaults included), except where the name says otherwise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
+from types import SimpleNamespace
+from unittest import mock
 
 from kvpress import (
     AdaKVPress,
     BasePress,
     BlockPress,
+    ChunkKVPress,
+    CompactorPress,
+    CriticalAdaKVPress,
+    CriticalKVPress,
+    CURPress,
+    DMSPress,
+    DuoAttentionPress,
     ExpectedAttentionPress,
+    ExpectedAttentionStatsPress,
+    FastKVzipPress,
     KeyDiffPress,
     KnormPress,
+    KVComposePress,
+    KVzapPress,
+    KVzipPress,
+    LagKVPress,
+    LeverageScorePress,
+    LUKVPress,
+    MergingPress,
+    ObservedAttentionPress,
     PyramidKVPress,
+    QFilterPress,
+    RandomPress,
     SnapKVPress,
     StreamingLLMPress,
     TOVAPress,
 )
+from kvpress.presses import kvzip_press
+from transformers import AutoTokenizer, PreTrainedModel
 
 from nestedkv.press import NestedKVPress
 from nestedkv.validation import check_choice
@@ -32,25 +57,57 @@ NESTEDKV, ABLATION, PEER, STORAGE = "nestedkv", "ablation", "peer", "storage"
 """Groups of methods: NestedKV itself, its ablations (one switch of the spec changed), kvpress's peers,
 and storage variants of NestedKV that keep the same positions (for the speed benchmark)."""
 
+REPLAY, OWN_PREFILL, EAGER_PREFILL = "replay", "own", "eager"
+"""How the benchmark gets a method's compressed cache: replayed on a shared prefill
+(:mod:`nestedkv.bench.replay`); a prefill of its own under the press, for presses that run extra
+passes over the context (KVzip re-reads it, KVCompose re-feeds it); or a prefill of its own with
+eager attention, for presses that score the attention weights themselves."""
+
 
 @dataclass(frozen=True)
 class Method:
     """``ratio_free_scores``: the press's scores do not depend on the ratio, so the runner may score
-    a sample once and reuse the scores for every ratio (worth it for expensive scorers)."""
+    a sample once and reuse the scores for every ratio (worth it for expensive scorers).
+    ``prefill``: one of ``REPLAY``, ``OWN_PREFILL``, ``EAGER_PREFILL``. ``download``: the press loads
+    trained weights or statistics from the Hugging Face hub, so it runs only where the hub (or its
+    cache) is reachable and is left out of the default method lists."""
 
     name: str
     group: str
     description: str
     make: Callable[[float], BasePress]
     ratio_free_scores: bool = False
+    prefill: str = REPLAY
+    download: bool = False
 
 
 NO_COMPRESSION = "none"
 """The uncompressed baseline: run once per sample, at ratio 0."""
 
+
 def _nestedkv(name: str, group: str, description: str, **options) -> Method:
     """A NestedKV variant: ``NestedKVPress(r, **options)``. Its scores never depend on the ratio."""
     return Method(name, group, description, lambda r: NestedKVPress(r, **options), ratio_free_scores=True)
+
+
+class _KVzipWithGGUFTokenizer(KVzipPress):
+    """``KVzipPress`` for GGUF-loaded models too: KVzip reloads the tokenizer from
+    ``config.name_or_path``, a directory that holds no tokenizer files when the weights came from a
+    GGUF file; :func:`nestedkv.models.load_model` records the file in ``config.gguf_file``."""
+
+    @contextmanager
+    def __call__(self, model: PreTrainedModel) -> Generator:
+        gguf_file = getattr(model.config, "gguf_file", None)
+        tokenizer_loader = SimpleNamespace(from_pretrained=partial(AutoTokenizer.from_pretrained, gguf_file=gguf_file))
+        with (
+            mock.patch.object(kvzip_press, "AutoTokenizer", tokenizer_loader) if gguf_file else nullcontext(),
+            super().__call__(model),
+        ):
+            yield
+
+
+def _peer(name: str, description: str, make: Callable[[float], BasePress], **options) -> Method:
+    return Method(name, PEER, description, make, **options)
 
 
 METHODS: dict[str, Method] = {
@@ -64,29 +121,66 @@ METHODS: dict[str, Method] = {
         _nestedkv("nestedkv-no-gate", ABLATION, "blend only, surprise gate off", gate="off"),
         _nestedkv("nestedkv-fixed-mix", ABLATION, "prior mixing weights, no head adaptation", mixing="fixed"),
         _nestedkv("nestedkv-recent64", ABLATION, "NestedKV + the last 64 positions protected", n_recent=64),
-        # kvpress peers.
-        Method("keydiff", PEER, "KeyDiff (kvpress)", lambda r: KeyDiffPress(compression_ratio=r)),
-        Method(
-            "block-keydiff", PEER, "KeyDiff, block-wise (kvpress BlockPress, 128)",
+        # kvpress peers, configured as kvpress's evaluation registry configures them.
+        _peer("random", "Random (kvpress; the floor, seed 0)", lambda r: RandomPress(r, seed=0)),
+        _peer("streamingllm", "StreamingLLM (kvpress)", lambda r: StreamingLLMPress(compression_ratio=r)),
+        _peer("knorm", "KNorm (kvpress)", lambda r: KnormPress(compression_ratio=r)),
+        _peer("keydiff", "KeyDiff (kvpress)", lambda r: KeyDiffPress(compression_ratio=r)),
+        _peer(
+            "block-keydiff", "KeyDiff, block-wise (kvpress BlockPress, 128)",
             lambda r: BlockPress(press=KeyDiffPress(compression_ratio=r), block_size=128),
         ),
-        Method("snapkv", PEER, "SnapKV (kvpress)", lambda r: SnapKVPress(compression_ratio=r)),
-        Method("streamingllm", PEER, "StreamingLLM (kvpress)", lambda r: StreamingLLMPress(compression_ratio=r)),
-        Method("knorm", PEER, "KNorm (kvpress)", lambda r: KnormPress(compression_ratio=r)),
-        Method("tova", PEER, "TOVA (kvpress)", lambda r: TOVAPress(compression_ratio=r)),
-        Method(
-            "expected-attention", PEER, "ExpectedAttention (kvpress)",
-            lambda r: ExpectedAttentionPress(compression_ratio=r), ratio_free_scores=True,
-        ),
-        Method(
-            "adakv-expected-attention", PEER, "AdaKV + ExpectedAttention (kvpress, masked)",
-            lambda r: AdaKVPress(press=ExpectedAttentionPress(compression_ratio=r)), ratio_free_scores=True,
-        ),
-        Method("pyramidkv", PEER, "PyramidKV (kvpress)", lambda r: PyramidKVPress(compression_ratio=r)),
+        _peer("snapkv", "SnapKV (kvpress)", lambda r: SnapKVPress(compression_ratio=r)),
+        _peer("adakv-snapkv", "AdaKV + SnapKV (kvpress, masked)", lambda r: AdaKVPress(SnapKVPress(r))),
+        _peer("pyramidkv", "PyramidKV (kvpress)", lambda r: PyramidKVPress(compression_ratio=r)),
+        _peer("tova", "TOVA (kvpress)", lambda r: TOVAPress(compression_ratio=r)),
+        _peer("observed-attention", "H2O / ObservedAttention (kvpress, eager attention)",
+              lambda r: ObservedAttentionPress(r), prefill=EAGER_PREFILL),
+        _peer("expected-attention", "ExpectedAttention (kvpress)",
+              lambda r: ExpectedAttentionPress(compression_ratio=r), ratio_free_scores=True),
+        _peer("adakv-expected-attention", "AdaKV + ExpectedAttention (kvpress, masked)",
+              lambda r: AdaKVPress(press=ExpectedAttentionPress(compression_ratio=r)), ratio_free_scores=True),
+        _peer("adakv-expected-attention-e2", "AdaKV + ExpectedAttention, epsilon 1e-2 (kvpress leaderboard's)",
+              lambda r: AdaKVPress(ExpectedAttentionPress(r, epsilon=1e-2)), ratio_free_scores=True),
+        _peer("critical-snapkv", "CriticalKV + SnapKV (kvpress)", lambda r: CriticalKVPress(SnapKVPress(r))),
+        _peer("critical-adakv-snapkv", "CriticalAdaKV + SnapKV (kvpress, masked)",
+              lambda r: CriticalAdaKVPress(SnapKVPress(r))),
+        _peer("critical-expected-attention", "CriticalKV + ExpectedAttention (kvpress)",
+              lambda r: CriticalKVPress(ExpectedAttentionPress(r, use_vnorm=False))),
+        _peer("critical-adakv-expected-attention", "CriticalAdaKV + ExpectedAttention (kvpress, masked)",
+              lambda r: CriticalAdaKVPress(ExpectedAttentionPress(r, use_vnorm=False))),
+        _peer("chunkkv", "ChunkKV + SnapKV, chunks of 20 (kvpress)",
+              lambda r: ChunkKVPress(press=SnapKVPress(r), chunk_length=20)),
+        _peer("compactor", "Compactor (kvpress)", lambda r: CompactorPress(compression_ratio=r)),
+        _peer("adakv-compactor", "AdaKV + Compactor (kvpress, masked)", lambda r: AdaKVPress(CompactorPress(r))),
+        _peer("leverage-score", "LeverageScore (kvpress)", lambda r: LeverageScorePress(compression_ratio=r)),
+        _peer("cur", "CUR (kvpress)", lambda r: CURPress(compression_ratio=r)),
+        _peer("lagkv", "LagKV (kvpress)", lambda r: LagKVPress(compression_ratio=r)),
+        _peer("merging-knorm", "MergingPress + KNorm: evicted values merged (kvpress)",
+              lambda r: MergingPress(KnormPress(r))),
+        _peer("merging-snapkv", "MergingPress + SnapKV: evicted values merged (kvpress)",
+              lambda r: MergingPress(SnapKVPress(r))),
+        _peer("kvcompose", "KVCompose, structured (kvpress; re-feeds the context, eager attention)",
+              lambda r: KVComposePress(compression_ratio=r), prefill=OWN_PREFILL),
+        _peer("kvzip", "KVzip (kvpress; re-reads the context to score it, masked)",
+              lambda r: _KVzipWithGGUFTokenizer(compression_ratio=r), prefill=OWN_PREFILL),
+        # Peers that load trained weights or statistics from the hub (not in the offline tables).
+        _peer("kvzap", "KVzap, MLP, DMS thresholding (kvpress; hub weights)",
+              lambda r: DMSPress(press=KVzapPress(r, model_type="mlp")), download=True),
+        _peer("fastkvzip", "FastKVzip (kvpress; hub gates)", lambda r: FastKVzipPress(r), download=True),
+        _peer("qfilter", "Q-Filter (kvpress; hub filters)", lambda r: QFilterPress(r), download=True),
+        _peer("duo-attention", "DuoAttention (kvpress; hub head patterns)",
+              lambda r: DuoAttentionPress(head_compression_ratio=r), download=True),
+        _peer("expected-attention-stats", "ExpectedAttention with hub query statistics (kvpress)",
+              lambda r: ExpectedAttentionStatsPress(r), download=True),
+        _peer("lukv", "LU-KV + ExpectedAttention (kvpress; hub budget curves, one model so far)",
+              lambda r: LUKVPress(compression_ratio=r), download=True),
     ]
 }
 
-PEERS = tuple(name for name, method in METHODS.items() if method.group == PEER)
+PEERS = tuple(name for name, method in METHODS.items() if method.group == PEER and not method.download)
+"""Every peer that runs offline (the default comparison)."""
+DOWNLOAD_PEERS = tuple(name for name, method in METHODS.items() if method.download)
 ABLATIONS = tuple(name for name, method in METHODS.items() if method.group == ABLATION)
 
 

@@ -4,7 +4,8 @@ Compression happens after each layer's attention, so the prefill's hidden states
 do not depend on the method. :func:`prefill_once` prefills a context once, capturing what every
 layer's press hook would see; :func:`compress_replay` replays that hook for any press on a fresh
 cache holding the full keys and values; :func:`reuse_scores` lets presses whose scores do not
-depend on the ratio score a context once for every ratio. :func:`prefill` is the one prefill
+depend on the ratio score a context once for every ratio; :func:`prefill_compressed` prefills for
+real the presses that cannot be replayed. :func:`prefill` is the one prefill
 that every benchmark (quality and speed) runs.
 """
 
@@ -18,7 +19,7 @@ from kvpress import BasePress
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from nestedkv.models import attention_modules
+from nestedkv.models import attention_modules, eager_attention
 
 
 @torch.no_grad()
@@ -93,6 +94,35 @@ def compress_replay(model: PreTrainedModel, prefill: Prefill, press: BasePress |
         for module, kwargs, attentions in zip(modules, prefill.hook_kwargs, prefill.attentions, strict=True):
             press.forward_hook(module, (), {**kwargs, "past_key_values": cache}, (None, attentions))
     return cache
+
+
+@torch.no_grad()
+def prefill_compressed(
+    model: PreTrainedModel, context_ids: torch.Tensor, press: BasePress, *, eager: bool = False
+) -> DynamicCache:
+    """Prefill ``context_ids (1, N)`` for real under ``press``: for presses that cannot be replayed,
+    because they run passes of their own over the context (KVzip, KVCompose) or score attention
+    weights (``eager``: prefill with eager attention, the only implementation that returns them)."""
+    for module in attention_modules(model):
+        module.masked_key_indices = None  # a head-wise mask of an earlier press must not leak in
+    with eager_attention(model) if eager else nullcontext():
+        cache, _ = prefill(model, context_ids.to(model.device), press)
+    return cache
+
+
+def feed(
+    model: PreTrainedModel, cache: DynamicCache, ids: torch.Tensor, start: int, logits_to_keep: int = 1
+) -> torch.Tensor:
+    """Feed ``ids (1, T)`` at positions ``start .. start + T - 1``; the logits ``(1, T', vocab)`` of the
+    last ``logits_to_keep`` positions (0: all).
+
+    A cache compressed by a kvpress press holds fewer positions than it has seen, so the RoPE
+    positions are given, as kvpress's pipeline gives them; the cache positions are not: transformers
+    derives them from what the cache holds, and the causal mask among the fed tokens is built from
+    them (logical cache positions past a shorter cache would let every fed token see all the others)."""
+    positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+    with torch.no_grad():
+        return model(ids, past_key_values=cache, position_ids=positions[None], logits_to_keep=logits_to_keep).logits
 
 
 def reuse_scores(press: BasePress, memo: dict[int, torch.Tensor]) -> BasePress:

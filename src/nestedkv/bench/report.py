@@ -13,6 +13,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from statistics import mean, stdev
 
@@ -62,15 +63,15 @@ class Cell:
         return 1.96 * math.sqrt(variance) / len(self.scores)
 
 
-def collect(records: Iterable[dict]) -> tuple[dict[tuple[str, float], Cell], list[str]]:
-    """Group records by (method, ratio). Only samples measured for *every* (method, ratio) are kept,
-    so that every cell compares the same samples; returns the cells and the sorted task names."""
+def collect(records: Iterable[dict], field: str = "score") -> tuple[dict[tuple[str, float], Cell], list[str]]:
+    """Group records' ``field`` by (method, ratio). Only samples measured for *every* (method, ratio)
+    are kept, so that every cell compares the same samples; returns the cells and the sorted task names."""
     records = list(records)
     by_job: dict[tuple[str, float], dict[tuple, float]] = defaultdict(dict)
     for record in records:
         if is_error(record):  # the method failed on this sample (see its "error")
             continue
-        by_job[record["method"], record["ratio"]][sample_key(record)] = record["score"]
+        by_job[record["method"], record["ratio"]][sample_key(record)] = record[field]
     if not by_job and records:
         first = records[0].get("error") or "no score"
         raise ValueError(f"every result in the store is an error (the first: {first}); `nestedkv eval` retries them")
@@ -132,27 +133,51 @@ def errors_markdown(failed: dict[tuple[str, float], list[str]], cells: dict[tupl
     return "\n".join(lines) + "\n"
 
 
-def _format(cell: Cell | None, sign: str = "") -> str:
+@dataclass(frozen=True)
+class Measure:
+    """What a table shows: a record field, its name, its decimals, and which way is better."""
+
+    field: str = "score"
+    name: str = "score over {tasks} tasks (0-100"
+    digits: int = 1
+    higher_is_better: bool = True
+
+
+SCORE = Measure()
+DOCUMENT_MEASURES = {
+    "continuation": (
+        Measure("score", "top-1 agreement with the uncompressed model on the next 256 tokens (%"),
+        Measure("delta_nll", "NLL increase over the uncompressed cache on the next 256 tokens (nats/token, "
+                "lower is better", digits=3, higher_is_better=False),
+    ),
+    "code-completion": (Measure("score", "next-line edit similarity, LongBench's LCC (0-100"),),
+}
+"""The documents benchmark's tasks measure different things: each gets its own tables."""
+
+
+def _format(cell: Cell | None, sign: str = "", digits: int = 1) -> str:
     if cell is None:
         return "–"
     ci = cell.ci95
-    return f"{cell.mean:{sign}.1f}" + (f" ± {ci:.1f}" if ci is not None else "")
+    return f"{cell.mean:{sign}.{digits}f}" + (f" ± {ci:.{digits}f}" if ci is not None else "")
 
 
-def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str]) -> str:
+def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str], measure: Measure = SCORE) -> str:
     """A mean table (method × ratio, with CI), NestedKV's paired differences to every other method,
-    and one per-task table per ratio."""
+    and one per-task table per ratio (when there are several tasks)."""
     methods, ratios = _methods_and_ratios(cells)
     any_cell = next(iter(cells.values()))  # every cell holds the same samples (see collect)
     n = any_cell.samples_per_task
+    digits = measure.digits
+    format_cell = partial(_format, digits=digits)
     lines = [
-        f"Mean score over {len(tasks)} tasks (0-100, ± 95 % CI), {n} sample(s) per task, "
+        f"Mean {measure.name.format(tasks=len(tasks))}, ± 95 % CI), {n} sample(s) per task, "
         f"{any_cell.total} samples per cell; the same samples in every cell.",
         "",
     ]
     if not ratios:  # nothing compressed has a score yet: the baseline alone, said so
         return "\n".join([
-            *lines, "| method | score |", "|---|---:|", f"| {NO_COMPRESSION} (r=0) | {_format(any_cell)} |", "",
+            *lines, "| method | score |", "|---|---:|", f"| {NO_COMPRESSION} (r=0) | {format_cell(any_cell)} |", "",
             "Only the uncompressed baseline has results so far: no compressed method to compare with yet.",
         ]) + "\n"
     lines += [
@@ -161,14 +186,15 @@ def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str]) -> s
     ]
     for method in methods:
         if method == NO_COMPRESSION:
-            lines.append(f"| {method} (r=0) | " + " | ".join([_format(cells[method, 0.0])] * len(ratios)) + " |")
+            lines.append(f"| {method} (r=0) | " + " | ".join([format_cell(cells[method, 0.0])] * len(ratios)) + " |")
         else:
-            lines.append(f"| {method} | " + " | ".join(_format(cells.get((method, r))) for r in ratios) + " |")
+            lines.append(f"| {method} | " + " | ".join(format_cell(cells.get((method, r))) for r in ratios) + " |")
     if any(method == "nestedkv" for method, _ in cells):
+        better = "higher" if measure.higher_is_better else "lower (worse)"
         lines += [
             "",
             "NestedKV minus each method, paired on the same samples (± 95 % CI of the paired differences; "
-            "positive: NestedKV scores higher):",
+            f"positive: NestedKV's is {better}):",
             "",
             "| method | " + " | ".join(f"r={r}" for r in ratios) + " |",
             "|---|" + "---:|" * len(ratios),
@@ -179,9 +205,9 @@ def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str]) -> s
             row = []
             for ratio in ratios:
                 ours, theirs = cells.get(("nestedkv", ratio)), _cell_at(cells, method, ratio)
-                row.append(_format(ours.minus(theirs), "+") if ours and theirs else "–")
+                row.append(_format(ours.minus(theirs), "+", digits) if ours and theirs else "–")
             lines.append(f"| {method} | " + " | ".join(row) + " |")
-    for ratio in ratios:
+    for ratio in ratios if len(tasks) > 1 else ():
         lines += ["", f"Per task at r={ratio} (mean of {n} sample(s) each):", ""]
         lines.append("| method | " + " | ".join(tasks) + " | mean |")
         lines.append("|---|" + "---:|" * (len(tasks) + 1))
@@ -271,6 +297,8 @@ def plot_task_heatmap(
 def write_report(records: Iterable[dict], out: Path, heatmap_ratio: float | None = None) -> str:
     """Write ``report.md``, ``score_vs_ratio.png`` and ``task_heatmap.png`` into ``out``; return the Markdown."""
     records = list(records)
+    if records and all(record.get("benchmark") == "documents" for record in records):
+        return _write_documents_report(records, out)
     cells, tasks = collect(records)
     _, ratios = _methods_and_ratios(cells)
     if heatmap_ratio is None:
@@ -282,4 +310,22 @@ def write_report(records: Iterable[dict], out: Path, heatmap_ratio: float | None
     (out / "report.md").write_text(text, encoding="utf-8")
     plot_score_vs_ratio(cells, out / "score_vs_ratio.png")
     plot_task_heatmap(cells, tasks, heatmap_ratio, out / "task_heatmap.png")
+    return text
+
+
+def _write_documents_report(records: list[dict], out: Path) -> str:
+    """The documents benchmark's ``report.md``: per task, one table per measure; a score-vs-ratio
+    plot per task (``score_vs_ratio_<task>.png``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    sections = []
+    for task, measures in DOCUMENT_MEASURES.items():
+        task_records = [record for record in records if record["task"] == task]
+        if not task_records:
+            continue
+        for measure in measures:
+            cells, tasks = collect(task_records, measure.field)
+            sections.append(f"## {task}: {measure.field}\n\n" + markdown_tables(cells, tasks, measure))
+        plot_score_vs_ratio(collect(task_records)[0], out / f"score_vs_ratio_{task}.png")
+    text = "\n".join(sections) + errors_markdown(errors(records), collect(records)[0])
+    (out / "report.md").write_text(text, encoding="utf-8")
     return text

@@ -14,21 +14,46 @@ from dataclasses import dataclass
 import torch
 from kvpress import KVPressTextGenerationPipeline
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from nestedkv.bench.documents import (
+    DOCUMENT_TASKS,
+    ContinuationSample,
+    build_document_samples,
+    greedy_agreement_and_nll,
+)
 from nestedkv.bench.hub import BENCHMARKS as HUB_BENCHMARKS
 from nestedkv.bench.hub import load_hub_samples, resolve_subset, subsets
-from nestedkv.bench.methods import ABLATIONS, METHODS, NO_COMPRESSION, PEERS, RATIOS, check_method, make_press
+from nestedkv.bench.methods import (
+    ABLATIONS,
+    EAGER_PREFILL,
+    METHODS,
+    NO_COMPRESSION,
+    PEERS,
+    RATIOS,
+    REPLAY,
+    check_method,
+    make_press,
+)
 from nestedkv.bench.metrics import score_sample
-from nestedkv.bench.replay import compress_replay, prefill_once, reuse_scores
+from nestedkv.bench.replay import Prefill, compress_replay, feed, prefill_compressed, prefill_once, reuse_scores
 from nestedkv.bench.ruler import TASKS, Sample, build_samples
 from nestedkv.bench.store import KEY_FIELDS, ResultStore
 from nestedkv.models import check_fits, config_window
 from nestedkv.prompts import encode_prompt
-from nestedkv.validation import check_ratio
+from nestedkv.validation import check_choice, check_ratio
 
 LOCAL_RULER = "ruler-local"
-"""RULER's tasks built offline by :mod:`nestedkv.bench.ruler`; the other benchmarks come from the hub."""
+"""RULER's tasks built offline by :mod:`nestedkv.bench.ruler`."""
+DOCUMENTS = "documents"
+"""Continuation loss and code completion on real documents (:mod:`nestedkv.bench.documents`).
+The other benchmarks come from the hub."""
+LOCAL_BENCHMARKS = (LOCAL_RULER, DOCUMENTS)
+
+SPLIT_SEEDS = {"dev": 0, "test": 1}
+"""The dev/test split as seeds: local RULER samples are drawn from their seed (dev: the seed every
+earlier run used, so every choice made so far was made on dev); the documents of each split are
+fixed by their names (:func:`nestedkv.bench.documents.split_of`) and recorded under its seed."""
 
 
 @dataclass
@@ -58,9 +83,14 @@ class EvalConfig:
     shard: tuple[int, int] = (0, 1)
 
     def __post_init__(self) -> None:
-        if self.benchmark != LOCAL_RULER:
+        if self.benchmark == DOCUMENTS:
+            if self.seed not in SPLIT_SEEDS.values():
+                raise ValueError("the documents benchmark has two splits, not seeds: choose --split dev or test")
+            for task in self.tasks or ():
+                check_choice("documents task", task, DOCUMENT_TASKS)
+        elif self.benchmark != LOCAL_RULER:
             if self.benchmark not in HUB_BENCHMARKS:
-                choices = ", ".join((LOCAL_RULER, *HUB_BENCHMARKS))
+                choices = ", ".join((*LOCAL_BENCHMARKS, *HUB_BENCHMARKS))
                 raise ValueError(f"unknown benchmark {self.benchmark!r}; choose one of {choices}")
             if self.subset is not None:
                 resolve_subset(self.benchmark, self.subset)
@@ -94,8 +124,19 @@ PRESETS: dict[str, dict] = {
         samples=2,
         methods=(NO_COMPRESSION, "nestedkv", "keydiff", "snapkv", "streamingllm", "knorm", "expected-attention"),
     ),
-    # The measurement of docs/benchmarks.md: 4k tokens, four ratios, every method and ablation.
+    # The first measurement of docs/benchmarks.md: 4k tokens, four ratios, every method and ablation.
     "full": dict(lengths=(4096,), ratios=RATIOS, samples=20),
+    # kvpress's public leaderboard: RULER at 4k, query-agnostic, its four ratios plus our two smallest
+    # caches, every offline peer, the 13 tasks averaged as kvpress averages them (mean of task means).
+    "leaderboard": dict(
+        lengths=(4096,), ratios=(0.25, 0.5, 0.75, 0.875, 0.9, 0.95), samples=20,
+        methods=(NO_COMPRESSION, "nestedkv", "nestedkv-recent64", *PEERS),
+    ),
+    # Continuation loss and code completion on real documents (docs/benchmarks.md): low variance.
+    "documents": dict(
+        benchmark=DOCUMENTS, lengths=(2048,), ratios=(0.75, 0.875, 0.9, 0.95), samples=16,
+        methods=(NO_COMPRESSION, "nestedkv", "nestedkv-recent64", *PEERS),
+    ),
 }
 
 
@@ -105,7 +146,7 @@ PRESETS: dict[str, dict] = {
 def _fitted_lengths(config: EvalConfig) -> tuple[int, ...]:
     """The context lengths (prompt and answer) the samples are built for: the local RULER lengths, or
     the length of kvpress's prebuilt RULER subset; none for the other hub benchmarks."""
-    if config.benchmark == LOCAL_RULER:
+    if config.benchmark in LOCAL_BENCHMARKS:
         return config.lengths
     return (int(config.subset),) if config.benchmark == "ruler" and config.subset else ()
 
@@ -121,7 +162,7 @@ def load_samples(config: EvalConfig) -> list[Sample] | None:
     """The samples of a hub benchmark (``None`` for local RULER, which is built with the model's
     tokenizer), each requested task checked to be there. The CLI reads them before loading the
     model, so that a bad data file or an unreachable hub fails in seconds."""
-    if config.benchmark == LOCAL_RULER:
+    if config.benchmark in LOCAL_BENCHMARKS:
         return None
     samples = load_hub_samples(
         config.benchmark, config.subset, config.samples, data_files=config.data_files, seed=config.seed
@@ -158,6 +199,14 @@ def plan_samples(
                 squad_path=config.squad_path,
                 hotpot_path=config.hotpot_path,
             )
+        ]
+    elif config.benchmark == DOCUMENTS:
+        split = next(name for name, seed in SPLIT_SEEDS.items() if seed == config.seed)
+        planned = [
+            (length, sample)
+            for length in config.lengths
+            for task in config.tasks or DOCUMENT_TASKS
+            for sample in build_document_samples(task, config.samples, tokenizer, length, split)
         ]
     else:
         length = next(iter(_fitted_lengths(config)), None)
@@ -223,27 +272,40 @@ def run(
     try:
         for length, sample, pending, context_ids, question_ids in todo:
             bar.set_postfix_str(f"{length} {sample.task}#{sample.index} prefill")
+            start = time.perf_counter()
             prefill = prefill_once(model, context_ids)
+            prefill_seconds = time.perf_counter() - start
             score_memos: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+            reference_logits = None
             for method, ratio in pending:
                 bar.set_postfix_str(f"{length} {sample.task}#{sample.index} {method} r={ratio}")
                 start = time.perf_counter()
-                press = make_press(method, ratio)
-                if method in METHODS and METHODS[method].ratio_free_scores:
-                    press = reuse_scores(press, score_memos[method])
                 outcome: dict = {"context_tokens": prefill.context_length}
                 try:
                     with torch.no_grad():
-                        cache = compress_replay(model, prefill, press)
-                        prediction = pipe.generate_answer(
-                            question_ids.to(model.device), cache, prefill.context_length, sample.max_new_tokens
+                        cache, cache_seconds = _compressed_cache(
+                            model, prefill, prefill_seconds, context_ids, method, ratio, score_memos[method]
                         )
-                    outcome |= {
-                        "prediction": prediction,
-                        "score": score_sample(
-                            sample.metric, prediction, sample.answers, all_classes=getattr(sample, "all_classes", ())
-                        ),
-                    }
+                        outcome["prefill_seconds"] = round(cache_seconds, 3)
+                        if isinstance(sample, ContinuationSample):
+                            if reference_logits is None:  # the uncompressed continuation, once per sample
+                                full = compress_replay(model, prefill, None)
+                                reference_logits = teacher_forced_logits(model, full, question_ids, prefill)
+                            logits = teacher_forced_logits(model, cache, question_ids, prefill)
+                            outcome |= {"prediction": None} | greedy_agreement_and_nll(
+                                logits, reference_logits, question_ids[0, 1:].to(model.device)
+                            )
+                        else:
+                            prediction = pipe.generate_answer(
+                                question_ids.to(model.device), cache, prefill.context_length, sample.max_new_tokens
+                            )
+                            outcome |= {
+                                "prediction": prediction,
+                                "score": score_sample(
+                                    sample.metric, prediction, sample.answers,
+                                    all_classes=getattr(sample, "all_classes", ()),
+                                ),
+                            }
                 except (RuntimeError, ValueError, AssertionError) as error:  # a failing method must not stop the run
                     outcome |= {"prediction": None, "score": None, "error": f"{type(error).__name__}: {error}"}
                 record = {
@@ -261,8 +323,48 @@ def run(
     return added
 
 
+def _compressed_cache(
+    model: PreTrainedModel,
+    prefill: Prefill,
+    prefill_seconds: float,
+    context_ids: torch.Tensor,
+    method: str,
+    ratio: float,
+    score_memo: dict[int, torch.Tensor],
+) -> tuple[DynamicCache, float]:
+    """``method``'s cache of the sample at ``ratio``, and what it costs a user to get it from the
+    context: the shared prefill plus the replayed compression, or the method's own prefill.
+
+    For ratio-free scorers the scores are computed at the first ratio and reused (``score_memo``),
+    so the first ratio's cost is the one to quote."""
+    start = time.perf_counter()
+    press = make_press(method, ratio)
+    # Randomised presses (Random, the sketches of LeverageScore and Compactor) draw the same numbers
+    # for every cache and every run: a run is reproducible, and comparable with kvpress's pipeline.
+    torch.manual_seed(0)
+    mode = METHODS[method].prefill if method in METHODS else REPLAY
+    if mode == REPLAY:
+        if METHODS.get(method) and METHODS[method].ratio_free_scores:
+            press = reuse_scores(press, score_memo)
+        cache = compress_replay(model, prefill, press)
+        return cache, prefill_seconds + time.perf_counter() - start
+    cache = prefill_compressed(model, context_ids, press, eager=mode == EAGER_PREFILL)
+    return cache, time.perf_counter() - start
+
+
+def teacher_forced_logits(
+    model: PreTrainedModel, cache: DynamicCache, target_ids: torch.Tensor, prefill: Prefill
+) -> torch.Tensor:
+    """Feed ``target_ids (1, T + 1)`` but the last after the context held (compressed) in ``cache``;
+    the logits ``(T, vocab)`` that predict ``target_ids[0, 1:]``."""
+    return feed(model, cache, target_ids[:, :-1].to(model.device), prefill.context_length, logits_to_keep=0)[0]
+
+
 def _encode(sample: Sample, tokenizer: PreTrainedTokenizerBase, query_aware: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(context ids, question ids) of ``sample``; query-aware, the question is compressed with the context."""
+    """(context ids, question ids) of ``sample``; query-aware, the question is compressed with the context.
+    A continuation sample's "question" is the text that follows the context, teacher-forced."""
+    if isinstance(sample, ContinuationSample):
+        return sample.context_ids, sample.target_ids
     context, question = sample.context, sample.question
     if query_aware:
         context, question = context + question, ""
