@@ -47,7 +47,7 @@ from kvpress import (
 from kvpress.presses import kvzip_press
 from transformers import AutoTokenizer, PreTrainedModel
 
-from nestedkv.press import NestedKVPress
+from nestedkv.press import HeadAdaptivePress, NestedKVPress
 from nestedkv.validation import check_choice
 
 RATIOS = (0.5, 0.75, 0.9, 0.95)
@@ -142,6 +142,12 @@ METHODS: dict[str, Method] = {
               lambda r: AdaKVPress(press=ExpectedAttentionPress(compression_ratio=r)), ratio_free_scores=True),
         _peer("adakv-expected-attention-e2", "AdaKV + ExpectedAttention, epsilon 1e-2 (kvpress leaderboard's)",
               lambda r: AdaKVPress(ExpectedAttentionPress(r, epsilon=1e-2)), ratio_free_scores=True),
+        # kvpress's head-wise peers again, through our HeadAdaptivePress: the same budgets, stored ragged
+        # (the evicted positions are freed instead of masked by kvpress's fake keys).
+        _peer("ragged-adakv-snapkv", "AdaKV + SnapKV, ragged storage (nestedkv HeadAdaptivePress)",
+              lambda r: HeadAdaptivePress(SnapKVPress(r))),
+        _peer("ragged-adakv-expected-attention-e2", "AdaKV + ExpectedAttention e2, ragged (HeadAdaptivePress)",
+              lambda r: HeadAdaptivePress(ExpectedAttentionPress(r, epsilon=1e-2)), ratio_free_scores=True),
         _peer("critical-snapkv", "CriticalKV + SnapKV (kvpress)", lambda r: CriticalKVPress(SnapKVPress(r))),
         _peer("critical-adakv-snapkv", "CriticalAdaKV + SnapKV (kvpress, masked)",
               lambda r: CriticalAdaKVPress(SnapKVPress(r))),
