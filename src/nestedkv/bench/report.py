@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from statistics import mean, stdev
+from statistics import mean, median, stdev
 
 from nestedkv.bench.methods import NO_COMPRESSION
 from nestedkv.bench.store import KEY_FIELDS, is_error, result_key, sample_key
@@ -190,7 +190,7 @@ def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str], meas
         else:
             lines.append(f"| {method} | " + " | ".join(format_cell(cells.get((method, r))) for r in ratios) + " |")
     if any(method == "nestedkv" for method, _ in cells):
-        better = "higher" if measure.higher_is_better else "lower (worse)"
+        better = "higher" if measure.higher_is_better else "higher, i.e. worse"
         lines += [
             "",
             "NestedKV minus each method, paired on the same samples (± 95 % CI of the paired differences; "
@@ -306,11 +306,35 @@ def write_report(records: Iterable[dict], out: Path, heatmap_ratio: float | None
     elif heatmap_ratio not in ratios:
         raise ValueError(f"no results at ratio {heatmap_ratio}; measured ratios: {ratios}")
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown_tables(cells, tasks) + errors_markdown(errors(records), cells)
+    text = markdown_tables(cells, tasks) + cost_markdown(records) + errors_markdown(errors(records), cells)
     (out / "report.md").write_text(text, encoding="utf-8")
     plot_score_vs_ratio(cells, out / "score_vs_ratio.png")
     plot_task_heatmap(cells, tasks, heatmap_ratio, out / "task_heatmap.png")
     return text
+
+
+def cost_markdown(records: list[dict]) -> str:
+    """What each method's cache costs to build from the context, as a multiple of the uncompressed
+    prefill of the same sample: the median over samples of the most expensive ratio (ratio-free
+    scorers pay their scoring at the first ratio only). Empty when the records carry no times."""
+    timed = [r for r in records if not is_error(r) and r.get("prefill_seconds")]
+    baseline = {sample_key(r): r["prefill_seconds"] for r in timed if r["method"] == NO_COMPRESSION}
+    worst: dict[str, dict[tuple, float]] = defaultdict(dict)
+    for record in timed:
+        sample = sample_key(record)
+        if record["method"] != NO_COMPRESSION and sample in baseline:
+            cost = record["prefill_seconds"] / baseline[sample]
+            worst[record["method"]][sample] = max(cost, worst[record["method"]].get(sample, 0.0))
+    if not worst:
+        return ""
+    lines = [
+        "", "Cost of the compressed cache, × the uncompressed prefill of the same sample (median over samples "
+        "of the most expensive ratio; prefill plus scoring, or the method's own prefill):", "",
+        "| method | prefill cost | samples |", "|---|---:|---:|",
+    ]
+    for method, costs in worst.items():
+        lines.append(f"| {method} | {median(costs.values()):.2f}× | {len(costs)} |")
+    return "\n".join(lines) + "\n"
 
 
 def _write_documents_report(records: list[dict], out: Path) -> str:
@@ -326,6 +350,6 @@ def _write_documents_report(records: list[dict], out: Path) -> str:
             cells, tasks = collect(task_records, measure.field)
             sections.append(f"## {task}: {measure.field}\n\n" + markdown_tables(cells, tasks, measure))
         plot_score_vs_ratio(collect(task_records)[0], out / f"score_vs_ratio_{task}.png")
-    text = "\n".join(sections) + errors_markdown(errors(records), collect(records)[0])
+    text = "\n".join(sections) + cost_markdown(records) + errors_markdown(errors(records), collect(records)[0])
     (out / "report.md").write_text(text, encoding="utf-8")
     return text
