@@ -52,9 +52,9 @@ def test_document_samples_are_the_files_own_tokens_and_lines(tokenizer):
     assert len(code) == 2
     for sample in code:
         source = dict(documents("test", 0))
-        name = next(name for name, text in source.items() if sample.context.split("\n", 1)[1] in text)
-        following = source[name][source[name].index(sample.context.split("\n", 1)[1]) + len(sample.context.split("\n", 1)[1]):]
-        assert following.splitlines()[0].strip() == sample.answers[0]
+        code = sample.context.split("\n", 1)[1]  # after LCC's instruction line
+        text = next(text for text in source.values() if code in text)
+        assert text[text.index(code) + len(code) :].splitlines()[0].strip() == sample.answers[0]
 
 
 def test_continuation_runs_through_eval_and_its_positions_are_right(model, tokenizer, tmp_path):
