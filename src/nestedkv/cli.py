@@ -12,12 +12,12 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+from nestedkv.bench.documents import DOCUMENTS
 from nestedkv.bench.hub import BENCHMARKS as HUB_BENCHMARKS
 from nestedkv.bench.methods import METHODS
 from nestedkv.bench.report import write_report
 from nestedkv.bench.ruler import TASKS, QADataset, read_hotpotqa, read_squad, task_names
 from nestedkv.bench.runner import (
-    DOCUMENTS,
     LOCAL_BENCHMARKS,
     LOCAL_RULER,
     PRESETS,

@@ -28,6 +28,8 @@ from nestedkv.bench.ruler import Sample
 from nestedkv.prompts import prompt_length
 from nestedkv.validation import check_choice
 
+DOCUMENTS = "documents"
+"""The benchmark's name (``nestedkv eval --benchmark documents``)."""
 SPLITS = ("dev", "test")
 CONTINUATION, CODE_COMPLETION = "continuation", "code-completion"
 DOCUMENT_TASKS = (CONTINUATION, CODE_COMPLETION)
@@ -38,7 +40,9 @@ _CODE_QUESTION = "Next line of code:"
 _CODE_INSTRUCTION = "Please complete the code given below. \n"  # LongBench's LCC prompt
 _CODE_ANSWER_TOKENS = 64  # LongBench's lcc budget
 _MIN_TARGET_CHARS = 12  # a target line worth predicting: not a brace, a blank or a lone `else:`
-_CHARS_PER_TOKEN = 5  # generous: a file this much longer than needed surely has the tokens
+# Files with fewer characters than this per needed token are not even tokenized: source code
+# averages well above it, so they could not hold the tokens.
+_FEWEST_CHARS_PER_TOKEN = 2.5
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ def build_document_samples(
     needed = length + (CONTINUATION_TOKENS + 1 if task == CONTINUATION else 0)
     build = _continuation if task == CONTINUATION else _code_completion
     samples = []
-    for index, (name, text) in enumerate(documents(split, needed * _CHARS_PER_TOKEN // 2, root)):
+    for index, (name, text) in enumerate(documents(split, int(needed * _FEWEST_CHARS_PER_TOKEN), root)):
         sample = build(index, name, text, tokenizer, length)
         if sample is not None:
             samples.append(sample)

@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from statistics import mean, median, stdev
 
+from nestedkv.bench.documents import CODE_COMPLETION, CONTINUATION, CONTINUATION_TOKENS, DOCUMENTS
 from nestedkv.bench.methods import NO_COMPRESSION
 from nestedkv.bench.store import KEY_FIELDS, is_error, result_key, sample_key
 
@@ -135,22 +136,25 @@ def errors_markdown(failed: dict[tuple[str, float], list[str]], cells: dict[tupl
 
 @dataclass(frozen=True)
 class Measure:
-    """What a table shows: a record field, its name, its decimals, and which way is better."""
+    """What a table shows: a record field, what it is (``{tasks}``: the number of tasks), its unit,
+    its decimals, and which way is better."""
 
     field: str = "score"
-    name: str = "score over {tasks} tasks (0-100"
+    description: str = "score over {tasks} tasks"
+    unit: str = "0-100"
     digits: int = 1
     higher_is_better: bool = True
 
 
 SCORE = Measure()
+_NEXT = f"on the next {CONTINUATION_TOKENS} tokens"
 DOCUMENT_MEASURES = {
-    "continuation": (
-        Measure("score", "top-1 agreement with the uncompressed model on the next 256 tokens (%"),
-        Measure("delta_nll", "NLL increase over the uncompressed cache on the next 256 tokens (nats/token, "
-                "lower is better", digits=3, higher_is_better=False),
+    CONTINUATION: (
+        Measure("score", f"top-1 agreement with the uncompressed model {_NEXT}", "%"),
+        Measure("delta_nll", f"NLL increase over the uncompressed cache {_NEXT}", "nats/token, lower is better",
+                digits=3, higher_is_better=False),
     ),
-    "code-completion": (Measure("score", "next-line edit similarity, LongBench's LCC (0-100"),),
+    CODE_COMPLETION: (Measure("score", "next-line edit similarity, LongBench's LCC"),),
 }
 """The documents benchmark's tasks measure different things: each gets its own tables."""
 
@@ -171,7 +175,7 @@ def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str], meas
     digits = measure.digits
     format_cell = partial(_format, digits=digits)
     lines = [
-        f"Mean {measure.name.format(tasks=len(tasks))}, ± 95 % CI), {n} sample(s) per task, "
+        f"Mean {measure.description.format(tasks=len(tasks))} ({measure.unit}, ± 95 % CI), {n} sample(s) per task, "
         f"{any_cell.total} samples per cell; the same samples in every cell.",
         "",
     ]
@@ -297,7 +301,7 @@ def plot_task_heatmap(
 def write_report(records: Iterable[dict], out: Path, heatmap_ratio: float | None = None) -> str:
     """Write ``report.md``, ``score_vs_ratio.png`` and ``task_heatmap.png`` into ``out``; return the Markdown."""
     records = list(records)
-    if records and all(record.get("benchmark") == "documents" for record in records):
+    if records and all(record.get("benchmark") == DOCUMENTS for record in records):
         return _write_documents_report(records, out)
     cells, tasks = collect(records)
     _, ratios = _methods_and_ratios(cells)
@@ -346,10 +350,11 @@ def _write_documents_report(records: list[dict], out: Path) -> str:
         task_records = [record for record in records if record["task"] == task]
         if not task_records:
             continue
+        cells_of = {measure.field: collect(task_records, measure.field) for measure in measures}
         for measure in measures:
-            cells, tasks = collect(task_records, measure.field)
+            cells, tasks = cells_of[measure.field]
             sections.append(f"## {task}: {measure.field}\n\n" + markdown_tables(cells, tasks, measure))
-        plot_score_vs_ratio(collect(task_records)[0], out / f"score_vs_ratio_{task}.png")
+        plot_score_vs_ratio(cells_of["score"][0], out / f"score_vs_ratio_{task}.png")
     text = "\n".join(sections) + cost_markdown(records) + errors_markdown(errors(records), collect(records)[0])
     (out / "report.md").write_text(text, encoding="utf-8")
     return text

@@ -18,6 +18,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from nestedkv.bench.documents import (
     DOCUMENT_TASKS,
+    DOCUMENTS,
     ContinuationSample,
     build_document_samples,
     greedy_agreement_and_nll,
@@ -45,10 +46,8 @@ from nestedkv.validation import check_choice, check_ratio
 
 LOCAL_RULER = "ruler-local"
 """RULER's tasks built offline by :mod:`nestedkv.bench.ruler`."""
-DOCUMENTS = "documents"
-"""Continuation loss and code completion on real documents (:mod:`nestedkv.bench.documents`).
-The other benchmarks come from the hub."""
 LOCAL_BENCHMARKS = (LOCAL_RULER, DOCUMENTS)
+"""Built offline: RULER, and real documents (:mod:`nestedkv.bench.documents`); the others come from the hub."""
 
 SPLIT_SEEDS = {"dev": 0, "test": 1}
 """The dev/test split as seeds: local RULER samples are drawn from their seed (dev: the seed every
@@ -342,9 +341,10 @@ def _compressed_cache(
     # Randomised presses (Random, the sketches of LeverageScore and Compactor) draw the same numbers
     # for every cache and every run: a run is reproducible, and comparable with kvpress's pipeline.
     torch.manual_seed(0)
-    mode = METHODS[method].prefill if method in METHODS else REPLAY
+    spec = METHODS.get(method)  # None: the uncompressed baseline
+    mode = spec.prefill if spec else REPLAY
     if mode == REPLAY:
-        if METHODS.get(method) and METHODS[method].ratio_free_scores:
+        if spec and spec.ratio_free_scores:
             press = reuse_scores(press, score_memo)
         cache = compress_replay(model, prefill, press)
         return cache, prefill_seconds + time.perf_counter() - start
