@@ -362,6 +362,20 @@ def test_bad_benchmark_settings_are_named():
         EvalConfig(model="m", benchmark="longbench", subset="nope")
     with pytest.raises(ValueError, match="unknown method 'h2o'"):
         EvalConfig(model="m", methods=("h2o",))
+    with pytest.raises(ValueError, match="only NestedKV methods take"):
+        EvalConfig(model="m", methods=("snapkv:n_recent=64",))
+    with pytest.raises(ValueError, match="'recent=64' is not field=value with a field among"):
+        EvalConfig(model="m", methods=("nestedkv:recent=64",))
+    with pytest.raises(ValueError, match="pool_size must be odd"):
+        EvalConfig(model="m", methods=("nestedkv:pool_size=4",))
+
+
+def test_nestedkv_methods_take_press_arguments_after_their_name():
+    press = make_press("nestedkv-global:n_recent=64:scales=global+window:pool=mean:tau=0.5", 0.9)
+    assert (press.compression_ratio, press.n_recent, press.scales, press.pool, press.tau) == (
+        0.9, 64, ("global", "window"), "mean", 0.5
+    )
+    assert make_press("nestedkv-global", 0.9).scales == ("global",)  # the base entry is left as it was
 
 
 @pytest.mark.slow

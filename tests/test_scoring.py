@@ -23,11 +23,13 @@ from nestedkv.scoring import (
     cosine_anomaly,
     default_block_size,
     discriminative_gap,
+    favour_recent,
     minmax,
     mixing_weights,
     nestedkv_score,
     normalise_keys,
     rank_normalise,
+    pool_neighbours,
     scale_anomalies,
     scale_std,
     surprise_gate,
@@ -162,10 +164,26 @@ def test_score_range_sinks_recent_dtype_and_determinism():
     config = NestedKVConfig(n_sink=4, n_recent=8)
     scores = nestedkv_score(keys, config)
     assert scores.shape == (1, 2, 600) and scores.dtype == torch.float32
-    assert (scores[..., :4] == PINNED).all() and (scores[..., -8:] == PINNED).all()
+    assert (scores[..., :4] == PINNED).all()
+    # the recent window: above every real score, the newest highest
+    assert torch.equal(scores[..., -8:], (1 + torch.arange(1, 9) / 8).expand(1, 2, 8))
     middle = scores[..., 4:-8]
     assert middle.min() >= 0 and middle.max() <= 1
     assert torch.equal(scores, nestedkv_score(keys, config))
+
+
+def test_a_recent_window_larger_than_the_budget_keeps_its_newest_positions():
+    scores = nestedkv_score(torch.randn(1, 1, 40, 8), NestedKVConfig(n_sink=2, n_recent=30))
+    assert scores[0, 0].topk(12).indices.sort().values.tolist() == [0, 1, *range(30, 40)]
+    # a window longer than the context protects every position after the sinks, newest first
+    scores = nestedkv_score(torch.randn(1, 1, 40, 8), NestedKVConfig(n_sink=2, n_recent=100))
+    assert scores[0, 0].topk(5).indices.sort().values.tolist() == [0, 1, 37, 38, 39]
+
+
+def test_recency_ramp_on_a_hand_example():
+    scores = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5])
+    torch.testing.assert_close(favour_recent(scores, 1.0), torch.tensor([0.25, 0.375, 0.5, 0.625, 0.75]))
+    assert torch.equal(favour_recent(scores, 0.0), scores)
 
 
 def test_heads_scored_a_few_at_a_time_give_the_same_scores(monkeypatch):
@@ -212,6 +230,8 @@ def test_zero_norm_keys_do_not_produce_nan():
         ({"normalisation": "zscore"}, "unknown normalisation 'zscore'"),
         ({"n_sink": -1}, "n_sink must be >= 0"),
         ({"window": 0}, "window must be >= 1"),
+        ({"pool_size": 4}, "pool_size must be odd"),
+        ({"pool": "median"}, "unknown pool 'median'"),
     ],
 )
 def test_bad_options_are_named(options, message):
@@ -227,6 +247,14 @@ def test_context_shorter_than_sinks_is_refused_and_shorter_than_a_block_uses_two
     assert torch.isfinite(nestedkv_score(torch.randn(1, 2, 5, 8))[..., 4:]).all()
     # without the block scale a short context is fine
     assert nestedkv_score(torch.randn(1, 1, 100, 8), NestedKVConfig(scales=("global", "window"))).shape == (1, 1, 100)
+
+
+def test_pooling_shares_a_score_with_the_neighbours_on_a_hand_example():
+    scores = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.5, 0.0]])
+    assert torch.equal(pool_neighbours(scores, 1), scores)
+    assert torch.equal(pool_neighbours(scores, 3), torch.tensor([[1.0, 1.0, 1.0, 0.5, 0.5, 0.5]]))
+    mean = torch.tensor([[1 / 2, 1 / 3, 1 / 3, 0.5 / 3, 0.5 / 3, 0.5 / 2]])
+    torch.testing.assert_close(pool_neighbours(scores, 3, "mean"), mean)
 
 
 def test_scales_are_canonically_ordered():
@@ -306,10 +334,15 @@ def reference_score(keys: torch.Tensor, config: NestedKVConfig) -> torch.Tensor:
         gate = torch.sigmoid(config.kappa * (centred - config.tau))
         gate = torch.ones_like(blend) if config.gate == "max" else gate
         score = (1 - gate) * blend + gate * a.amax(dim=-2)
+    score = (score + config.recency * torch.arange(n) / max(n - 1, 1)) / (1 + config.recency)
+    if config.pool_size > 1:  # the window of each position, cut at the ends, one position at a time
+        half = config.pool_size // 2
+        reduce = (lambda x: x.amax(dim=-1)) if config.pool == "max" else (lambda x: x.mean(dim=-1))
+        score = torch.stack([reduce(score[..., max(0, i - half) : i + half + 1]) for i in range(n)], dim=-1)
     score = score.clone()
+    for age in range(min(config.n_recent, n)):  # age 0 is the newest position
+        score[..., n - 1 - age] = 1 + (config.n_recent - age) / config.n_recent
     score[..., :start] = PINNED
-    if config.n_recent:
-        score[..., -config.n_recent :] = PINNED
     return score
 
 
@@ -328,6 +361,9 @@ SWITCHES = [
     {"block_size": 100, "window": 17},
     {"window": 5000, "n_sink": 1},  # a window longer than the context
     {"prior": (0.2, 0.3, 0.5), "beta": 1.0, "tau": 0.3, "kappa": 4.0, "gap_fraction": 0.5},
+    {"pool_size": 5},
+    {"pool_size": 3, "pool": "mean", "n_recent": 16},
+    {"recency": 0.5, "n_recent": 700},  # a recent window longer than the shortest context
 ]
 
 

@@ -179,6 +179,8 @@ def test_refusals(model, tokenizer):
         BudgetedPress(budget=4)
     with pytest.raises(ValueError, match="interval"):
         BudgetedPress(interval=0)
+    with pytest.raises(ValueError, match="cannot pool scores"):
+        BudgetedPress(config=NestedKVConfig(pool_size=5))
     ids = tokenizer(demo_sample()["context"], return_tensors="pt").input_ids[:, :200]
     left_padded = torch.ones(2, 20, dtype=torch.long)
     left_padded[0, :5] = 0

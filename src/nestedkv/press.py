@@ -290,12 +290,13 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVConfig, ScorerPress):
         return nestedkv_score(keys.detach(), self)  # scores only pick positions: no gradient through them
 
     def check_budget(self, n: int) -> None:
-        """Refuse a ratio that keeps fewer positions per head than the protected ones (sinks, recent)."""
+        """Refuse a ratio that keeps fewer positions per head than the sinks (a recent window larger than
+        the budget keeps its newest positions: :func:`~nestedkv.scoring.pin_protected`)."""
         n_kept = compute_n_kept(n, self.compression_ratio)
-        if n_kept < self.n_sink + self.n_recent:
+        if n_kept < self.n_sink:
             raise ValueError(
                 f"compression_ratio {self.compression_ratio} keeps {n_kept} of {n} positions per head, "
-                f"fewer than the {self.n_sink} sink + {self.n_recent} recent positions that are always kept"
+                f"fewer than the {self.n_sink} sink positions that are always kept; lower the ratio or n_sink"
             )
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):

@@ -36,9 +36,10 @@ SCALES = ("global", "block", "window")
 MIXINGS = ("adaptive", "fixed", "uniform")
 GATES = ("soft", "off", "max")
 NORMALISATIONS = ("minmax", "rank")
+POOLS = ("max", "mean")
 
 PINNED = float("inf")
-"""Score given to protected positions (sinks, recent window): above every real score in [0, 1]."""
+"""Score given to the sinks: above every other score."""
 
 
 @dataclass
@@ -50,6 +51,10 @@ class NestedKVConfig:
     (the paper's sigmoid gate), ``off`` (blend only) or ``max`` (always the winning scale).
     normalisation: ``minmax`` (the paper's) or ``rank``. block_size ``None`` means
     ``clip(N // 32, 128, 256)``. n_recent protects the last positions too (0 in the paper).
+    recency: weight of a ramp that favours later positions, ``score = (a* + recency * i / (N - 1)) / (1 +
+    recency)`` (0 in the paper). pool_size: each position's score becomes the ``pool`` (max or mean) of the scores of the
+    ``pool_size`` positions centred on it (1 in the paper: no pooling), so that the neighbours of a
+    salient key are kept with it.
     """
 
     scales: tuple[str, ...] = SCALES
@@ -65,6 +70,9 @@ class NestedKVConfig:
     tau: float = 0.60
     kappa: float = 10.0
     gap_fraction: float = 0.10
+    recency: float = 0.0
+    pool_size: int = 1
+    pool: str = "max"
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -96,6 +104,11 @@ class NestedKVConfig:
         check_number("tau", self.tau)
         check_number("kappa", self.kappa)
         check_number("gap_fraction", self.gap_fraction, low=0, high=0.5, low_open=True)
+        check_number("recency", self.recency, low=0)
+        check_number("pool_size", self.pool_size, low=1, integer=True)
+        if self.pool_size % 2 == 0:
+            raise ValueError(f"pool_size must be odd (a window centred on each position), got {self.pool_size}")
+        check_choice("pool", self.pool, POOLS)
         check_number("eps", self.eps, low=0, low_open=True)
 
 
@@ -314,6 +327,36 @@ def surprise_gate(a: torch.Tensor, tau: float, kappa: float, start: int = 0) -> 
     return torch.sigmoid(kappa * (centred - tau))
 
 
+# --- beyond the paper: pooling over neighbours ------------------------------------------------
+
+
+def favour_recent(scores: torch.Tensor, recency: float) -> torch.Tensor:
+    """``(scores + recency * i / (N - 1)) / (1 + recency)``: a ramp from 0 at the first position to
+    ``recency`` at the last, rescaled so that scores in [0, 1] stay in [0, 1]. ``(..., N) -> (..., N)``."""
+    if recency == 0:
+        return scores
+    n = scores.shape[-1]
+    ramp = torch.linspace(0.0, recency, n, dtype=scores.dtype, device=scores.device)
+    return (scores + ramp) / (1 + recency)
+
+
+def pool_neighbours(scores: torch.Tensor, size: int, pool: str = "max") -> torch.Tensor:
+    """Max or mean of the scores in the window of ``size`` positions centred on each position (the
+    window is cut at the ends). ``(..., N) -> (..., N)``; ``size`` odd, 1 leaves the scores as they are.
+
+    A fact is a run of tokens, and a key-only score ranks its tokens unevenly; pooling lets the
+    neighbours of a salient key share its rank, as SnapKV pools attention over a kernel of 5.
+    """
+    if size == 1:
+        return scores
+    flat = scores.reshape(-1, 1, scores.shape[-1])
+    if pool == "max":
+        pooled = torch.nn.functional.max_pool1d(flat, size, stride=1, padding=size // 2)
+    else:
+        pooled = torch.nn.functional.avg_pool1d(flat, size, stride=1, padding=size // 2, count_include_pad=False)
+    return pooled.reshape(scores.shape)
+
+
 # --- the whole score --------------------------------------------------------------------------
 
 
@@ -330,8 +373,8 @@ CPU_CHUNK_ELEMENTS = 2**18
 def nestedkv_score(keys: torch.Tensor, config: NestedKVConfig | None = None) -> torch.Tensor:
     """NestedKV score of every position. ``keys (..., N, d) -> scores (..., N)`` in float32.
 
-    Real scores lie in [0, 1]; protected positions (the first ``n_sink``, the last ``n_recent``)
-    score :data:`PINNED`. Higher is kept first.
+    Real scores lie in [0, 1]; the first ``n_sink`` positions score :data:`PINNED`, the last
+    ``n_recent`` in (1, 2] (:func:`pin_protected`). Higher is kept first.
 
     Heads are scored independently, so on CPU they go a few at a time (about
     :data:`CPU_CHUNK_ELEMENTS` key elements): every step's ``(N, d)`` temporaries then stay in cache
@@ -373,13 +416,23 @@ def score_anomalies(anomalies: torch.Tensor, config: NestedKVConfig) -> torch.Te
         winner = a.amax(dim=-2)
         gate = torch.ones_like(blend) if config.gate == "max" else surprise_gate(a, config.tau, config.kappa, start)
         score = (1 - gate) * blend + gate * winner
+    score = favour_recent(score, config.recency)  # beyond the paper: 0 = off
+    score = pool_neighbours(score, config.pool_size, config.pool)  # beyond the paper: 1 = off
     return pin_protected(score, config.n_sink, config.n_recent)  # step 6
 
 
 def pin_protected(scores: torch.Tensor, n_sink: int, n_recent: int) -> torch.Tensor:
-    """Pin the first ``n_sink`` and last ``n_recent`` positions to the top. ``(..., N) -> (..., N)``."""
+    """Put the first ``n_sink`` and the last ``n_recent`` positions above every real score.
+    ``(..., N) -> (..., N)``.
+
+    Sinks score :data:`PINNED`; the recent positions score in (1, 2], the newest highest, so that a
+    budget smaller than the protected window keeps the newest positions of it rather than a
+    tie-broken few.
+    """
     scores = scores.clone()
-    scores[..., :n_sink] = PINNED
     if n_recent:
-        scores[..., -n_recent:] = PINNED
+        window = min(n_recent, scores.shape[-1])
+        steps = torch.arange(n_recent - window + 1, n_recent + 1, dtype=scores.dtype, device=scores.device)
+        scores[..., -window:] = 1 + steps / n_recent
+    scores[..., :n_sink] = PINNED
     return scores

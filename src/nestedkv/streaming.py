@@ -245,6 +245,9 @@ class BudgetedPress(_LeavesModelAsFound, BasePress):
         check_number("interval", self.interval, low=1, integer=True)
         check_number("head_slack", self.head_slack, low=0, integer=True)
         check_number("alpha_safeguard", self.alpha_safeguard, low=0, high=1)
+        if self.config.pool_size != 1:
+            # the held positions are not contiguous once a stream has evicted: pooling them would mix strangers
+            raise ValueError("a budgeted cache cannot pool scores over neighbours; use a config with pool_size=1")
         protected = self.config.n_sink + self.config.n_recent
         if self.budget <= protected:
             raise ValueError(f"budget {self.budget} must be above the {protected} sink + recent positions always kept")

@@ -79,6 +79,8 @@ class Method:
     ratio_free_scores: bool = False
     prefill: str = REPLAY
     download: bool = False
+    nestedkv_options: tuple[tuple[str, object], ...] | None = None
+    """For NestedKV's variants: the ``NestedKVPress`` arguments beyond the ratio (see :func:`method_spec`)."""
 
 
 NO_COMPRESSION = "none"
@@ -87,7 +89,10 @@ NO_COMPRESSION = "none"
 
 def _nestedkv(name: str, group: str, description: str, **options) -> Method:
     """A NestedKV variant: ``NestedKVPress(r, **options)``. Its scores never depend on the ratio."""
-    return Method(name, group, description, lambda r: NestedKVPress(r, **options), ratio_free_scores=True)
+    return Method(
+        name, group, description, lambda r: NestedKVPress(r, **options), ratio_free_scores=True,
+        nestedkv_options=tuple(options.items()),
+    )
 
 
 class _KVzipWithGGUFTokenizer(KVzipPress):
@@ -190,12 +195,59 @@ DOWNLOAD_PEERS = tuple(name for name, method in METHODS.items() if method.downlo
 ABLATIONS = tuple(name for name, method in METHODS.items() if method.group == ABLATION)
 
 
+OPTION_SEPARATOR = ":"
+
+
+def _option_value(text: str) -> object:
+    """``64`` -> 64, ``0.5`` -> 0.5, ``global+block`` -> ("global", "block"), anything else as written."""
+    if "+" in text:
+        return tuple(_option_value(part) for part in text.split("+"))
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def method_spec(method: str) -> Method | None:
+    """The registry entry of ``method``; ``None`` for the uncompressed baseline.
+
+    A NestedKV method may carry ``NestedKVPress`` arguments after its name, each as ``:field=value``
+    (tuples joined by ``+``): ``nestedkv-paper:n_recent=128:pool_size=5`` is the paper's method with
+    those two switches changed. Such a name is a method of its own in the results store, so variants
+    can be measured with ``nestedkv eval`` without a registry entry each. Raises ``ValueError`` for an
+    unknown method or argument, or an invalid value.
+    """
+    base, *assignments = method.split(OPTION_SEPARATOR)
+    if base == NO_COMPRESSION and not assignments:
+        return None
+    spec = METHODS[check_choice("method", base, (NO_COMPRESSION, *METHODS))] if base != NO_COMPRESSION else None
+    if not assignments:
+        return spec
+    if spec is None or spec.nestedkv_options is None:
+        raise ValueError(f"method {method!r}: only NestedKV methods take ':field=value' arguments")
+    options = dict(spec.nestedkv_options)
+    fields = NestedKVPress.__dataclass_fields__
+    for assignment in assignments:
+        field, equals, value = assignment.partition("=")
+        if not equals or field not in fields or field == "compression_ratio":
+            choices = ", ".join(name for name in fields if name != "compression_ratio")
+            raise ValueError(f"method {method!r}: {assignment!r} is not field=value with a field among {choices}")
+        options[field] = _option_value(value)
+    NestedKVPress(0.5, **options)  # validates every value now, before any model loads
+    return Method(
+        method, spec.group, f"{spec.description}, with {', '.join(assignments)}",
+        lambda r: NestedKVPress(r, **options), ratio_free_scores=True, nestedkv_options=tuple(options.items()),
+    )
+
+
 def make_press(method: str, ratio: float) -> BasePress | None:
     """The press of ``method`` at ``ratio``; ``None`` for the uncompressed baseline."""
-    if method == NO_COMPRESSION:
-        return None
-    return METHODS[check_method(method)].make(ratio)
+    spec = method_spec(method)
+    return spec.make(ratio) if spec else None
 
 
 def check_method(method: str) -> str:
-    return check_choice("method", method, (NO_COMPRESSION, *METHODS))
+    method_spec(method)
+    return method

@@ -28,13 +28,13 @@ from nestedkv.bench.hub import load_hub_samples, resolve_subset, subsets
 from nestedkv.bench.methods import (
     ABLATIONS,
     EAGER_PREFILL,
-    METHODS,
     NO_COMPRESSION,
     PEERS,
     RATIOS,
     REPLAY,
     check_method,
     make_press,
+    method_spec,
 )
 from nestedkv.bench.metrics import score_sample
 from nestedkv.bench.replay import Prefill, compress_replay, feed, prefill_compressed, prefill_once, reuse_scores
@@ -341,7 +341,7 @@ def _compressed_cache(
     # Randomised presses (Random, the sketches of LeverageScore and Compactor) draw the same numbers
     # for every cache and every run: a run is reproducible, and comparable with kvpress's pipeline.
     torch.manual_seed(0)
-    spec = METHODS.get(method)  # None: the uncompressed baseline
+    spec = method_spec(method)  # None: the uncompressed baseline
     mode = spec.prefill if spec else REPLAY
     if mode == REPLAY:
         if spec and spec.ratio_free_scores:
