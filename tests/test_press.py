@@ -48,7 +48,7 @@ def context_ids(tokenizer):
 
 def test_global_scale_uniform_budget_no_sinks_keeps_what_keydiff_keeps(model, context_ids):
     full = prefill(model, context_ids)
-    ours = prefill(model, context_ids, NestedKVPress(0.75, scales=("global",), budget="uniform", n_sink=0))
+    ours = prefill(model, context_ids, NestedKVPress.paper(0.75, scales=("global",), budget="uniform", n_sink=0))
     keydiff = prefill(model, context_ids, KeyDiffPress(compression_ratio=0.75))
     n_kept = compute_n_kept(context_ids.shape[1], 0.75)
     for full_layer, ours_layer, keydiff_layer in zip(full.layers, ours.layers, keydiff.layers, strict=True):

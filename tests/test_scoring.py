@@ -12,6 +12,7 @@ from transformers import DynamicCache
 from nestedkv import scoring
 from nestedkv.budgets import head_adaptive_keep
 from nestedkv.scoring import (
+    PAPER_SETTINGS,
     PINNED,
     SCALES,
     NestedKVConfig,
@@ -28,8 +29,8 @@ from nestedkv.scoring import (
     mixing_weights,
     nestedkv_score,
     normalise_keys,
-    rank_normalise,
     pool_neighbours,
+    rank_normalise,
     scale_anomalies,
     scale_std,
     surprise_gate,
@@ -209,7 +210,7 @@ def test_gate_off_is_the_blend_and_gate_max_is_the_winner():
 def test_global_scale_alone_ranks_as_keydiff():
     torch.manual_seed(3)
     keys = torch.randn(2, 3, 500, 32)
-    ours = nestedkv_score(keys, NestedKVConfig(scales=("global",), n_sink=0))
+    ours = nestedkv_score(keys, NestedKVConfig(**PAPER_SETTINGS, scales=("global",), n_sink=0))
     keydiff = KeyDiffPress().score(None, None, keys, None, None, {})
     assert torch.equal(ours.argsort(dim=-1), keydiff.argsort(dim=-1))
 

@@ -87,7 +87,9 @@ def _optional_int(text: str) -> int | None:
 
 def add_press_options(parser: argparse.ArgumentParser) -> None:
     """One option per :class:`NestedKVPress` field (``--n-sink``, ``--scales global,block``…)."""
-    group = parser.add_argument_group("NestedKV options (defaults are the paper's)")
+    group = parser.add_argument_group("NestedKV options (defaults: the shipped method, docs/tuning.md)")
+    group.add_argument("--paper", action="store_true",
+                       help="the paper's method: no recent window, no recency ramp (other options still apply)")
     for field in _PRESS_FIELDS:
         default = field.default
         if isinstance(default, tuple):
@@ -101,7 +103,7 @@ def add_press_options(parser: argparse.ArgumentParser) -> None:
             "--" + field.name.replace("_", "-"),
             dest=field.name,
             type=kind,
-            default=default,
+            default=None,  # unset: the shipped default, or the paper's with --paper
             help=f"default: {shown}",
         )
 
@@ -115,7 +117,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def press_from_args(args: argparse.Namespace) -> NestedKVPress:
     options = {field.name: getattr(args, field.name) for field in _PRESS_FIELDS}
-    return NestedKVPress(compression_ratio=args.ratio, **options)
+    options = {name: value for name, value in options.items() if value is not None}
+    make = NestedKVPress.paper if args.paper else NestedKVPress
+    return make(compression_ratio=args.ratio, **options)
 
 
 # --- commands ---------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from nestedkv.budgets import BUDGETS, compute_n_kept, head_adaptive_keep
 from nestedkv.cache import RaggedLayer
 from nestedkv.cache.attention import visible_columns
 from nestedkv.models import attention_modules
-from nestedkv.scoring import NestedKVConfig, nestedkv_score
+from nestedkv.scoring import PAPER_SETTINGS, NestedKVConfig, nestedkv_score
 from nestedkv.validation import check_choice, check_number, check_ratio
 
 STORAGES = ("ragged", "masked")
@@ -248,8 +248,10 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVConfig, ScorerPress):
 
     ``compression_ratio`` is the fraction of context positions removed (0.9 keeps 10 %).
     keys/values in the cache: ``(batch, kv_heads, N, head_dim)``; scores ``(batch, kv_heads, N)``.
-    Every score switch of :class:`~nestedkv.scoring.NestedKVConfig` is a constructor argument.
-    ``scales=("global",), budget="uniform", n_sink=0`` ranks exactly as kvpress's ``KeyDiffPress``.
+    Every score switch of :class:`~nestedkv.scoring.NestedKVConfig` is a constructor argument; the
+    defaults add a protected recent window and a recency ramp to the paper's method (``docs/tuning.md``),
+    :meth:`paper` is the paper's. ``NestedKVPress.paper(scales=("global",), budget="uniform", n_sink=0)``
+    ranks exactly as kvpress's ``KeyDiffPress``.
 
     kvpress wrappers that score through :meth:`score` and store a dense cache (``DecodingPress``,
     ``ChunkPress``, ``CAMPress``) get the uniform budget, since a dense cache holds the same count per
@@ -260,6 +262,12 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVConfig, ScorerPress):
     budget: str = "head-adaptive"
     alpha_safeguard: float = 0.20
     storage: str = "ragged"
+
+    @classmethod
+    def paper(cls, compression_ratio: float = 0.0, **options) -> NestedKVPress:
+        """NestedKV exactly as the paper gives it (:data:`~nestedkv.scoring.PAPER_SETTINGS`: no recent
+        window, no recency ramp); any switch can still be set."""
+        return cls(compression_ratio, **{**PAPER_SETTINGS, **options})
 
     def __post_init__(self) -> None:
         check_ratio(self.compression_ratio)

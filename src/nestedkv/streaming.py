@@ -238,16 +238,18 @@ class BudgetedPress(_LeavesModelAsFound, BasePress):
     interval: int = 16
     head_slack: int = 16
     alpha_safeguard: float = 0.20
-    config: NestedKVConfig = field(default_factory=lambda: NestedKVConfig(n_recent=STREAM_RECENT))
+    config: NestedKVConfig = field(default_factory=lambda: NestedKVConfig(n_recent=STREAM_RECENT, recency=0.0))
 
     def __post_init__(self) -> None:
         check_number("budget", self.budget, low=1, integer=True)
         check_number("interval", self.interval, low=1, integer=True)
         check_number("head_slack", self.head_slack, low=0, integer=True)
         check_number("alpha_safeguard", self.alpha_safeguard, low=0, high=1)
-        if self.config.pool_size != 1:
-            # the held positions are not contiguous once a stream has evicted: pooling them would mix strangers
-            raise ValueError("a budgeted cache cannot pool scores over neighbours; use a config with pool_size=1")
+        if self.config.pool_size != 1 or self.config.recency != 0:
+            # once a stream has evicted, the held positions are no longer contiguous: pooling would mix
+            # strangers and a ramp over the held ones would not follow the positions
+            raise ValueError("a budgeted cache cannot pool scores or ramp them by position; "
+                             "use a config with pool_size=1 and recency=0")
         protected = self.config.n_sink + self.config.n_recent
         if self.budget <= protected:
             raise ValueError(f"budget {self.budget} must be above the {protected} sink + recent positions always kept")

@@ -48,6 +48,7 @@ from kvpress.presses import kvzip_press
 from transformers import AutoTokenizer, PreTrainedModel
 
 from nestedkv.press import HeadAdaptivePress, NestedKVPress
+from nestedkv.scoring import PAPER_SETTINGS
 from nestedkv.validation import check_choice
 
 RATIOS = (0.5, 0.75, 0.9, 0.95)
@@ -118,14 +119,19 @@ def _peer(name: str, description: str, make: Callable[[float], BasePress], **opt
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        _nestedkv("nestedkv", NESTEDKV, "NestedKV as in the paper (ragged storage)"),
+        _nestedkv("nestedkv", NESTEDKV, "NestedKV as shipped: the paper's + recent window + recency ramp (ragged)"),
+        _nestedkv("nestedkv-paper", NESTEDKV, "NestedKV as in the paper (ragged storage)", **PAPER_SETTINGS),
         _nestedkv("nestedkv-masked", STORAGE, "NestedKV, kvpress's masked storage", storage="masked"),
-        # Ablations (spec, "Ablation switches"): one component off at a time.
-        _nestedkv("nestedkv-uniform", ABLATION, "NestedKV score, uniform per-head budget", budget="uniform"),
-        _nestedkv("nestedkv-global", ABLATION, "global anchor only, head-adaptive budget", scales=("global",)),
-        _nestedkv("nestedkv-no-gate", ABLATION, "blend only, surprise gate off", gate="off"),
-        _nestedkv("nestedkv-fixed-mix", ABLATION, "prior mixing weights, no head adaptation", mixing="fixed"),
-        _nestedkv("nestedkv-recent64", ABLATION, "NestedKV + the last 64 positions protected", n_recent=64),
+        # Ablations of the paper's method (spec, "Ablation switches"): one component changed at a time.
+        _nestedkv("nestedkv-uniform", ABLATION, "paper's score, uniform per-head budget",
+                  **PAPER_SETTINGS, budget="uniform"),
+        _nestedkv("nestedkv-global", ABLATION, "paper's, global anchor only", **PAPER_SETTINGS, scales=("global",)),
+        _nestedkv("nestedkv-no-gate", ABLATION, "paper's, surprise gate off (blend only)",
+                  **PAPER_SETTINGS, gate="off"),
+        _nestedkv("nestedkv-fixed-mix", ABLATION, "paper's, prior mixing weights (no head adaptation)",
+                  **PAPER_SETTINGS, mixing="fixed"),
+        _nestedkv("nestedkv-recent64", ABLATION, "paper's + the last 64 positions protected",
+                  **{**PAPER_SETTINGS, "n_recent": 64}),
         # kvpress peers, configured as kvpress's evaluation registry configures them.
         _peer("random", "Random (kvpress; the floor, seed 0)", lambda r: RandomPress(r, seed=0)),
         _peer("streamingllm", "StreamingLLM (kvpress)", lambda r: StreamingLLMPress(compression_ratio=r)),

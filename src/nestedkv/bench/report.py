@@ -166,6 +166,14 @@ def _format(cell: Cell | None, sign: str = "", digits: int = 1) -> str:
     return f"{cell.mean:{sign}.{digits}f}" + (f" ± {ci:.{digits}f}" if ci is not None else "")
 
 
+REFERENCES = ("nestedkv", "nestedkv-paper")
+"""The method every other is paired with and drawn against: the shipped NestedKV, else the paper's."""
+
+
+def _reference(cells: dict[tuple[str, float], Cell]) -> str | None:
+    return next((ref for ref in REFERENCES if any(method == ref for method, _ in cells)), None)
+
+
 def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str], measure: Measure = SCORE) -> str:
     """A mean table (method × ratio, with CI), NestedKV's paired differences to every other method,
     and one per-task table per ratio (when there are several tasks)."""
@@ -193,22 +201,23 @@ def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str], meas
             lines.append(f"| {method} (r=0) | " + " | ".join([format_cell(cells[method, 0.0])] * len(ratios)) + " |")
         else:
             lines.append(f"| {method} | " + " | ".join(format_cell(cells.get((method, r))) for r in ratios) + " |")
-    if any(method == "nestedkv" for method, _ in cells):
+    reference = _reference(cells)
+    if reference:
         better = "higher" if measure.higher_is_better else "higher, i.e. worse"
         lines += [
             "",
-            "NestedKV minus each method, paired on the same samples (± 95 % CI of the paired differences; "
-            f"positive: NestedKV's is {better}):",
+            f"{reference} minus each method, paired on the same samples (± 95 % CI of the paired differences; "
+            f"positive: {reference}'s is {better}):",
             "",
             "| method | " + " | ".join(f"r={r}" for r in ratios) + " |",
             "|---|" + "---:|" * len(ratios),
         ]
         for method in methods:
-            if method == "nestedkv":
+            if method == reference:
                 continue
             row = []
             for ratio in ratios:
-                ours, theirs = cells.get(("nestedkv", ratio)), _cell_at(cells, method, ratio)
+                ours, theirs = cells.get((reference, ratio)), _cell_at(cells, method, ratio)
                 row.append(_format(ours.minus(theirs), "+", digits) if ours and theirs else "–")
             lines.append(f"| {method} | " + " | ".join(row) + " |")
     for ratio in ratios if len(tasks) > 1 else ():
@@ -234,7 +243,8 @@ def plot_score_vs_ratio(cells: dict[tuple[str, float], Cell], path: Path) -> Non
     import matplotlib.pyplot as plt
 
     methods, ratios = _methods_and_ratios(cells)
-    others = [m for m in methods if m not in (NO_COMPRESSION, "nestedkv")]
+    reference = _reference(cells)
+    others = [m for m in methods if m not in (NO_COMPRESSION, reference)]
     panels = [
         ("NestedKV and its peers", [m for m in others if not m.startswith("nestedkv-")]),
         ("NestedKV and its ablations", [m for m in others if m.startswith("nestedkv-")]),
@@ -245,15 +255,15 @@ def plot_score_vs_ratio(cells: dict[tuple[str, float], Cell], path: Path) -> Non
     for axes, (title, compared) in zip(all_axes, panels, strict=True):
         if (NO_COMPRESSION, 0.0) in cells:
             axes.axhline(cells[NO_COMPRESSION, 0.0].mean, color="black", linestyle="--", label="no compression")
-        measured = [r for r in ratios if ("nestedkv", r) in cells]
+        measured = [r for r in ratios if (reference, r) in cells]
         if measured:
-            means = [cells["nestedkv", r].mean for r in measured]
-            axes.plot(measured, means, marker="o", linewidth=2.5, color="crimson", label="nestedkv", zorder=3)
-            cis = [cells["nestedkv", r].ci95 for r in measured]
+            means = [cells[reference, r].mean for r in measured]
+            axes.plot(measured, means, marker="o", linewidth=2.5, color="crimson", label=reference, zorder=3)
+            cis = [cells[reference, r].ci95 for r in measured]
             if None not in cis:
                 low = [m - ci for m, ci in zip(means, cis, strict=True)]
                 high = [m + ci for m, ci in zip(means, cis, strict=True)]
-                axes.fill_between(measured, low, high, color="crimson", alpha=0.12, label="nestedkv 95 % CI")
+                axes.fill_between(measured, low, high, color="crimson", alpha=0.12, label=f"{reference} 95 % CI")
         for index, method in enumerate(compared, start=1):
             measured = [r for r in ratios if (method, r) in cells]
             color, marker = plt.get_cmap("tab10")(index % 10), "os^vD<>ph*"[index % 10]

@@ -70,7 +70,7 @@ class EvalConfig:
     tasks: tuple[str, ...] | None = None
     lengths: tuple[int, ...] = (4096,)
     ratios: tuple[float, ...] = RATIOS
-    methods: tuple[str, ...] = (NO_COMPRESSION, "nestedkv", *ABLATIONS, *PEERS)
+    methods: tuple[str, ...] = (NO_COMPRESSION, "nestedkv", "nestedkv-paper", *ABLATIONS, *PEERS)
     samples: int = 5
     seed: int = 0
     query_aware: bool = False
@@ -129,12 +129,12 @@ PRESETS: dict[str, dict] = {
     # caches, every offline peer, the 13 tasks averaged as kvpress averages them (mean of task means).
     "leaderboard": dict(
         lengths=(4096,), ratios=(0.25, 0.5, 0.75, 0.875, 0.9, 0.95), samples=20,
-        methods=(NO_COMPRESSION, "nestedkv", "nestedkv-recent64", *PEERS),
+        methods=(NO_COMPRESSION, "nestedkv", "nestedkv-paper", *PEERS),
     ),
     # Continuation loss and code completion on real documents (docs/benchmarks.md): low variance.
     "documents": dict(
         benchmark=DOCUMENTS, lengths=(2048,), ratios=(0.75, 0.875, 0.9, 0.95), samples=16,
-        methods=(NO_COMPRESSION, "nestedkv", "nestedkv-recent64", *PEERS),
+        methods=(NO_COMPRESSION, "nestedkv", "nestedkv-paper", *PEERS),
     ),
 }
 
