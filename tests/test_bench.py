@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from nestedkv.bench.methods import EAGER_PREFILL, METHODS, PEERS, make_press
 from nestedkv.bench.replay import compress_replay, prefill_once, reuse_scores
-from nestedkv.bench.report import collect, write_report
+from nestedkv.bench.report import collect, prefill_costs, write_report
 from nestedkv.bench.ruler import build_samples
 from nestedkv.bench.runner import EvalConfig, plan_samples, run
 from nestedkv.bench.store import ResultStore, result_key
@@ -231,6 +231,23 @@ def test_concurrent_writers_never_interleave_lines(tmp_path):
     assert sorted((r["task"], r["index"]) for r in map(json.loads, lines)) == sorted(
         (task, i) for task in "ab" for i in range(150)
     )
+
+
+def test_prefill_cost_table_and_the_quality_vs_cost_plot(tmp_path):
+    timed = [
+        # (method, ratio, index, score, prefill seconds): "kvzip" pays 8x, "nestedkv" 1.1x at its first ratio only
+        ("none", 0.0, 0, 100, 1.0), ("none", 0.0, 1, 100, 2.0),
+        ("nestedkv", 0.5, 0, 100, 1.1), ("nestedkv", 0.9, 0, 0, 1.0), ("nestedkv", 0.5, 1, 100, 2.2),
+        ("nestedkv", 0.9, 1, 100, 2.0),
+        ("kvzip", 0.5, 0, 100, 8.0), ("kvzip", 0.9, 0, 100, 9.0), ("kvzip", 0.5, 1, 100, 16.0),
+        ("kvzip", 0.9, 1, 100, 18.0),
+    ]
+    records = [record("a", m, r, i, s) | {"prefill_seconds": t} for m, r, i, s, t in timed]
+    assert prefill_costs(records) == {"nestedkv": (pytest.approx(1.1), 2), "kvzip": (pytest.approx(9.0), 2)}
+    text = write_report(records, tmp_path)
+    assert "| kvzip | 9.00× | 2 |" in text and "| nestedkv | 1.10× | 2 |" in text
+    assert (tmp_path / "score_vs_cost.png").stat().st_size > 1000
+    assert prefill_costs([record("a", "none", 0.0, 0, 100)]) == {}  # records without times: no table, no plot
 
 
 def test_report_counts_tasks_measured_unequally(tmp_path):

@@ -9,6 +9,7 @@ import huggingface_hub.constants
 import pytest
 
 from nestedkv import cli
+from nestedkv.press import NestedKVPress
 
 
 @pytest.fixture
@@ -50,6 +51,17 @@ def test_generate_with_a_context_file_and_ablation_switches(session_model, capsy
     assert "(uniform budget" in out
     kept = [line for line in out.splitlines() if line.strip().startswith("layer")]
     assert len(kept) == 30 and all(len(set(line.split("per head")[1].strip("[] ").split(", "))) == 1 for line in kept)
+
+
+def test_generate_options_start_from_the_shipped_default_or_the_papers():
+    def press(*options):
+        return cli.press_from_args(cli.build_parser().parse_args(["generate", *options]))
+
+    assert (press().n_recent, press().recency) == (64, 0.5)
+    assert press("--paper") == NestedKVPress.paper(0.75)
+    # a switch given with --paper overrides the paper's value, even when it equals the shipped default
+    assert (press("--paper", "--n-recent", "64").n_recent, press("--paper", "--n-recent", "64").recency) == (64, 0.0)
+    assert press("--recency", "0", "--window", "32") == NestedKVPress(0.75, recency=0.0, window=32)
 
 
 @pytest.fixture

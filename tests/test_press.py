@@ -143,6 +143,9 @@ def test_bad_input_is_named(model, tokenizer):
         answer_question(model, tokenizer, "  ", "What?", NestedKVPress(0.5))
     short = answer_question(model, tokenizer, "A short context about a cat.", "What?", NestedKVPress(0.5))
     assert short.cache.kept_fraction < 0.6  # shorter than one block: compressed with two half blocks
+    # a budget smaller than the shipped 64-position recent window keeps the newest of it
+    small = answer_question(model, tokenizer, "word " * 200, "What?", NestedKVPress(0.9))
+    assert small.cache.kept_fraction < 0.15
     with pytest.raises(ValueError, match="fewer than the 4 sink"):
         answer_question(model, tokenizer, "word " * 300, "What?", NestedKVPress(0.99))
     with pytest.raises(ModelLoadError, match="no GGUF file"):

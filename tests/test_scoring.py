@@ -1,5 +1,6 @@
 """Each step of the NestedKV score against small hand-computed cases (spec: NESTEDKV_SPEC.md)."""
 
+import dataclasses
 import math
 from itertools import pairwise
 
@@ -258,6 +259,17 @@ def test_pooling_shares_a_score_with_the_neighbours_on_a_hand_example():
     torch.testing.assert_close(pool_neighbours(scores, 3, "mean"), mean)
 
 
+def test_the_papers_settings_are_the_spec_s_and_the_shipped_default_differs_in_two():
+    paper, shipped = NestedKVConfig(**PAPER_SETTINGS), NestedKVConfig()
+    assert (paper.scales, paper.mixing, paper.gate, paper.normalisation) == (SCALES, "adaptive", "soft", "minmax")
+    assert (paper.n_sink, paper.n_recent, paper.window, paper.block_size) == (4, 0, 64, None)
+    assert (paper.prior, paper.beta, paper.tau, paper.kappa) == ((0.4, 0.4, 0.2), 3.0, 0.6, 10.0)
+    assert paper.gap_fraction == 0.1
+    assert (paper.recency, paper.pool_size) == (0.0, 1)
+    differ = {f.name for f in dataclasses.fields(NestedKVConfig) if getattr(paper, f.name) != getattr(shipped, f.name)}
+    assert differ == {"n_recent", "recency"} and (shipped.n_recent, shipped.recency) == (64, 0.5)
+
+
 def test_scales_are_canonically_ordered():
     assert NestedKVConfig(scales=("window", "global")).scales == ("global", "window")
     assert NestedKVConfig(scales="block").scales == ("block",)
@@ -365,6 +377,7 @@ SWITCHES = [
     {"pool_size": 5},
     {"pool_size": 3, "pool": "mean", "n_recent": 16},
     {"recency": 0.5, "n_recent": 700},  # a recent window longer than the shortest context
+    PAPER_SETTINGS,  # the paper's method ({} above is the shipped default)
 ]
 
 

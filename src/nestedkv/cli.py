@@ -303,7 +303,7 @@ def _report(args: argparse.Namespace) -> None:
         raise ValueError(f"no results store at {store}: run `nestedkv eval --out {args.results}` first")
     out = check_output_dir(args.out or args.results, "--out")
     print(write_report(ResultStore(args.results), out, args.heatmap_ratio))
-    print(f"wrote {out / 'report.md'}, {out / 'score_vs_ratio.png'}, {out / 'task_heatmap.png'}", file=sys.stderr)
+    print(f"wrote {out / 'report.md'} and its plots (*.png) in {out}", file=sys.stderr)
 
 
 class _Parser(argparse.ArgumentParser):

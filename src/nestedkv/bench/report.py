@@ -320,17 +320,19 @@ def write_report(records: Iterable[dict], out: Path, heatmap_ratio: float | None
     elif heatmap_ratio not in ratios:
         raise ValueError(f"no results at ratio {heatmap_ratio}; measured ratios: {ratios}")
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown_tables(cells, tasks) + cost_markdown(records) + errors_markdown(errors(records), cells)
+    costs = prefill_costs(records)
+    text = markdown_tables(cells, tasks) + cost_markdown(costs) + errors_markdown(errors(records), cells)
     (out / "report.md").write_text(text, encoding="utf-8")
     plot_score_vs_ratio(cells, out / "score_vs_ratio.png")
+    plot_quality_vs_cost(cells, costs, SCORE, out / "score_vs_cost.png")
     plot_task_heatmap(cells, tasks, heatmap_ratio, out / "task_heatmap.png")
     return text
 
 
-def cost_markdown(records: list[dict]) -> str:
+def prefill_costs(records: list[dict]) -> dict[str, tuple[float, int]]:
     """What each method's cache costs to build from the context, as a multiple of the uncompressed
-    prefill of the same sample: the median over samples of the most expensive ratio (ratio-free
-    scorers pay their scoring at the first ratio only). Empty when the records carry no times."""
+    prefill of the same sample: ``(median over samples of the most expensive ratio, samples)``
+    (ratio-free scorers pay their scoring at the first ratio only). Empty when no record has times."""
     timed = [r for r in records if not is_error(r) and r.get("prefill_seconds")]
     baseline = {sample_key(r): r["prefill_seconds"] for r in timed if r["method"] == NO_COMPRESSION}
     worst: dict[str, dict[tuple, float]] = defaultdict(dict)
@@ -339,23 +341,67 @@ def cost_markdown(records: list[dict]) -> str:
         if record["method"] != NO_COMPRESSION and sample in baseline:
             cost = record["prefill_seconds"] / baseline[sample]
             worst[record["method"]][sample] = max(cost, worst[record["method"]].get(sample, 0.0))
-    if not worst:
+    return {method: (median(costs.values()), len(costs)) for method, costs in worst.items()}
+
+
+def cost_markdown(costs: dict[str, tuple[float, int]]) -> str:
+    """The table of :func:`prefill_costs`; empty when there is none."""
+    if not costs:
         return ""
     lines = [
         "", "Cost of the compressed cache, × the uncompressed prefill of the same sample (median over samples "
         "of the most expensive ratio; prefill plus scoring, or the method's own prefill):", "",
         "| method | prefill cost | samples |", "|---|---:|---:|",
     ]
-    for method, costs in worst.items():
-        lines.append(f"| {method} | {median(costs.values()):.2f}× | {len(costs)} |")
+    lines += [f"| {method} | {cost:.2f}× | {samples} |" for method, (cost, samples) in costs.items()]
     return "\n".join(lines) + "\n"
+
+
+def plot_quality_vs_cost(
+    cells: dict[tuple[str, float], Cell], costs: dict[str, tuple[float, int]], measure: Measure, path: Path
+) -> None:
+    """One panel per ratio: each method's mean ``measure`` against what building its cache cost
+    (:func:`prefill_costs`, log scale), so that a method that re-reads the context is seen next to
+    what its extra compute buys. Nothing is drawn without costs."""
+    methods, ratios = _methods_and_ratios(cells)
+    drawn = [m for m in methods if m in costs]
+    if not drawn or not ratios:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    reference = _reference(cells)
+    figure, axes = plt.subplots(1, len(ratios), figsize=(4.5 * len(ratios), 4.5), squeeze=False)
+    for panel, ratio in zip(axes[0], ratios, strict=True):
+        here = {m: cells[m, ratio].mean for m in drawn if (m, ratio) in cells}
+        # names only where they can be read: ours, the costly, and the three best at this ratio
+        best = sorted(here, key=here.get, reverse=measure.higher_is_better)[:3]
+        for method, value in here.items():
+            ours = method == reference
+            panel.scatter(costs[method][0], value, s=40 if ours else 14, color="crimson" if ours else "tab:blue",
+                          zorder=3 if ours else 2)
+            if ours or method in best or costs[method][0] > 1.5:
+                panel.annotate(method, (costs[method][0], value), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        panel.set_xscale("log")
+        panel.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}×"))
+        panel.xaxis.set_minor_formatter(NullFormatter())
+        panel.set_title(f"r = {ratio}")
+        panel.set_xlabel("cost of the cache (× uncompressed prefill)")
+        panel.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{measure.field} ({measure.unit})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def _write_documents_report(records: list[dict], out: Path) -> str:
     """The documents benchmark's ``report.md``: per task, one table per measure; a score-vs-ratio
     plot per task (``score_vs_ratio_<task>.png``)."""
     out.mkdir(parents=True, exist_ok=True)
-    sections = []
+    sections, costs = [], prefill_costs(records)
     for task, measures in DOCUMENT_MEASURES.items():
         task_records = [record for record in records if record["task"] == task]
         if not task_records:
@@ -365,6 +411,8 @@ def _write_documents_report(records: list[dict], out: Path) -> str:
             cells, tasks = cells_of[measure.field]
             sections.append(f"## {task}: {measure.field}\n\n" + markdown_tables(cells, tasks, measure))
         plot_score_vs_ratio(cells_of["score"][0], out / f"score_vs_ratio_{task}.png")
-    text = "\n".join(sections) + cost_markdown(records) + errors_markdown(errors(records), collect(records)[0])
+        headline = measures[-1]  # delta_nll for continuation, the score otherwise
+        plot_quality_vs_cost(cells_of[headline.field][0], costs, headline, out / f"{headline.field}_vs_cost_{task}.png")
+    text = "\n".join(sections) + cost_markdown(costs) + errors_markdown(errors(records), collect(records)[0])
     (out / "report.md").write_text(text, encoding="utf-8")
     return text
