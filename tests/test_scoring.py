@@ -200,8 +200,8 @@ def test_heads_scored_a_few_at_a_time_give_the_same_scores(monkeypatch):
 def test_gate_off_is_the_blend_and_gate_max_is_the_winner():
     torch.manual_seed(2)
     keys = torch.randn(1, 1, 300, 8)
-    uniform_off = nestedkv_score(keys, NestedKVConfig(gate="off", mixing="uniform", n_sink=0))
-    always_max = nestedkv_score(keys, NestedKVConfig(gate="max", n_sink=0))
+    uniform_off = nestedkv_score(keys, NestedKVConfig(**PAPER_SETTINGS, gate="off", mixing="uniform", n_sink=0))
+    always_max = nestedkv_score(keys, NestedKVConfig(**PAPER_SETTINGS, gate="max", n_sink=0))
     k_hat = normalise_keys(keys)
     per_scale = minmax(scale_anomalies(k_hat, anchors(k_hat, NestedKVConfig()), NestedKVConfig()))  # (1, 1, S, N)
     torch.testing.assert_close(uniform_off, per_scale.mean(dim=-2))

@@ -21,10 +21,21 @@ def compute_n_kept(n: int, compression_ratio: float) -> int:
     return max(1, int(n * (1 - compression_ratio)))
 
 
+def top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest entries along the last axis, equal values in index order.
+    ``(..., M) -> (..., k)``.
+
+    ``topk`` may break ties differently for the same values at shifted indices; a stable sort does
+    not, so a padded row keeps what it keeps alone even when scores tie (a protected recent window
+    scores the same in every head).
+    """
+    return values.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def uniform_keep(scores: torch.Tensor, n_kept: int) -> torch.Tensor:
     """Keep the ``n_kept`` best positions of every head. ``(B, H, N) -> bool (B, H, N)``."""
     keep = torch.zeros_like(scores, dtype=torch.bool)
-    return keep.scatter_(-1, scores.topk(n_kept, dim=-1).indices, True)
+    return keep.scatter_(-1, top_indices(scores, n_kept), True)
 
 
 def head_adaptive_keep(
@@ -58,7 +69,7 @@ def head_adaptive_keep(
     if valid is not None:
         remaining = remaining.masked_fill(~valid, -torch.inf)
     remaining = remaining.reshape(batch, heads * n)
-    extra = remaining.topk(heads * (n_kept - n_safe), dim=-1)
-    picked = torch.zeros_like(remaining, dtype=torch.bool).scatter_(-1, extra.indices, extra.values > -torch.inf)
+    extra = top_indices(remaining, heads * (n_kept - n_safe))
+    picked = torch.zeros_like(remaining, dtype=torch.bool).scatter_(-1, extra, remaining.gather(-1, extra) > -torch.inf)
     keep = keep | picked.reshape(batch, heads, n)
     return keep if valid is None else keep & valid
