@@ -404,7 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", type=_tuple_of(str), help=f"comma list (default: all of {', '.join(TASKS)})")
     evaluate.add_argument("--lengths", type=_tuple_of(int), help="context lengths in tokens, prompt included")
     evaluate.add_argument("--ratios", type=_tuple_of(float), help="compression ratios")
-    evaluate.add_argument("--methods", type=_tuple_of(str), help=f"comma list of: none, {', '.join(METHODS)}")
+    evaluate.add_argument(
+        "--methods", type=_tuple_of(str),
+        help=f"comma list of: none, {', '.join(METHODS)}; a NestedKV method takes NestedKVPress arguments "
+        "after its name: nestedkv-paper:n_recent=64:recency=0.5 (tuples joined by +: scales=global+block)",
+    )
     evaluate.add_argument("--samples", type=int, help="samples per task and length")
     evaluate.add_argument(
         "--split", choices=tuple(SPLIT_SEEDS),
