@@ -335,7 +335,7 @@ def surprise_gate(a: torch.Tensor, tau: float, kappa: float, start: int = 0) -> 
     return torch.sigmoid(kappa * (centred - tau))
 
 
-# --- beyond the paper: pooling over neighbours ------------------------------------------------
+# --- beyond the paper: a recency ramp, pooling over neighbours --------------------------------
 
 
 def favour_recent(scores: torch.Tensor, recency: float) -> torch.Tensor:

@@ -242,10 +242,7 @@ def method_spec(method: str) -> Method | None:
             raise ValueError(f"method {method!r}: {assignment!r} is not field=value with a field among {choices}")
         options[field] = _option_value(value)
     NestedKVPress(0.5, **options)  # validates every value now, before any model loads
-    return Method(
-        method, spec.group, f"{spec.description}, with {', '.join(assignments)}",
-        lambda r: NestedKVPress(r, **options), ratio_free_scores=True, nestedkv_options=tuple(options.items()),
-    )
+    return _nestedkv(method, spec.group, f"{spec.description}, with {', '.join(assignments)}", **options)
 
 
 def make_press(method: str, ratio: float) -> BasePress | None:

@@ -233,14 +233,22 @@ def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str], meas
     return "\n".join(lines) + "\n"
 
 
-def plot_score_vs_ratio(cells: dict[tuple[str, float], Cell], path: Path) -> None:
-    """Mean score against compression ratio in two panels: NestedKV against the other methods, and
-    against its own ablations (``nestedkv-*``). NestedKV is drawn in both with its 95 % CI band, the
-    baseline as a dashed line."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported on first use so that the package
+    does not pay for it at start-up."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_score_vs_ratio(cells: dict[tuple[str, float], Cell], path: Path) -> None:
+    """Mean score against compression ratio in two panels: NestedKV against the other methods, and
+    against its own ablations (``nestedkv-*``). NestedKV is drawn in both with its 95 % CI band, the
+    baseline as a dashed line."""
+    plt = _pyplot()
 
     methods, ratios = _methods_and_ratios(cells)
     reference = _reference(cells)
@@ -285,10 +293,7 @@ def plot_task_heatmap(
 ) -> None:
     """Per-task mean score of every method at one ratio (``None``: nothing compressed measured, the
     baseline alone), as a task × method heat map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     methods = [m for m in _methods_and_ratios(cells)[0] if _cell_at(cells, m, ratio) is not None]
     grid = [[_cell_at(cells, m, ratio).task_mean(t) for m in methods] for t in tasks]
@@ -309,7 +314,8 @@ def plot_task_heatmap(
 
 
 def write_report(records: Iterable[dict], out: Path, heatmap_ratio: float | None = None) -> str:
-    """Write ``report.md``, ``score_vs_ratio.png`` and ``task_heatmap.png`` into ``out``; return the Markdown."""
+    """Write ``report.md``, ``score_vs_ratio.png``, ``score_vs_cost.png`` (when the records carry
+    times) and ``task_heatmap.png`` into ``out``; return the Markdown."""
     records = list(records)
     if records and all(record.get("benchmark") == DOCUMENTS for record in records):
         return _write_documents_report(records, out)
@@ -367,11 +373,9 @@ def plot_quality_vs_cost(
     drawn = [m for m in methods if m in costs]
     if not drawn or not ratios:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plt = _pyplot()
 
     reference = _reference(cells)
     figure, axes = plt.subplots(1, len(ratios), figsize=(4.5 * len(ratios), 4.5), squeeze=False)
@@ -398,8 +402,9 @@ def plot_quality_vs_cost(
 
 
 def _write_documents_report(records: list[dict], out: Path) -> str:
-    """The documents benchmark's ``report.md``: per task, one table per measure; a score-vs-ratio
-    plot per task (``score_vs_ratio_<task>.png``)."""
+    """The documents benchmark's ``report.md``: per task, one table per measure; per task a
+    score-vs-ratio plot (``score_vs_ratio_<task>.png``) and its headline measure against the cost
+    of the cache (``<measure>_vs_cost_<task>.png``)."""
     out.mkdir(parents=True, exist_ok=True)
     sections, costs = [], prefill_costs(records)
     for task, measures in DOCUMENT_MEASURES.items():
