@@ -14,10 +14,11 @@ from kvpress import KVPressTextGenerationPipeline, SnapKVPress
 from transformers import DynamicCache
 
 from nestedkv.bench.methods import EAGER_PREFILL, METHODS, PEERS, make_press
+from nestedkv.bench.plan import EvalConfig
 from nestedkv.bench.replay import compress_replay, prefill_once, reuse_scores
 from nestedkv.bench.report import collect, prefill_costs, write_report
 from nestedkv.bench.ruler import build_samples
-from nestedkv.bench.runner import EvalConfig, plan_samples, run
+from nestedkv.bench.runner import plan_samples, run
 from nestedkv.bench.store import ResultStore, result_key
 from nestedkv.models import attention_modules, eager_attention
 from nestedkv.prompts import encode_prompt

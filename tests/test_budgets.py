@@ -4,8 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nestedkv.budgets import compute_n_kept, head_adaptive_keep, uniform_keep
-from nestedkv.scoring import NestedKVConfig, nestedkv_score
+from nestedkv.budgets import head_adaptive_keep, uniform_keep
+from nestedkv.scoring import nestedkv_score
+from nestedkv.settings import NestedKVConfig, compute_n_kept
 
 
 def test_head_adaptive_hand_case():

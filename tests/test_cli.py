@@ -2,6 +2,9 @@
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -9,6 +12,7 @@ import huggingface_hub.constants
 import pytest
 
 from nestedkv import cli
+from nestedkv.bench import runner
 from nestedkv.press import NestedKVPress
 
 
@@ -104,76 +108,95 @@ def bad_files(tmp_path, monkeypatch):
 RULER_FILE = str(Path(__file__).parent / "data" / "hub" / "ruler_4096.jsonl")
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["generate", "--ratio", "1.5"], "compression_ratio must be in [0, 1)"),
-        (["generate", "--ratio", "abc"], "argument --ratio: invalid float value: 'abc'"),
-        (["generate", "--mixing", "foo"], "unknown mixing 'foo'"),
-        (["generate", "--scales", "global,hourly"], "unknown scale 'hourly'"),
-        (["generate", "--question", ""], "--question is empty"),
-        (["generate", "--question", "  "], "--question is empty"),
-        (["generate", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
-        (["generate", "--context", "/nonexistent/context.txt", "--question", "q"],
-         "cannot read context file /nonexistent/context.txt: no such file"),
-        (["generate", "--context", "{latin1}", "--question", "q"], "cannot read context file {latin1}: not UTF-8"),
-        (["generate", "--context", "{tmp}", "--question", "q"], "cannot read context file {tmp}: it is a directory"),
-        (["generate", "--context", "{empty}", "--question", "q"], "context file {empty} is empty"),
-        (["generate", "--context", __file__], "--question is required"),
-        (["generate", "--model", "/nonexistent/model.gguf"], "no GGUF file at /nonexistent/model.gguf"),
-        (["generate", "--model", "/nonexistent/dir"], "no model directory or file at /nonexistent/dir"),
-        (["generate", "--model", "./no/such/model"], "no model directory or file at ./no/such/model"),
-        (["generate", "--model", "{tmp}"], "{tmp} is not a model directory: it holds no config.json"),
-        (["generate", "--model", "{fake_gguf}"], "{fake_gguf} is not a GGUF file"),
-        (["generate", "--dtype", "int3"], "unknown dtype 'int3'"),
-        (["eval", "--shard", "3/2"], "shard 3/2: need 0 <= k < n"),
-        (["eval", "--lengths", "0"], "context lengths must be positive"),
-        (["eval", "--lengths", "16384"],
-         "context length 16384 does not fit the model's context window of 8192 tokens (max_position_embeddings)"),
-        (["eval", "--methods", "h2o"], "unknown method 'h2o'"),
-        (["eval", "--tasks", "nope"], "unknown task(s) nope"),
-        (["eval", "--ratios", "0.5,1.2"], "compression_ratio must be in [0, 1)"),
-        (["eval", "--samples", "0"], "samples must be >= 1"),
-        (["eval", "--split", "test", "--seed", "3"], "--split test is seed 1: give --split or --seed, not both"),
-        (["eval", "--split", "holdout"], "argument --split: invalid choice: 'holdout'"),
-        (["eval", "--benchmark", "documents", "--seed", "7"], "the documents benchmark has two splits, not seeds"),
-        (["eval", "--preset", "documents", "--tasks", "niah_single_1"], "unknown documents task 'niah_single_1'"),
-        (["eval", "--model", "/nonexistent/dir"], "no model directory or file at /nonexistent/dir"),
-        (["eval", "--squad", "/nonexistent/squad.json"], "cannot read SQuAD file /nonexistent/squad.json: no such"),
-        (["eval", "--squad", "{squad}"], "SQuAD file {squad} does not have the dataset's JSON layout"),
-        (["eval", "--out", "{afile}"], "--out {afile} is a file, not a directory"),
-        (["eval", "--benchmark", "ruler", "--data-files", "/nonexistent/x.jsonl"],
-         "cannot read data file /nonexistent/x.jsonl: no such file"),
-        (["eval", "--benchmark", "ruler", "--data-files", "{tmp}"], "cannot read data file {tmp}: it is a directory"),
-        (["eval", "--benchmark", "ruler", "--data-files", "{empty_jsonl}"], "data file {empty_jsonl} is empty"),
-        (["eval", "--benchmark", "ruler", "--data-files", "{binary}"],
-         "cannot read data file {binary} as JSON / JSON lines"),
-        (["eval", "--benchmark", "ruler", "--data-files", "{nulls}"],
-         "data file {nulls}: row 2 has no value for 'context'"),
-        (["eval", "--benchmark", "ruler", "--data-files", "{columns}"],
-         "data file {columns} lacks columns ['answer_prefix', 'max_new_tokens', 'task']"),
-        (["eval", "--benchmark", "ruler", "--data-files", "{tokens}"],
-         "row 1: max_new_tokens must be a positive integer, got 'ten'"),
-        (["eval", "--benchmark", "ruler", "--data-files", RULER_FILE, "--tasks", "cwe,vt"],
-         f"no sample of task(s) cwe in {RULER_FILE}"),
-        (["report", "--results", "{tmp}/results", "--out", "{afile}"], "--out {afile} is a file, not a directory"),
-        (["bench", "--out", "{afile}"], "--out {afile} already exists"),
-        (["bench", "--out", "{tmp}"], "--out {tmp} is a directory"),
-        (["bench", "--length", "9000"], "--length 9000 plus"),
-        (["chat", "--budget", "4"], "budget 4 must be above the 68 sink + recent positions"),
-        (["chat", "--interval", "0"], "interval must be"),
-        (["chat", "--chunk-size", "0"], "--chunk-size must be"),
-        (["chat", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-        (["chat", "--context", "{empty}"], "context file {empty} is empty"),
-        (["chat", "--context", "/nonexistent/doc.txt"], "cannot read context file /nonexistent/doc.txt: no such file"),
-    ],
-)
+BAD_INPUTS = [
+    (["generate", "--ratio", "1.5"], "compression_ratio must be in [0, 1)"),
+    (["generate", "--ratio", "abc"], "argument --ratio: invalid float value: 'abc'"),
+    (["generate", "--mixing", "foo"], "unknown mixing 'foo'"),
+    (["generate", "--scales", "global,hourly"], "unknown scale 'hourly'"),
+    (["generate", "--question", ""], "--question is empty"),
+    (["generate", "--question", "  "], "--question is empty"),
+    (["generate", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["generate", "--context", "/nonexistent/context.txt", "--question", "q"],
+     "cannot read context file /nonexistent/context.txt: no such file"),
+    (["generate", "--context", "{latin1}", "--question", "q"], "cannot read context file {latin1}: not UTF-8"),
+    (["generate", "--context", "{tmp}", "--question", "q"], "cannot read context file {tmp}: it is a directory"),
+    (["generate", "--context", "{empty}", "--question", "q"], "context file {empty} is empty"),
+    (["generate", "--context", __file__], "--question is required"),
+    (["generate", "--model", "/nonexistent/model.gguf"], "no GGUF file at /nonexistent/model.gguf"),
+    (["generate", "--model", "/nonexistent/dir"], "no model directory or file at /nonexistent/dir"),
+    (["generate", "--model", "./no/such/model"], "no model directory or file at ./no/such/model"),
+    (["generate", "--model", "{tmp}"], "{tmp} is not a model directory: it holds no config.json"),
+    (["generate", "--model", "{fake_gguf}"], "{fake_gguf} is not a GGUF file"),
+    (["generate", "--dtype", "int3"], "unknown dtype 'int3'"),
+    (["eval", "--shard", "3/2"], "shard 3/2: need 0 <= k < n"),
+    (["eval", "--lengths", "0"], "context lengths must be positive"),
+    (["eval", "--lengths", "16384"],
+     "context length 16384 does not fit the model's context window of 8192 tokens (max_position_embeddings)"),
+    (["eval", "--methods", "h2o"], "unknown method 'h2o'"),
+    (["eval", "--tasks", "nope"], "unknown task(s) nope"),
+    (["eval", "--ratios", "0.5,1.2"], "compression_ratio must be in [0, 1)"),
+    (["eval", "--samples", "0"], "samples must be >= 1"),
+    (["eval", "--split", "test", "--seed", "3"], "--split test is seed 1: give --split or --seed, not both"),
+    (["eval", "--split", "holdout"], "argument --split: invalid choice: 'holdout'"),
+    (["eval", "--benchmark", "documents", "--seed", "7"], "the documents benchmark has two splits, not seeds"),
+    (["eval", "--preset", "documents", "--tasks", "niah_single_1"], "unknown documents task 'niah_single_1'"),
+    (["eval", "--model", "/nonexistent/dir"], "no model directory or file at /nonexistent/dir"),
+    (["eval", "--squad", "/nonexistent/squad.json"], "cannot read SQuAD file /nonexistent/squad.json: no such"),
+    (["eval", "--squad", "{squad}"], "SQuAD file {squad} does not have the dataset's JSON layout"),
+    (["eval", "--out", "{afile}"], "--out {afile} is a file, not a directory"),
+    (["eval", "--benchmark", "ruler", "--data-files", "/nonexistent/x.jsonl"],
+     "cannot read data file /nonexistent/x.jsonl: no such file"),
+    (["eval", "--benchmark", "ruler", "--data-files", "{tmp}"], "cannot read data file {tmp}: it is a directory"),
+    (["eval", "--benchmark", "ruler", "--data-files", "{empty_jsonl}"], "data file {empty_jsonl} is empty"),
+    (["eval", "--benchmark", "ruler", "--data-files", "{binary}"],
+     "cannot read data file {binary} as JSON / JSON lines"),
+    (["eval", "--benchmark", "ruler", "--data-files", "{nulls}"],
+     "data file {nulls}: row 2 has no value for 'context'"),
+    (["eval", "--benchmark", "ruler", "--data-files", "{columns}"],
+     "data file {columns} lacks columns ['answer_prefix', 'max_new_tokens', 'task']"),
+    (["eval", "--benchmark", "ruler", "--data-files", "{tokens}"],
+     "row 1: max_new_tokens must be a positive integer, got 'ten'"),
+    (["eval", "--benchmark", "ruler", "--data-files", RULER_FILE, "--tasks", "cwe,vt"],
+     f"no sample of task(s) cwe in {RULER_FILE}"),
+    (["report", "--results", "{tmp}/results", "--out", "{afile}"], "--out {afile} is a file, not a directory"),
+    (["bench", "--out", "{afile}"], "--out {afile} already exists"),
+    (["bench", "--out", "{tmp}"], "--out {tmp} is a directory"),
+    (["bench", "--length", "9000"], "--length 9000 plus"),
+    (["chat", "--budget", "4"], "budget 4 must be above the 68 sink + recent positions"),
+    (["chat", "--interval", "0"], "interval must be"),
+    (["chat", "--chunk-size", "0"], "--chunk-size must be"),
+    (["chat", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["chat", "--context", "{empty}"], "context file {empty} is empty"),
+    (["chat", "--context", "/nonexistent/doc.txt"], "cannot read context file /nonexistent/doc.txt: no such file"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_INPUTS)
 def test_bad_input_is_a_one_line_error(argv, message, bad_files, no_model_load, capsys):
     argv = [arg.format(**bad_files) for arg in argv]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("nestedkv: error:") and message.format(**bad_files) in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_input_is_refused_before_torch_is_imported(bad_files, tmp_path):
+    """Every bad input above is refused without importing torch, transformers or kvpress (seconds each), in a
+    fresh interpreter as a user runs the command."""
+    cases = [[arg.format(**bad_files) for arg in argv] for argv, _ in BAD_INPUTS]
+    script = (
+        "import json, sys\n"
+        "from nestedkv.cli import main\n"
+        "codes = [main(argv) for argv in json.loads(sys.argv[1])]\n"
+        "heavy = [name for name in ('torch', 'transformers', 'kvpress') if name in sys.modules]\n"
+        "print(json.dumps({'codes': codes, 'heavy': heavy}))\n"
+    )
+    environment = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache")}
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], capture_output=True, text=True,
+                          env=environment, check=True)
+    outcome = json.loads(done.stdout.splitlines()[-1])
+    assert outcome["codes"] == [2] * len(cases)
+    assert outcome["heavy"] == []
 
 
 def test_unreachable_hub_is_one_line_naming_data_files(no_model_load, monkeypatch, capsys):
@@ -197,7 +220,7 @@ def test_ctrl_c_during_eval_keeps_the_results(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: (None, None))
-    monkeypatch.setattr(cli, "run", interrupted_run)
+    monkeypatch.setattr(runner, "run", interrupted_run)
     assert cli.main(["eval", "--out", str(tmp_path)]) == 130
     assert capsys.readouterr().err.endswith(
         "nestedkv: interrupted, 1 results kept, run the same command to resume\n"

@@ -10,10 +10,10 @@ from kvpress import CAMPress, ChunkPress, ComposedPress, KeyDiffPress, KnormPres
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from nestedkv.bench.ruler import build_samples
-from nestedkv.budgets import compute_n_kept
 from nestedkv.cache import RaggedLayer
 from nestedkv.cache.attention import uses_varlen_kernel
 from nestedkv.press import HeadAdaptivePress, NestedKVPress
+from nestedkv.settings import compute_n_kept
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=4096)
@@ -234,6 +234,8 @@ def test_per_layer_ratios_of_kvpress_reach_each_ragged_layer():
         assert int(layer.context_lengths.sum()) == layer.heads * compute_n_kept(300, ratio)
     masked_logits, _ = greedy(tiny, input_ids, PerLayerCompressionPress(NestedKVPress(storage="masked"), ratios))
     torch.testing.assert_close(logits, masked_logits, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match=r"compression_ratio must be in \[0, 1\).*got 1.0"):
+        greedy(tiny, input_ids, PerLayerCompressionPress(NestedKVPress(), [0.5, 1.0]))
 
 
 @pytest.mark.parametrize("head_adaptive", [lambda: NestedKVPress(0.5), lambda: NestedKVPress(0.5, storage="masked"),

@@ -14,9 +14,10 @@ from nestedkv.bench.documents import (
     split_of,
 )
 from nestedkv.bench.methods import make_press
+from nestedkv.bench.plan import EvalConfig
 from nestedkv.bench.replay import compress_replay, feed, prefill_once
 from nestedkv.bench.report import write_report
-from nestedkv.bench.runner import EvalConfig, run
+from nestedkv.bench.runner import run
 from nestedkv.bench.store import ResultStore
 
 

@@ -17,11 +17,11 @@ from transformers import (
 
 from nestedkv import load_model
 from nestedkv.bench.ruler import build_samples
-from nestedkv.budgets import compute_n_kept
 from nestedkv.cache import summarize_cache
 from nestedkv.generate import answer_question
 from nestedkv.models import ModelLoadError
 from nestedkv.press import HeadAdaptivePress, NestedKVPress
+from nestedkv.settings import compute_n_kept
 
 
 def prefill(model, input_ids, press=None):

@@ -13,10 +13,7 @@ from transformers import DynamicCache
 from nestedkv import scoring
 from nestedkv.budgets import head_adaptive_keep
 from nestedkv.scoring import (
-    PAPER_SETTINGS,
     PINNED,
-    SCALES,
-    NestedKVConfig,
     anchors,
     block_bounds,
     block_cosine_anomaly,
@@ -37,6 +34,7 @@ from nestedkv.scoring import (
     surprise_gate,
     window_means,
 )
+from nestedkv.settings import PAPER_SETTINGS, SCALES, NestedKVConfig
 
 
 def test_normalise_keys_unit_norm_float32_and_zero_key_stays_zero():

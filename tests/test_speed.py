@@ -11,24 +11,24 @@ import pytest
 import torch
 
 from nestedkv import cli
+from nestedkv.bench.plan import BenchSettings
 from nestedkv.bench.speed import (
     METHODS,
-    BenchSettings,
     fitted_exponent,
     format_markdown,
     ragged_cache_bytes,
+    random_config,
     random_model,
     run_bench,
-    tiny_llama_config,
 )
-from nestedkv.budgets import compute_n_kept
+from nestedkv.settings import compute_n_kept
 
 OFFSETS_BYTES = 2 * (2 + 1) * 8  # 2 layers x (2 KV heads + 1) int64 offsets
 
 
 @pytest.fixture(scope="module")
 def tiny_report():
-    config = tiny_llama_config()
+    config = random_config("tiny")
     settings = BenchSettings(
         length=512, ratios=(0.5, 0.9), scaling_lengths=(256, 512, 1024), decode_tokens=2, repeats=1, warmup=0,
         verify_max_length=512, peak_memory=False,
@@ -59,7 +59,7 @@ def test_bytes_held_after_prefill(tiny_report):
 def test_scoring_and_scaling_report(tiny_report):
     assert tiny_report["scoring"]["nestedkv_s"] > 0 and tiny_report["scoring"]["keydiff_s"] > 0
     scaling = tiny_report["scaling"]
-    config = tiny_llama_config()
+    config = random_config("tiny")
     for row in scaling["rows"]:
         assert row["bytes_full"] == 2 * 2 * 2 * row["length"] * 16 * 2  # bfloat16 keys
         assert row["bytes_held"]["0.9"] == ragged_cache_bytes(config, row["length"], 0.9, 2)
@@ -108,7 +108,7 @@ def test_cli_quick_end_to_end_with_memory(tmp_path, capsys):
         (["bench", "--device", "mps"], "unknown device 'mps'"),
         (["bench", "--ratios", "0.5,1.0"], "compression_ratio must be in [0, 1)"),
         (["bench", "--ratios", "-0.1"], "compression_ratio must be in [0, 1)"),
-        (["bench", "--length", "64"], "fewer than NestedKV's 4 sink positions"),
+        (["bench", "--length", "64"], "fewer than the 4 sink positions that are always kept"),
         (["bench", "--scaling-lengths", "1024,16"], "keeps 1 of 16 positions per head"),
         (["bench", "--scaling-lengths", "1024"], "at least two different scaling lengths"),
         (["bench", "--out", "/nonexistent/dir/bench.json"], "no directory /nonexistent/dir"),

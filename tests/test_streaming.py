@@ -12,7 +12,8 @@ from nestedkv.budgets import head_adaptive_keep
 from nestedkv.cache import RaggedLayer
 from nestedkv.chat import Chat
 from nestedkv.cli import demo_sample
-from nestedkv.scoring import NestedKVConfig, nestedkv_score, normalise_keys
+from nestedkv.scoring import nestedkv_score, normalise_keys
+from nestedkv.settings import NestedKVConfig
 from nestedkv.streaming import (
     BudgetedPress,
     compress_layer,

@@ -3,7 +3,8 @@
 A budget turns scores ``(batch, heads, N)`` into a boolean keep mask of the same shape. The
 uniform budget keeps the same number of positions in every head; the head-adaptive budget
 (AdaKV, arXiv 2407.11550, as the NestedKV paper uses it) keeps the same number per *layer* but
-lets heads compete for it, with a per-head safeguard.
+lets heads compete for it, with a per-head safeguard. How many positions a budget keeps out of N:
+:func:`nestedkv.settings.compute_n_kept`.
 """
 
 from __future__ import annotations
@@ -11,14 +12,6 @@ from __future__ import annotations
 import torch
 
 from nestedkv.validation import check_number
-
-BUDGETS = ("head-adaptive", "uniform")
-
-
-def compute_n_kept(n: int, compression_ratio: float) -> int:
-    """Positions each head keeps on average out of ``n`` at ``compression_ratio``: ``int(n * (1 - r))``,
-    at least 1 (kvpress's rule, so that every method of a comparison keeps the same count)."""
-    return max(1, int(n * (1 - compression_ratio)))
 
 
 def top_indices(values: torch.Tensor, k: int) -> torch.Tensor:

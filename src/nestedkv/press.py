@@ -22,19 +22,13 @@ import torch
 from kvpress import BasePress, ComposedPress, KVPressTextGenerationPipeline, ScorerPress
 from kvpress.presses.base_press import is_prefilling
 
-from nestedkv.budgets import BUDGETS, compute_n_kept, head_adaptive_keep
+from nestedkv.budgets import head_adaptive_keep
 from nestedkv.cache import RaggedLayer
 from nestedkv.cache.attention import visible_columns
 from nestedkv.models import attention_modules
-from nestedkv.scoring import PAPER_SETTINGS, NestedKVConfig, nestedkv_score
+from nestedkv.scoring import nestedkv_score
+from nestedkv.settings import PAPER_SETTINGS, STORAGES, NestedKVSettings, check_keeps_sinks, compute_n_kept
 from nestedkv.validation import check_choice, check_number, check_ratio
-
-STORAGES = ("ragged", "masked")
-"""How unequal per-head budgets are held. ``ragged``: each head's kept positions are packed into
-one buffer per layer (:class:`~nestedkv.cache.RaggedLayer`), so evicted memory is freed.
-``masked``: kvpress's mechanism, every key is kept and evicted ones are hidden from attention by
-fake keys during decoding (nothing is freed)."""
-
 
 # --- what a prefill hook sees -------------------------------------------------------------------
 
@@ -236,7 +230,7 @@ def _can_hide_context(module) -> bool:
 
 
 @dataclass
-class NestedKVPress(_LeavesModelAsFound, NestedKVConfig, ScorerPress):
+class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
     """NestedKV: key-only, training-free KV cache eviction (Chen et al., arXiv 2605.26678).
 
     After each layer's prefill, every position of every KV head is scored from its L2-normalised
@@ -248,7 +242,7 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVConfig, ScorerPress):
 
     ``compression_ratio`` is the fraction of context positions removed (0.9 keeps 10 %).
     keys/values in the cache: ``(batch, kv_heads, N, head_dim)``; scores ``(batch, kv_heads, N)``.
-    Every score switch of :class:`~nestedkv.scoring.NestedKVConfig` is a constructor argument; the
+    Every setting of :class:`~nestedkv.settings.NestedKVSettings` is a constructor argument; the
     defaults add a protected recent window and a recency ramp to the paper's method (``docs/tuning.md``),
     :meth:`paper` is the paper's. ``NestedKVPress.paper(scales=("global",), budget="uniform", n_sink=0)``
     ranks exactly as kvpress's ``KeyDiffPress``.
@@ -259,22 +253,15 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVConfig, ScorerPress):
     head-adaptive budget must come last.
     """
 
-    budget: str = "head-adaptive"
-    alpha_safeguard: float = 0.20
-    storage: str = "ragged"
-
     @classmethod
     def paper(cls, compression_ratio: float = 0.0, **options) -> NestedKVPress:
-        """NestedKV exactly as the paper gives it (:data:`~nestedkv.scoring.PAPER_SETTINGS`: no recent
+        """NestedKV exactly as the paper gives it (:data:`~nestedkv.settings.PAPER_SETTINGS`: no recent
         window, no recency ramp); any switch can still be set."""
         return cls(compression_ratio, **{**PAPER_SETTINGS, **options})
 
     def __post_init__(self) -> None:
         check_ratio(self.compression_ratio)
-        NestedKVConfig.__post_init__(self)
-        check_choice("budget", self.budget, BUDGETS)
-        check_number("alpha_safeguard", self.alpha_safeguard, low=0, high=1)
-        check_choice("storage", self.storage, STORAGES)
+        NestedKVSettings.__post_init__(self)
 
     def post_init_from_model(self, model) -> None:
         if self.budget == "head-adaptive":
@@ -298,14 +285,9 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVConfig, ScorerPress):
         return nestedkv_score(keys.detach(), self)  # scores only pick positions: no gradient through them
 
     def check_budget(self, n: int) -> None:
-        """Refuse a ratio that keeps fewer positions per head than the sinks (a recent window larger than
-        the budget keeps its newest positions: :func:`~nestedkv.scoring.pin_protected`)."""
-        n_kept = compute_n_kept(n, self.compression_ratio)
-        if n_kept < self.n_sink:
-            raise ValueError(
-                f"compression_ratio {self.compression_ratio} keeps {n_kept} of {n} positions per head, "
-                f"fewer than the {self.n_sink} sink positions that are always kept; lower the ratio or n_sink"
-            )
+        """Refuse a ratio that keeps fewer of ``n`` positions per head than the sinks
+        (:func:`~nestedkv.settings.check_keeps_sinks`)."""
+        check_keeps_sinks(n, self.compression_ratio, self.n_sink)
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         if self.compression_ratio == 0:

@@ -16,8 +16,11 @@ The question thus lands after the end of the user turn, as in kvpress's evaluati
 
 from __future__ import annotations
 
-import torch
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 
 def prompt_texts(

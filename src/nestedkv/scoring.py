@@ -24,100 +24,13 @@ Choices the paper leaves open (marked [open] in the spec) are made here, each in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from nestedkv.validation import check_choice, check_number
-
-SCALES = ("global", "block", "window")
-"""The three anchors, slowest first: stable (global), episodic (block), current (sliding window)."""
-
-MIXINGS = ("adaptive", "fixed", "uniform")
-GATES = ("soft", "off", "max")
-NORMALISATIONS = ("minmax", "rank")
-POOLS = ("max", "mean")
+from nestedkv.settings import MIXINGS, SCALES, NestedKVConfig, check_context_length
+from nestedkv.validation import check_choice
 
 PINNED = float("inf")
 """Score given to the sinks: above every other score."""
-
-
-PAPER_SETTINGS: dict[str, object] = {"n_recent": 0, "recency": 0.0}
-"""The switches whose shipped defaults differ from the paper's: ``NestedKVConfig(**PAPER_SETTINGS)``
-scores exactly as the paper does. Why the shipped defaults differ: ``docs/tuning.md``."""
-
-
-@dataclass
-class NestedKVConfig:
-    """Hyperparameters and switches of the NestedKV score. The defaults are the paper's except two,
-    chosen on the benchmark's dev split (``docs/tuning.md``): the newest ``n_recent = 64`` positions
-    are protected and a ``recency`` ramp favours later positions; :data:`PAPER_SETTINGS` restores the
-    paper's.
-
-    scales: any non-empty subset of ``SCALES``. mixing: ``adaptive`` (the paper's
-    ``softmax(log w0 + beta * gap)``), ``fixed`` (the prior ``w0``) or ``uniform``. gate: ``soft``
-    (the paper's sigmoid gate), ``off`` (blend only) or ``max`` (always the winning scale).
-    normalisation: ``minmax`` (the paper's) or ``rank``. block_size ``None`` means
-    ``clip(N // 32, 128, 256)``. n_recent protects the last positions too (0 in the paper).
-    recency: weight of a ramp that favours later positions,
-    ``score = (a* + recency * i / (N - 1)) / (1 + recency)`` (0 in the paper). pool_size: each
-    position's score becomes the ``pool`` (max or mean) of the scores of the ``pool_size`` positions
-    centred on it (1 in the paper: no pooling), so that the neighbours of a salient key are kept with it.
-    """
-
-    scales: tuple[str, ...] = SCALES
-    mixing: str = "adaptive"
-    gate: str = "soft"
-    normalisation: str = "minmax"
-    n_sink: int = 4
-    n_recent: int = 64
-    window: int = 64
-    block_size: int | None = None
-    prior: tuple[float, float, float] = (0.4, 0.4, 0.2)
-    beta: float = 3.0
-    tau: float = 0.60
-    kappa: float = 10.0
-    gap_fraction: float = 0.10
-    recency: float = 0.5
-    pool_size: int = 1
-    pool: str = "max"
-    eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if isinstance(self.scales, str):
-            self.scales = (self.scales,)
-        self.scales = tuple(self.scales)
-        if not self.scales:
-            raise ValueError(f"scales must name at least one of {', '.join(SCALES)}")
-        for scale in self.scales:
-            check_choice("scale", scale, SCALES)
-        if len(set(self.scales)) != len(self.scales):
-            raise ValueError(f"scales {self.scales} names a scale twice")
-        # Canonical order keeps the prior aligned with the scales whatever order the user typed.
-        self.scales = tuple(s for s in SCALES if s in self.scales)
-        check_choice("mixing", self.mixing, MIXINGS)
-        check_choice("gate", self.gate, GATES)
-        check_choice("normalisation", self.normalisation, NORMALISATIONS)
-        check_number("n_sink", self.n_sink, low=0, integer=True)
-        check_number("n_recent", self.n_recent, low=0, integer=True)
-        check_number("window", self.window, low=1, integer=True)
-        if self.block_size is not None:
-            check_number("block_size", self.block_size, low=1, integer=True)
-        self.prior = tuple(self.prior)
-        if len(self.prior) != len(SCALES):
-            raise ValueError(f"prior must be three positive weights for {SCALES}, got {self.prior}")
-        for weight in self.prior:
-            check_number("prior", weight, low=0, low_open=True)
-        check_number("beta", self.beta)
-        check_number("tau", self.tau)
-        check_number("kappa", self.kappa)
-        check_number("gap_fraction", self.gap_fraction, low=0, high=0.5, low_open=True)
-        check_number("recency", self.recency, low=0)
-        check_number("pool_size", self.pool_size, low=1, integer=True)
-        if self.pool_size % 2 == 0:
-            raise ValueError(f"pool_size must be odd (a window centred on each position), got {self.pool_size}")
-        check_choice("pool", self.pool, POOLS)
-        check_number("eps", self.eps, low=0, low_open=True)
 
 
 # --- step 1: normalise ------------------------------------------------------------------------
@@ -366,12 +279,6 @@ def pool_neighbours(scores: torch.Tensor, size: int, pool: str = "max") -> torch
 
 
 # --- the whole score --------------------------------------------------------------------------
-
-
-def check_context_length(n: int, config: NestedKVConfig) -> None:
-    """Raise a clear ``ValueError`` when N positions are too few for the configured score."""
-    if n <= config.n_sink:
-        raise ValueError(f"context of {n} tokens is not longer than the {config.n_sink} sink tokens")
 
 
 CPU_CHUNK_ELEMENTS = 2**18

@@ -34,7 +34,7 @@ holding ``M`` positions per head and ``T`` new ones costs ``O((M + T) d)`` per h
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from kvpress import BasePress
@@ -44,21 +44,9 @@ from transformers.cache_utils import DynamicLayer
 from nestedkv.budgets import head_adaptive_keep
 from nestedkv.cache import RaggedLayer
 from nestedkv.press import _can_hide_context, _LeavesModelAsFound, _no_cache, compressible, real_positions
-from nestedkv.scoring import (
-    NestedKVConfig,
-    check_context_length,
-    cosine_anomaly,
-    normalise_keys,
-    score_anomalies,
-    window_means,
-)
+from nestedkv.scoring import cosine_anomaly, normalise_keys, score_anomalies, window_means
+from nestedkv.settings import BudgetedSettings, NestedKVConfig, check_context_length
 from nestedkv.validation import check_number
-
-STREAM_RECENT = 64
-"""Positions a stream keeps whatever their score (``NestedKVConfig.n_recent``): the paper compresses once,
-before a question, with none protected; a stream that goes on generating needs its newest tokens. 64
-(the window anchor's length) lowered the continuation loss at a budget of 256 from +0.144 to +0.031 nats
-over the uncompressed cache on a development text (16: +0.082), measured apart from the reported one."""
 
 STREAM_BLOCK_SIZE = 128
 """Block size when the config names none: the paper's ``clip(N // 32, 128, 256)`` needs the final
@@ -223,36 +211,13 @@ def most_held(cache: DynamicCache) -> int:
 
 
 @dataclass
-class BudgetedPress(_LeavesModelAsFound, BasePress):
+class BudgetedPress(_LeavesModelAsFound, BudgetedSettings, BasePress):
     """Keep the cache within ``budget`` positions per KV head whatever comes: NestedKV in a stream.
 
-    budget: positions per KV head (on average over a layer's heads) after each compression.
-    interval: decoding steps between compressions, the slack the cache may grow by.
-    head_slack: how many more than ``budget`` one head may keep (head-adaptive budgets).
-    config: NestedKV's switches; the default protects the newest ``STREAM_RECENT`` positions.
+    Settings (budget, interval, head slack, NestedKV's switches): :class:`~nestedkv.settings.BudgetedSettings`.
     Works as a context manager around ``model(...)``, ``model.generate`` or a chat loop, with the
     default dynamic cache; a padded batch is refused (rows of different lengths: run them one by one).
     """
-
-    budget: int = 512
-    interval: int = 16
-    head_slack: int = 16
-    alpha_safeguard: float = 0.20
-    config: NestedKVConfig = field(default_factory=lambda: NestedKVConfig(n_recent=STREAM_RECENT, recency=0.0))
-
-    def __post_init__(self) -> None:
-        check_number("budget", self.budget, low=1, integer=True)
-        check_number("interval", self.interval, low=1, integer=True)
-        check_number("head_slack", self.head_slack, low=0, integer=True)
-        check_number("alpha_safeguard", self.alpha_safeguard, low=0, high=1)
-        if self.config.pool_size != 1 or self.config.recency != 0:
-            # once a stream has evicted, the held positions are no longer contiguous: pooling would mix
-            # strangers and a ramp over the held ones would not follow the positions
-            raise ValueError("a budgeted cache cannot pool scores or ramp them by position; "
-                             "use a config with pool_size=1 and recency=0")
-        protected = self.config.n_sink + self.config.n_recent
-        if self.budget <= protected:
-            raise ValueError(f"budget {self.budget} must be above the {protected} sink + recent positions always kept")
 
     def forward_hook(self, module, input, kwargs, output):
         if _no_cache(kwargs):

@@ -38,9 +38,10 @@ import torch
 from kvpress import BasePress, DecodingPress, KeyDiffPress, PrefillDecodingPress, StreamingLLMPress
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from nestedkv.bench.plan import RANDOM_SHAPES
 from nestedkv.bench.replay import feed
 from nestedkv.bench.ruler import _NEEDLE, _distinct, _essay, _insert_at_depths, random_needle_item
-from nestedkv.bench.speed import RANDOM_SHAPES, _MemoryProbe, _release_freed_memory_at_once, machine_info, random_model
+from nestedkv.bench.speed import _MemoryProbe, _release_freed_memory_at_once, machine_info, random_config, random_model
 from nestedkv.streaming import BudgetedPress, cache_bytes, most_held, prefill_in_chunks
 
 METHODS = ("none", "nestedkv", "keydiff", "streamingllm")
@@ -141,7 +142,7 @@ def _prefill_peak(shape: str, length: int, method: str, budget: int, chunk_size:
     """In a fresh process: peak memory above the loaded model of prefilling ``length`` random tokens."""
     _release_freed_memory_at_once()
     torch.set_num_threads(threads)
-    model = random_model(RANDOM_SHAPES[shape](), dtype=torch.float32)
+    model = random_model(random_config(shape), dtype=torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     probe = _MemoryProbe(model.device)
     start = time.perf_counter()

@@ -12,6 +12,8 @@ The documents are the Python standard library's own source files (PSF License 2.
 interpreter that runs the benchmark (its version is recorded with every result), test suites and
 vendored packages left out. Each document belongs to one split for good, from a hash of its path:
 ``dev`` (tuning) or ``test`` (reported tables), so no choice made on dev can have seen a test document.
+
+torch is imported where tensors are made: the command line reads this module's names before it loads torch.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import hashlib
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from nestedkv.bench.ruler import Sample
 from nestedkv.prompts import prompt_length
 from nestedkv.validation import check_choice
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 DOCUMENTS = "documents"
 """The benchmark's name (``nestedkv eval --benchmark documents``)."""
@@ -109,6 +113,8 @@ def _continuation(
     ids = bos + tokenizer.encode(text, add_special_tokens=False)
     if len(ids) < length + CONTINUATION_TOKENS + 1:
         return None
+    import torch
+
     ids = torch.tensor([ids[: length + CONTINUATION_TOKENS + 1]])
     return ContinuationSample(
         task=CONTINUATION, index=index, context=name, question="", answer_prefix="", answers=(name,),
@@ -150,6 +156,8 @@ def greedy_agreement_and_nll(logits: torch.Tensor, reference_logits: torch.Tenso
 
     ``-> {"nll": mean NLL (nats/token), "delta_nll": its increase over the reference, "score": % of
     positions whose argmax is the reference's argmax}``."""
+    import torch
+
     nll = torch.nn.functional.cross_entropy(logits.float(), targets).item()
     reference = torch.nn.functional.cross_entropy(reference_logits.float(), targets).item()
     agreement = (logits.argmax(-1) == reference_logits.argmax(-1)).float().mean().item()

@@ -6,50 +6,32 @@ evaluation registry configures it (defaults included), except where the name say
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable, Generator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import partial
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 from unittest import mock
 
-from kvpress import (
-    AdaKVPress,
-    BasePress,
-    BlockPress,
-    ChunkKVPress,
-    CompactorPress,
-    CriticalAdaKVPress,
-    CriticalKVPress,
-    CURPress,
-    DMSPress,
-    DuoAttentionPress,
-    ExpectedAttentionPress,
-    ExpectedAttentionStatsPress,
-    FastKVzipPress,
-    KeyDiffPress,
-    KnormPress,
-    KVComposePress,
-    KVzapPress,
-    KVzipPress,
-    LagKVPress,
-    LeverageScorePress,
-    LUKVPress,
-    MergingPress,
-    ObservedAttentionPress,
-    PyramidKVPress,
-    QFilterPress,
-    RandomPress,
-    SnapKVPress,
-    StreamingLLMPress,
-    TOVAPress,
-)
-from kvpress.presses import kvzip_press
-from transformers import AutoTokenizer, PreTrainedModel
-
-from nestedkv.press import HeadAdaptivePress, NestedKVPress
-from nestedkv.scoring import PAPER_SETTINGS
+import nestedkv
+from nestedkv.settings import PAPER_SETTINGS, NestedKVSettings
 from nestedkv.validation import check_choice
+
+if TYPE_CHECKING:
+    from kvpress import BasePress
+
+
+class _Kvpress:
+    """kvpress's presses, imported when the first press is built: the registry (names, groups, NestedKV
+    arguments) is read by the command line to check its options before torch is imported."""
+
+    def __getattr__(self, name: str) -> type:
+        return getattr(importlib.import_module("kvpress"), name)
+
+
+kvpress = _Kvpress()
 
 RATIOS = (0.5, 0.75, 0.9, 0.95)
 """Compression ratios every benchmark compares by default (quality and speed)."""
@@ -91,25 +73,33 @@ NO_COMPRESSION = "none"
 def _nestedkv(name: str, group: str, description: str, **options) -> Method:
     """A NestedKV variant: ``NestedKVPress(r, **options)``. Its scores never depend on the ratio."""
     return Method(
-        name, group, description, lambda r: NestedKVPress(r, **options), ratio_free_scores=True,
+        name, group, description, lambda r: nestedkv.NestedKVPress(r, **options), ratio_free_scores=True,
         nestedkv_options=tuple(options.items()),
     )
 
 
-class _KVzipWithGGUFTokenizer(KVzipPress):
+@functools.cache
+def _kvzip_with_gguf_tokenizer() -> type[BasePress]:
     """``KVzipPress`` for GGUF-loaded models too: KVzip reloads the tokenizer from
     ``config.name_or_path``, a directory that holds no tokenizer files when the weights came from a
     GGUF file; :func:`nestedkv.models.load_model` records the file in ``config.gguf_file``."""
+    from kvpress.presses import kvzip_press
+    from transformers import AutoTokenizer
 
-    @contextmanager
-    def __call__(self, model: PreTrainedModel) -> Generator:
-        gguf_file = getattr(model.config, "gguf_file", None)
-        tokenizer_loader = SimpleNamespace(from_pretrained=partial(AutoTokenizer.from_pretrained, gguf_file=gguf_file))
-        with (
-            mock.patch.object(kvzip_press, "AutoTokenizer", tokenizer_loader) if gguf_file else nullcontext(),
-            super().__call__(model),
-        ):
-            yield
+    class KVzipWithGGUFTokenizer(kvpress.KVzipPress):
+        @contextmanager
+        def __call__(self, model) -> Generator:
+            gguf_file = getattr(model.config, "gguf_file", None)
+            tokenizer_loader = SimpleNamespace(
+                from_pretrained=functools.partial(AutoTokenizer.from_pretrained, gguf_file=gguf_file)
+            )
+            with (
+                mock.patch.object(kvzip_press, "AutoTokenizer", tokenizer_loader) if gguf_file else nullcontext(),
+                super().__call__(model),
+            ):
+                yield
+
+    return KVzipWithGGUFTokenizer
 
 
 def _peer(name: str, description: str, make: Callable[[float], BasePress], **options) -> Method:
@@ -133,65 +123,69 @@ METHODS: dict[str, Method] = {
         _nestedkv("nestedkv-recent64", ABLATION, "paper's + the last 64 positions protected",
                   **{**PAPER_SETTINGS, "n_recent": 64}),
         # kvpress peers, configured as kvpress's evaluation registry configures them.
-        _peer("random", "Random (kvpress; the floor, seed 0)", lambda r: RandomPress(r, seed=0)),
-        _peer("streamingllm", "StreamingLLM (kvpress)", lambda r: StreamingLLMPress(compression_ratio=r)),
-        _peer("knorm", "KNorm (kvpress)", lambda r: KnormPress(compression_ratio=r)),
-        _peer("keydiff", "KeyDiff (kvpress)", lambda r: KeyDiffPress(compression_ratio=r)),
+        _peer("random", "Random (kvpress; the floor, seed 0)", lambda r: kvpress.RandomPress(r, seed=0)),
+        _peer("streamingllm", "StreamingLLM (kvpress)", lambda r: kvpress.StreamingLLMPress(compression_ratio=r)),
+        _peer("knorm", "KNorm (kvpress)", lambda r: kvpress.KnormPress(compression_ratio=r)),
+        _peer("keydiff", "KeyDiff (kvpress)", lambda r: kvpress.KeyDiffPress(compression_ratio=r)),
         _peer(
             "block-keydiff", "KeyDiff, block-wise (kvpress BlockPress, 128)",
-            lambda r: BlockPress(press=KeyDiffPress(compression_ratio=r), block_size=128),
+            lambda r: kvpress.BlockPress(press=kvpress.KeyDiffPress(compression_ratio=r), block_size=128),
         ),
-        _peer("snapkv", "SnapKV (kvpress)", lambda r: SnapKVPress(compression_ratio=r)),
-        _peer("adakv-snapkv", "AdaKV + SnapKV (kvpress, masked)", lambda r: AdaKVPress(SnapKVPress(r))),
-        _peer("pyramidkv", "PyramidKV (kvpress)", lambda r: PyramidKVPress(compression_ratio=r)),
-        _peer("tova", "TOVA (kvpress)", lambda r: TOVAPress(compression_ratio=r)),
+        _peer("snapkv", "SnapKV (kvpress)", lambda r: kvpress.SnapKVPress(compression_ratio=r)),
+        _peer("adakv-snapkv", "AdaKV + SnapKV (kvpress, masked)", lambda r: kvpress.AdaKVPress(kvpress.SnapKVPress(r))),
+        _peer("pyramidkv", "PyramidKV (kvpress)", lambda r: kvpress.PyramidKVPress(compression_ratio=r)),
+        _peer("tova", "TOVA (kvpress)", lambda r: kvpress.TOVAPress(compression_ratio=r)),
         _peer("observed-attention", "H2O / ObservedAttention (kvpress, eager attention)",
-              lambda r: ObservedAttentionPress(r), prefill=EAGER_PREFILL),
+              lambda r: kvpress.ObservedAttentionPress(r), prefill=EAGER_PREFILL),
         _peer("expected-attention", "ExpectedAttention (kvpress)",
-              lambda r: ExpectedAttentionPress(compression_ratio=r), ratio_free_scores=True),
+              lambda r: kvpress.ExpectedAttentionPress(compression_ratio=r), ratio_free_scores=True),
         _peer("adakv-expected-attention", "AdaKV + ExpectedAttention (kvpress, masked)",
-              lambda r: AdaKVPress(press=ExpectedAttentionPress(compression_ratio=r)), ratio_free_scores=True),
+              lambda r: kvpress.AdaKVPress(press=kvpress.ExpectedAttentionPress(compression_ratio=r)),
+              ratio_free_scores=True),
         _peer("adakv-expected-attention-e2", "AdaKV + ExpectedAttention, epsilon 1e-2 (kvpress leaderboard's)",
-              lambda r: AdaKVPress(ExpectedAttentionPress(r, epsilon=1e-2)), ratio_free_scores=True),
+              lambda r: kvpress.AdaKVPress(kvpress.ExpectedAttentionPress(r, epsilon=1e-2)), ratio_free_scores=True),
         # kvpress's head-wise peers again, through our HeadAdaptivePress: the same budgets, stored ragged
         # (the evicted positions are freed instead of masked by kvpress's fake keys).
         _peer("ragged-adakv-snapkv", "AdaKV + SnapKV, ragged storage (nestedkv HeadAdaptivePress)",
-              lambda r: HeadAdaptivePress(SnapKVPress(r))),
+              lambda r: nestedkv.HeadAdaptivePress(kvpress.SnapKVPress(r))),
         _peer("ragged-adakv-expected-attention-e2", "AdaKV + ExpectedAttention e2, ragged (HeadAdaptivePress)",
-              lambda r: HeadAdaptivePress(ExpectedAttentionPress(r, epsilon=1e-2)), ratio_free_scores=True),
-        _peer("critical-snapkv", "CriticalKV + SnapKV (kvpress)", lambda r: CriticalKVPress(SnapKVPress(r))),
+              lambda r: nestedkv.HeadAdaptivePress(kvpress.ExpectedAttentionPress(r, epsilon=1e-2)),
+              ratio_free_scores=True),
+        _peer("critical-snapkv", "CriticalKV + SnapKV (kvpress)",
+              lambda r: kvpress.CriticalKVPress(kvpress.SnapKVPress(r))),
         _peer("critical-adakv-snapkv", "CriticalAdaKV + SnapKV (kvpress, masked)",
-              lambda r: CriticalAdaKVPress(SnapKVPress(r))),
+              lambda r: kvpress.CriticalAdaKVPress(kvpress.SnapKVPress(r))),
         _peer("critical-expected-attention", "CriticalKV + ExpectedAttention (kvpress)",
-              lambda r: CriticalKVPress(ExpectedAttentionPress(r, use_vnorm=False))),
+              lambda r: kvpress.CriticalKVPress(kvpress.ExpectedAttentionPress(r, use_vnorm=False))),
         _peer("critical-adakv-expected-attention", "CriticalAdaKV + ExpectedAttention (kvpress, masked)",
-              lambda r: CriticalAdaKVPress(ExpectedAttentionPress(r, use_vnorm=False))),
+              lambda r: kvpress.CriticalAdaKVPress(kvpress.ExpectedAttentionPress(r, use_vnorm=False))),
         _peer("chunkkv", "ChunkKV + SnapKV, chunks of 20 (kvpress)",
-              lambda r: ChunkKVPress(press=SnapKVPress(r), chunk_length=20)),
-        _peer("compactor", "Compactor (kvpress)", lambda r: CompactorPress(compression_ratio=r)),
-        _peer("adakv-compactor", "AdaKV + Compactor (kvpress, masked)", lambda r: AdaKVPress(CompactorPress(r))),
-        _peer("leverage-score", "LeverageScore (kvpress)", lambda r: LeverageScorePress(compression_ratio=r)),
-        _peer("cur", "CUR (kvpress)", lambda r: CURPress(compression_ratio=r)),
-        _peer("lagkv", "LagKV (kvpress)", lambda r: LagKVPress(compression_ratio=r)),
+              lambda r: kvpress.ChunkKVPress(press=kvpress.SnapKVPress(r), chunk_length=20)),
+        _peer("compactor", "Compactor (kvpress)", lambda r: kvpress.CompactorPress(compression_ratio=r)),
+        _peer("adakv-compactor", "AdaKV + Compactor (kvpress, masked)",
+              lambda r: kvpress.AdaKVPress(kvpress.CompactorPress(r))),
+        _peer("leverage-score", "LeverageScore (kvpress)", lambda r: kvpress.LeverageScorePress(compression_ratio=r)),
+        _peer("cur", "CUR (kvpress)", lambda r: kvpress.CURPress(compression_ratio=r)),
+        _peer("lagkv", "LagKV (kvpress)", lambda r: kvpress.LagKVPress(compression_ratio=r)),
         _peer("merging-knorm", "MergingPress + KNorm: evicted values merged (kvpress)",
-              lambda r: MergingPress(KnormPress(r))),
+              lambda r: kvpress.MergingPress(kvpress.KnormPress(r))),
         _peer("merging-snapkv", "MergingPress + SnapKV: evicted values merged (kvpress)",
-              lambda r: MergingPress(SnapKVPress(r))),
+              lambda r: kvpress.MergingPress(kvpress.SnapKVPress(r))),
         _peer("kvcompose", "KVCompose, structured (kvpress; re-feeds the context, eager attention)",
-              lambda r: KVComposePress(compression_ratio=r), prefill=OWN_PREFILL),
+              lambda r: kvpress.KVComposePress(compression_ratio=r), prefill=OWN_PREFILL),
         _peer("kvzip", "KVzip (kvpress; re-reads the context to score it, masked)",
-              lambda r: _KVzipWithGGUFTokenizer(compression_ratio=r), prefill=OWN_PREFILL),
+              lambda r: _kvzip_with_gguf_tokenizer()(compression_ratio=r), prefill=OWN_PREFILL),
         # Peers that load trained weights or statistics from the hub (not in the offline tables).
         _peer("kvzap", "KVzap, MLP, DMS thresholding (kvpress; hub weights)",
-              lambda r: DMSPress(press=KVzapPress(r, model_type="mlp")), download=True),
-        _peer("fastkvzip", "FastKVzip (kvpress; hub gates)", lambda r: FastKVzipPress(r), download=True),
-        _peer("qfilter", "Q-Filter (kvpress; hub filters)", lambda r: QFilterPress(r), download=True),
+              lambda r: kvpress.DMSPress(press=kvpress.KVzapPress(r, model_type="mlp")), download=True),
+        _peer("fastkvzip", "FastKVzip (kvpress; hub gates)", lambda r: kvpress.FastKVzipPress(r), download=True),
+        _peer("qfilter", "Q-Filter (kvpress; hub filters)", lambda r: kvpress.QFilterPress(r), download=True),
         _peer("duo-attention", "DuoAttention (kvpress; hub head patterns)",
-              lambda r: DuoAttentionPress(head_compression_ratio=r), download=True),
+              lambda r: kvpress.DuoAttentionPress(head_compression_ratio=r), download=True),
         _peer("expected-attention-stats", "ExpectedAttention with hub query statistics (kvpress)",
-              lambda r: ExpectedAttentionStatsPress(r), download=True),
+              lambda r: kvpress.ExpectedAttentionStatsPress(r), download=True),
         _peer("lukv", "LU-KV + ExpectedAttention (kvpress; hub budget curves, one model so far)",
-              lambda r: LUKVPress(compression_ratio=r), download=True),
+              lambda r: kvpress.LUKVPress(compression_ratio=r), download=True),
     ]
 }
 
@@ -234,14 +228,14 @@ def method_spec(method: str) -> Method | None:
     if spec is None or spec.nestedkv_options is None:
         raise ValueError(f"method {method!r}: only NestedKV methods take ':field=value' arguments")
     options = dict(spec.nestedkv_options)
-    fields = NestedKVPress.__dataclass_fields__
+    fields = NestedKVSettings.__dataclass_fields__
     for assignment in assignments:
         field, equals, value = assignment.partition("=")
-        if not equals or field not in fields or field == "compression_ratio":
-            choices = ", ".join(name for name in fields if name != "compression_ratio")
+        if not equals or field not in fields:
+            choices = ", ".join(fields)
             raise ValueError(f"method {method!r}: {assignment!r} is not field=value with a field among {choices}")
         options[field] = _option_value(value)
-    NestedKVPress(0.5, **options)  # validates every value now, before any model loads
+    NestedKVSettings(**options)  # validates every value now, before torch or a model loads
     return _nestedkv(method, spec.group, f"{spec.description}, with {', '.join(assignments)}", **options)
 
 

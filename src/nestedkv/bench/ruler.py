@@ -32,10 +32,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from nestedkv.prompts import prompt_length
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TASKS: tuple[str, ...] = (
     "niah_single_1",

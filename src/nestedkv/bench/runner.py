@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 
 import torch
 from kvpress import KVPressTextGenerationPipeline
@@ -23,155 +22,14 @@ from nestedkv.bench.documents import (
     build_document_samples,
     greedy_agreement_and_nll,
 )
-from nestedkv.bench.hub import BENCHMARKS as HUB_BENCHMARKS
-from nestedkv.bench.hub import load_hub_samples, resolve_subset, subsets
-from nestedkv.bench.methods import (
-    ABLATIONS,
-    EAGER_PREFILL,
-    NO_COMPRESSION,
-    PEERS,
-    RATIOS,
-    REPLAY,
-    check_method,
-    make_press,
-    method_spec,
-)
+from nestedkv.bench.methods import EAGER_PREFILL, REPLAY, make_press, method_spec
 from nestedkv.bench.metrics import score_sample
+from nestedkv.bench.plan import LOCAL_RULER, SPLIT_SEEDS, EvalConfig, check_window, fitted_lengths, load_samples
 from nestedkv.bench.replay import Prefill, compress_replay, feed, prefill_compressed, prefill_once, reuse_scores
 from nestedkv.bench.ruler import TASKS, Sample, build_samples
 from nestedkv.bench.store import KEY_FIELDS, ResultStore
-from nestedkv.models import check_fits, config_window
+from nestedkv.models import config_window
 from nestedkv.prompts import encode_prompt
-from nestedkv.validation import check_choice, check_ratio
-
-LOCAL_RULER = "ruler-local"
-"""RULER's tasks built offline by :mod:`nestedkv.bench.ruler`."""
-LOCAL_BENCHMARKS = (LOCAL_RULER, DOCUMENTS)
-"""Built offline: RULER, and real documents (:mod:`nestedkv.bench.documents`); the others come from the hub."""
-
-SPLIT_SEEDS = {"dev": 0, "test": 1}
-"""The dev/test split as seeds: local RULER samples are drawn from their seed (dev: the seed every
-earlier run used, so every choice made so far was made on dev); the documents of each split are
-fixed by their names (:func:`nestedkv.bench.documents.split_of`) and recorded under its seed."""
-
-
-@dataclass
-class EvalConfig:
-    """What one benchmark run measures. ``model`` is the name recorded with every result.
-
-    ``benchmark``: ``ruler-local`` (RULER built offline at ``lengths``) or a hub benchmark of
-    :mod:`nestedkv.bench.hub` with its ``subset`` (or a local copy in ``data_files``). ``tasks``:
-    ``None`` runs every task of the benchmark. ``shard = (k, n)``: this process measures only every
-    n-th planned sample, starting at the k-th, so that n processes (one per GPU, or per CPU core)
-    can share one run and one results store; the shard is not part of a result's key.
-    """
-
-    model: str
-    tasks: tuple[str, ...] | None = None
-    lengths: tuple[int, ...] = (4096,)
-    ratios: tuple[float, ...] = RATIOS
-    methods: tuple[str, ...] = (NO_COMPRESSION, "nestedkv", "nestedkv-paper", *ABLATIONS, *PEERS)
-    samples: int = 5
-    seed: int = 0
-    query_aware: bool = False
-    squad_path: str | None = None
-    hotpot_path: str | None = None
-    benchmark: str = LOCAL_RULER
-    subset: str | None = None
-    data_files: str | None = None
-    shard: tuple[int, int] = (0, 1)
-
-    def __post_init__(self) -> None:
-        if self.benchmark == DOCUMENTS:
-            if self.seed not in SPLIT_SEEDS.values():
-                raise ValueError("the documents benchmark has two splits, not seeds: choose --split dev or test")
-            for task in self.tasks or ():
-                check_choice("documents task", task, DOCUMENT_TASKS)
-        elif self.benchmark != LOCAL_RULER:
-            if self.benchmark not in HUB_BENCHMARKS:
-                choices = ", ".join((*LOCAL_BENCHMARKS, *HUB_BENCHMARKS))
-                raise ValueError(f"unknown benchmark {self.benchmark!r}; choose one of {choices}")
-            if self.subset is not None:
-                resolve_subset(self.benchmark, self.subset)
-            elif self.data_files is None:
-                raise ValueError(f"choose a {self.benchmark} subset: one of {', '.join(subsets(self.benchmark))}")
-        for method in self.methods:
-            check_method(method)
-        for ratio in self.ratios:
-            check_ratio(ratio)
-        if self.samples < 1:
-            raise ValueError(f"samples must be >= 1, got {self.samples}")
-        if not self.lengths or min(self.lengths) < 1:
-            raise ValueError(f"context lengths must be positive token counts, got {self.lengths}")
-        index, count = self.shard
-        if not 0 <= index < count:
-            raise ValueError(f"shard {index}/{count}: need 0 <= k < n for shard k/n")
-
-    def jobs(self) -> list[tuple[str, float]]:
-        """(method, ratio) pairs: the baseline once at ratio 0, every other method at every ratio."""
-        return [(m, 0.0) for m in self.methods if m == NO_COMPRESSION] + [
-            (m, r) for m in self.methods if m != NO_COMPRESSION for r in self.ratios
-        ]
-
-
-PRESETS: dict[str, dict] = {
-    # About 20 minutes on 2 CPU cores with the default model: 2 samples per task at 2k tokens
-    # (3 samples took 29 minutes: docs/benchmarks.md).
-    "quick": dict(
-        lengths=(2048,),
-        ratios=(0.5, 0.75, 0.9),
-        samples=2,
-        methods=(NO_COMPRESSION, "nestedkv", "keydiff", "snapkv", "streamingllm", "knorm", "expected-attention"),
-    ),
-    # The first measurement of docs/benchmarks.md: 4k tokens, four ratios, every method and ablation.
-    "full": dict(lengths=(4096,), ratios=RATIOS, samples=20),
-    # kvpress's public leaderboard: RULER at 4k, query-agnostic, its four ratios plus our two smallest
-    # caches, every offline peer, the 13 tasks averaged as kvpress averages them (mean of task means).
-    "leaderboard": dict(
-        lengths=(4096,), ratios=(0.25, 0.5, 0.75, 0.875, 0.9, 0.95), samples=20,
-        methods=(NO_COMPRESSION, "nestedkv", "nestedkv-paper", *PEERS),
-    ),
-    # Continuation loss and code completion on real documents (docs/benchmarks.md): low variance.
-    "documents": dict(
-        benchmark=DOCUMENTS, lengths=(2048,), ratios=(0.75, 0.875, 0.9, 0.95), samples=16,
-        methods=(NO_COMPRESSION, "nestedkv", "nestedkv-paper", *PEERS),
-    ),
-}
-
-
-# --- the run ----------------------------------------------------------------------------------
-
-
-def _fitted_lengths(config: EvalConfig) -> tuple[int, ...]:
-    """The context lengths (prompt and answer) the samples are built for: the local RULER lengths, or
-    the length of kvpress's prebuilt RULER subset; none for the other hub benchmarks."""
-    if config.benchmark in LOCAL_BENCHMARKS:
-        return config.lengths
-    return (int(config.subset),) if config.benchmark == "ruler" and config.subset else ()
-
-
-def check_window(config: EvalConfig, window: int | None) -> None:
-    """Refuse context lengths longer than the model's context window ``window`` (``None``: unknown),
-    before any sample is built: the CLI checks this from the model's config before loading it."""
-    for length in _fitted_lengths(config):
-        check_fits(length, window, f"context length {length}")
-
-
-def load_samples(config: EvalConfig) -> list[Sample] | None:
-    """The samples of a hub benchmark (``None`` for local RULER, which is built with the model's
-    tokenizer), each requested task checked to be there. The CLI reads them before loading the
-    model, so that a bad data file or an unreachable hub fails in seconds."""
-    if config.benchmark in LOCAL_BENCHMARKS:
-        return None
-    samples = load_hub_samples(
-        config.benchmark, config.subset, config.samples, data_files=config.data_files, seed=config.seed
-    )
-    found = {sample.task for sample in samples}
-    missing = set(config.tasks or ()) - found
-    if missing:
-        source = config.data_files or f"{config.benchmark} {config.subset}"
-        raise ValueError(f"no sample of task(s) {', '.join(sorted(missing))} in {source}; its tasks: {sorted(found)}")
-    return samples
 
 
 def plan_samples(
@@ -208,7 +66,7 @@ def plan_samples(
             for sample in build_document_samples(task, config.samples, tokenizer, length, split)
         ]
     else:
-        length = next(iter(_fitted_lengths(config)), None)
+        length = next(iter(fitted_lengths(config)), None)
         loaded = samples if samples is not None else load_samples(config)
         planned = [(length, sample) for sample in loaded if config.tasks is None or sample.task in config.tasks]
     # Sample-major order: every task's first sample, then every task's second, ... (a stable sort keeps

@@ -25,7 +25,8 @@ with kvpress's masking, and KeyDiff, at every compression ratio ``r``:
 Separately, the scorers alone on the same keys (:func:`scoring_times`), and their scaling with
 context length on keys of a larger model's shape (:func:`scaling`; Llama-3.2-1B by default, with
 random weights for the real-prefill check of cache bytes). Times are wall-clock seconds from
-``time.perf_counter`` (CUDA synchronised before each reading); bytes are bytes.
+``time.perf_counter`` (CUDA synchronised before each reading); bytes are bytes. What a run measures
+(lengths, ratios, repeats) is a :class:`~nestedkv.bench.plan.BenchSettings`.
 """
 
 from __future__ import annotations
@@ -53,21 +54,20 @@ from kvpress import BasePress, KeyDiffPress
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from nestedkv.bench.methods import RATIOS, make_press
+from nestedkv.bench.methods import make_press
+from nestedkv.bench.plan import RANDOM_SHAPES, BenchSettings
 from nestedkv.bench.replay import prefill
-from nestedkv.budgets import compute_n_kept
 from nestedkv.cache import summarize_cache
 from nestedkv.models import attention_modules
 from nestedkv.press import NestedKVPress
-from nestedkv.scoring import PAPER_SETTINGS, NestedKVConfig, check_context_length, nestedkv_score
-from nestedkv.validation import check_ratio
+from nestedkv.scoring import nestedkv_score
+from nestedkv.settings import PAPER_SETTINGS, NestedKVConfig, compute_n_kept
 
 METHODS = ("none", "nestedkv", "nestedkv-masked", "keydiff")
 """Configurations compared, by their names in the benchmark's registry (:mod:`nestedkv.bench.methods`):
 no compression, NestedKV (head-adaptive budget) held ragged (its default) or masked, and kvpress's
 KeyDiff (uniform budget, dense cache)."""
 
-SCALING_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 VERIFY_RATIO = 0.9
 """Compression ratio of the real prefills that check the scaling table's cache bytes."""
 
@@ -75,36 +75,9 @@ WARMUP_TOKENS = 16
 """Tokens of the short uncompressed generation that warms a fresh process up before measuring."""
 
 
-def llama_1b_config() -> LlamaConfig:
-    """The shape of Llama-3.2-1B (16 layers, 8 KV heads of 64 dims), built locally: no download."""
-    return LlamaConfig(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=64, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000, tie_word_embeddings=True,
-    )
-
-
-def smollm2_135m_config() -> LlamaConfig:
-    """The shape of the default model, SmolLM2-135M (30 layers, 3 KV heads of 64 dims), for machines without
-    its file."""
-    return LlamaConfig(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        head_dim=64, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000, tie_word_embeddings=True,
-    )
-
-
-def tiny_llama_config() -> LlamaConfig:
-    """A tiny Llama (2 layers, 4 heads over 2 KV heads of 16 dims) that the tests run the benchmark on."""
-    return LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, vocab_size=128, max_position_embeddings=16384,
-    )
-
-
-RANDOM_SHAPES: dict[str, Callable[[], LlamaConfig]] = {
-    "smollm2-135m": smollm2_135m_config, "llama-3.2-1b": llama_1b_config, "tiny": tiny_llama_config,
-}
-"""Shapes ``nestedkv bench --random-shape`` builds with random weights (speed and memory do not depend on
-the weights)."""
+def random_config(shape: str) -> LlamaConfig:
+    """The Llama config of a shape of :data:`~nestedkv.bench.plan.RANDOM_SHAPES` (built locally: no download)."""
+    return LlamaConfig(**RANDOM_SHAPES[shape])
 
 
 def random_model(
@@ -115,62 +88,6 @@ def random_model(
     with torch.device(device):  # initialised where it runs: a 1B model initialises in seconds on a GPU
         model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
-
-
-# --- settings and checks --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """What ``nestedkv bench`` runs. Lengths are in tokens.
-
-    length: the context of the memory and time table, for each of ``batch`` rows (random tokens,
-    no padding). ratios: fractions of the KV removed.
-    scaling_lengths: contexts of the scaling table; those up to ``verify_max_length`` are also
-    prefilled for real to check the cache bytes. decode_tokens: timed greedy steps (after
-    ``warmup`` untimed ones). repeats / warmup: timed / untimed runs of each measurement.
-    peak_memory: measure memory (on CPU in fresh processes: the slowest part). seed: of the token ids.
-    """
-
-    length: int = 2048
-    batch: int = 1
-    ratios: tuple[float, ...] = RATIOS
-    scaling_lengths: tuple[int, ...] = SCALING_LENGTHS
-    decode_tokens: int = 32
-    repeats: int = 3
-    warmup: int = 1
-    verify_max_length: int = 4096
-    peak_memory: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.ratios:
-            raise ValueError("give at least one compression ratio")
-        for ratio in self.ratios:
-            check_ratio(ratio)
-        config = NestedKVConfig()
-        for length in (self.length, *self.scaling_lengths):
-            check_context_length(length, config)
-            for ratio in self.ratios:
-                if compute_n_kept(length, ratio) < config.n_sink:
-                    raise ValueError(
-                        f"compression ratio {ratio} keeps {compute_n_kept(length, ratio)} of {length} positions per "
-                        f"head, fewer than NestedKV's {config.n_sink} sink positions"
-                    )
-        if len(set(self.scaling_lengths)) < 2:
-            raise ValueError("give at least two different scaling lengths: the exponent is fitted across them")
-        for name in ("batch", "decode_tokens", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-
-
-QUICK = BenchSettings(
-    length=1024, ratios=(0.9,), scaling_lengths=(1024, 2048, 4096, 8192), decode_tokens=8, repeats=1,
-    verify_max_length=1024,
-)
-"""A short run: under two minutes on one CPU thread with the default model, loading included."""
 
 
 # --- prefill and decode ---------------------------------------------------------------------------
@@ -626,7 +543,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """Run the whole benchmark on ``model`` (on its device) and return a JSON-ready report.
 
-    scaling_config: shape of the scaling model (default: :func:`llama_1b_config`). progress
+    scaling_config: shape of the scaling model (default: :func:`random_config` of ``llama-3.2-1b``). progress
     receives one line before each stage.
     """
     device = model.device
@@ -662,7 +579,7 @@ def run_bench(
         memories = measure_memory(model, configs, length, settings.decode_tokens, settings.seed, settings.batch)
         rows = [replace(row, memory=memory) for row, memory in zip(rows, memories, strict=True)]
     report["configurations"] = [asdict(row) for row in rows]
-    scaling_config = scaling_config or llama_1b_config()
+    scaling_config = scaling_config or random_config("llama-3.2-1b")
     scaling_dtype = torch.bfloat16
     progress(f"scaling: {', '.join(map(str, settings.scaling_lengths))} tokens")
     scaling_rows = scaling(
