@@ -164,6 +164,8 @@ BAD_INPUTS = [
     (["bench", "--length", "9000"], "--length 9000 plus"),
     (["chat", "--budget", "4"], "budget 4 must be above the 68 sink + recent positions"),
     (["chat", "--interval", "0"], "interval must be"),
+    (["chat", "--ratio", "1"], "compression_ratio must be in [0, 1)"),
+    (["chat", "--ratio", "0.5", "--budget", "100"], "argument --budget: not allowed with argument --ratio"),
     (["chat", "--chunk-size", "0"], "--chunk-size must be"),
     (["chat", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["chat", "--context", "{empty}"], "context file {empty} is empty"),
@@ -241,6 +243,17 @@ def test_chat_reads_one_turn_per_line_and_reports_the_cache_after_each(session_m
     seen = [int(status[1]) for status in statuses]
     assert seen[0] > 2500 and seen[0] < seen[1] < seen[2]
     assert all(int(status[3]) <= 256 + 16 + 16 for status in statuses)
+
+
+def test_chat_with_a_ratio_keeps_that_share_of_the_conversation(session_model, capsys, tmp_path, monkeypatch):
+    context = tmp_path / "doc.txt"
+    context.write_text(cli.demo_sample()["context"], encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello!\n"))
+    assert cli.main(["chat", "--ratio", "0.8", "--context", str(context), "--max-new-tokens", "4"]) == 0
+    statuses = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("seen ")]
+    for status in statuses:
+        seen, held = int(status[1]), int(status[3])
+        assert int(0.2 * seen) <= held <= int(0.2 * seen) + 16 + 16
 
 
 def test_context_longer_than_the_window_is_refused(session_model, capsys, tmp_path):

@@ -86,17 +86,22 @@ AttentionInterface.register("hidden_keys", hidden_key_attention)
 AttentionMaskInterface.register("hidden_keys", sdpa_mask)
 
 
-@pytest.mark.parametrize("make_model", [tiny_llama, lambda: tiny_mistral(sliding_window=48)], ids=["full", "sliding"])
-def test_compressions_give_what_the_masked_computation_gives_for_the_held_positions(make_model):
-    """Chunked prefill then decoding under a small budget, step by step against a dense cache in which
-    a reference attention hides what the budgeted cache had evicted before each forward pass (and, for a
-    sliding-window model, what the window hides)."""
+@pytest.mark.parametrize(
+    ("make_model", "budget"),
+    [(tiny_llama, dict(budget=80)), (lambda: tiny_mistral(sliding_window=48), dict(budget=80)),
+     (tiny_llama, dict(compression_ratio=0.6))],
+    ids=["full", "sliding", "ratio"],
+)
+def test_compressions_give_what_the_masked_computation_gives_for_the_held_positions(make_model, budget):
+    """Chunked prefill then decoding under a small budget (or a ratio of the tokens seen), step by step
+    against a dense cache in which a reference attention hides what the budgeted cache had evicted before
+    each forward pass (and, for a sliding-window model, what the window hides)."""
     model, reference = make_model(), make_model()
     reference.config._attn_implementation = "hidden_keys"
     torch.manual_seed(2)
     ids = torch.randint(0, model.config.vocab_size, (1, 260))
     steps = [ids[:, s : s + 50] for s in range(0, 200, 50)] + [ids[:, s : s + 1] for s in range(200, 260)]
-    press = BudgetedPress(budget=80, interval=6, head_slack=8)
+    press = BudgetedPress(**budget, interval=6, head_slack=8)
     budgeted, dense, compressed = DynamicCache(), DynamicCache(), 0
     heads = model.config.num_key_value_heads
     with torch.no_grad():
@@ -113,12 +118,15 @@ def test_compressions_give_what_the_masked_computation_gives_for_the_held_positi
                     hidden[stream // heads, stream % heads, sorted(kept)] = False
                 module.self_attn.hidden_keys = hidden
                 average, most = held_per_head(layer)
-                assert average <= press.budget + max(press.interval, 50)
-                assert most <= press.budget + press.head_slack + max(press.interval, 50)
+                assert average <= press.target(seen) + max(press.interval, 50)
+                assert most <= press.target(seen) + press.head_slack + max(press.interval, 50)
             compressed += isinstance(budgeted.layers[0], RaggedLayer)
     assert seen == ids.shape[1]
     assert compressed > 50  # compressed while prefilling and while decoding, not only at the end
-    assert max(len(kept) for kept in held_positions(budgeted.layers[0])) <= 80 + 8 + 6
+    longest = max(len(kept) for kept in held_positions(budgeted.layers[0]))
+    assert longest <= press.target(seen) + 8 + 6
+    if press.compression_ratio is not None:  # 40 % of 260 tokens: more than a fixed budget of 80 would hold
+        assert press.target(seen) == 104 and held_per_head(budgeted.layers[0])[0] > 80
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +181,17 @@ def test_multi_turn_needle_answered_from_a_budgeted_cache(model, tokenizer):
     status = chat.status()
     assert demo["answer"] in answer
     assert status.seen > seen_after_context + 20 and status.held <= 1024 + 16 + 16
+
+
+def test_a_ratio_budget_keeps_a_share_of_the_tokens_seen_never_below_the_protected_positions():
+    press = BudgetedPress(compression_ratio=0.75)
+    assert press.budget is None and press.protected == 68
+    assert [press.target(seen) for seen in (100, 1000, 10000)] == [69, 250, 2500]
+    assert BudgetedPress().budget == 512 and BudgetedPress().target(10000) == 512
+    with pytest.raises(ValueError, match="give a budget or a compression_ratio, not both"):
+        BudgetedPress(budget=256, compression_ratio=0.5)
+    with pytest.raises(ValueError, match=r"compression_ratio must be in \[0, 1\)"):
+        BudgetedPress(compression_ratio=1.0)
 
 
 def test_refusals(model, tokenizer):

@@ -47,7 +47,7 @@ from nestedkv.models import (
     load_model,
     parse_dtype,
 )
-from nestedkv.settings import PAPER_SETTINGS, BudgetedSettings, NestedKVSettings
+from nestedkv.settings import DEFAULT_BUDGET, PAPER_SETTINGS, BudgetedSettings, NestedKVSettings
 from nestedkv.validation import check_number, check_ratio
 
 if TYPE_CHECKING:
@@ -198,7 +198,8 @@ def _user_turns(interactive: bool):
 def _chat(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    settings = BudgetedSettings(budget=args.budget, interval=args.interval, head_slack=args.head_slack)
+    settings = BudgetedSettings(budget=args.budget, compression_ratio=args.ratio, interval=args.interval,
+                                head_slack=args.head_slack)
     check_number("--chunk-size", args.chunk_size, low=1, integer=True)
     context = None
     if args.context is not None:
@@ -366,13 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser(
         "chat",
         help="chat with the model, its cache kept within a budget (NestedKV in a stream)",
-        description="A chat whose KV cache never holds much more than --budget positions per KV head: prompts are "
+        description="A chat whose KV cache never holds much more than --budget positions per KV head (or, with "
+        "--ratio, than that share of the conversation): prompts are "
         "prefilled in chunks and compressed after each, answers are compressed while they are generated. After "
         "the context and after each turn a status line says: seen <tokens of the conversation> held <the most "
         "positions a KV head keeps> cache <bytes>. In a terminal, type a turn at the prompt (Ctrl-D ends); "
         "otherwise each line of standard input is one user turn.",
     )
-    chat.add_argument("--budget", type=int, default=512, help="positions per KV head the cache keeps (default: 512)")
+    size = chat.add_mutually_exclusive_group()
+    size.add_argument("--budget", type=int, help=f"positions per KV head the cache keeps (default: {DEFAULT_BUDGET})")
+    size.add_argument("--ratio", type=float,
+                      help="instead of a budget: the fraction of the tokens seen that is removed (0.75 keeps 1/4)")
     chat.add_argument("--context", help="text file: a document that opens the conversation (the system message)")
     chat.add_argument("--interval", type=int, default=16,
                       help="generated tokens between compressions: the cache's slack (default: 16)")

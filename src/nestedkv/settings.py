@@ -159,24 +159,39 @@ before a question, with none protected; a stream that goes on generating needs i
 over the uncompressed cache on a development text (16: +0.082), measured apart from the reported one."""
 
 
+DEFAULT_BUDGET = 512
+"""Positions per KV head a budgeted cache keeps when given neither a budget nor a ratio."""
+
+
 @dataclass
 class BudgetedSettings:
     """What :class:`~nestedkv.streaming.BudgetedPress` takes.
 
-    budget: positions per KV head (on average over a layer's heads) after each compression.
+    budget: positions per KV head (on average over a layer's heads) after each compression
+    (:data:`DEFAULT_BUDGET` when neither it nor ``compression_ratio`` is given).
+    compression_ratio: instead of a fixed budget, keep ``1 - compression_ratio`` of the tokens seen so
+    far (kvpress's ``compute_n_kept`` rule, never fewer than the protected positions plus one): the
+    cache then grows with the conversation, ``1 - r`` times as fast. Give one of the two.
     interval: decoding steps between compressions, the slack the cache may grow by.
     head_slack: how many more than ``budget`` one head may keep (head-adaptive budgets).
     config: NestedKV's switches; the default protects the newest :data:`STREAM_RECENT` positions.
     """
 
-    budget: int = 512
+    budget: int | None = None
+    compression_ratio: float | None = None
     interval: int = 16
     head_slack: int = 16
     alpha_safeguard: float = 0.20
     config: NestedKVConfig = field(default_factory=lambda: NestedKVConfig(n_recent=STREAM_RECENT, recency=0.0))
 
     def __post_init__(self) -> None:
-        check_number("budget", self.budget, low=1, integer=True)
+        if self.compression_ratio is None:
+            self.budget = DEFAULT_BUDGET if self.budget is None else self.budget
+            check_number("budget", self.budget, low=1, integer=True)
+        elif self.budget is not None:
+            raise ValueError("give a budget or a compression_ratio, not both")
+        else:
+            check_ratio(self.compression_ratio)
         check_number("interval", self.interval, low=1, integer=True)
         check_number("head_slack", self.head_slack, low=0, integer=True)
         check_number("alpha_safeguard", self.alpha_safeguard, low=0, high=1)
@@ -185,6 +200,17 @@ class BudgetedSettings:
             # strangers and a ramp over the held ones would not follow the positions
             raise ValueError("a budgeted cache cannot pool scores or ramp them by position; "
                              "use a config with pool_size=1 and recency=0")
-        protected = self.config.n_sink + self.config.n_recent
-        if self.budget <= protected:
+        if self.budget is not None and self.budget <= self.protected:
+            protected = self.protected
             raise ValueError(f"budget {self.budget} must be above the {protected} sink + recent positions always kept")
+
+    @property
+    def protected(self) -> int:
+        """Positions per head kept whatever their score: the sinks and the recent window."""
+        return self.config.n_sink + self.config.n_recent
+
+    def target(self, seen: int) -> int:
+        """Positions per KV head a compression keeps after ``seen`` tokens: the budget, or ``1 - r`` of them."""
+        if self.compression_ratio is None:
+            return self.budget
+        return max(compute_n_kept(seen, self.compression_ratio), self.protected + 1)

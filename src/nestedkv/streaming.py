@@ -238,10 +238,11 @@ class BudgetedPress(_LeavesModelAsFound, BudgetedSettings, BasePress):
                              "start from a new cache")
         average, _ = held_per_head(layer)
         due = new_tokens > 1 or layer.keys.shape[-2] >= self.interval
-        if due and average > self.budget:
+        budget = self.target(layer.get_seq_length())
+        if due and average > budget:
             with torch.no_grad():  # eviction picks positions; nothing to differentiate
                 cache.layers[module.layer_idx] = compress_layer(
-                    layer, self.budget, self.budget + self.head_slack, self.alpha_safeguard, self.config,
+                    layer, budget, budget + self.head_slack, self.alpha_safeguard, self.config,
                     keep_positions=_can_hide_context(module),
                 )
         return output
