@@ -1,11 +1,13 @@
 """The ragged cache against simple references: dense masked attention, row selection, cropping."""
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nestedkv.cache import RaggedLayer
+from nestedkv.cache import RaggedLayer, attention
 from nestedkv.cache.attention import ragged_attention, uses_varlen_kernel
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
@@ -61,7 +63,10 @@ SHAPES = dict(
     **SHAPES,
 )
 def test_ragged_attention_equals_dense_masked_attention(batch, heads, group, n, tail, window, dtype, seed, data):
-    check_against_dense(batch, heads, group, n, tail, window, dtype, seed, data, device="cpu", d=8)
+    # one new token at a time (as a long chunk goes, in blocks of tokens) or all at once
+    logits_at_once = data.draw(st.sampled_from([1, attention.GATHERED_LOGITS]))
+    with mock.patch.object(attention, "GATHERED_LOGITS", logits_at_once):
+        check_against_dense(batch, heads, group, n, tail, window, dtype, seed, data, device="cpu", d=8)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -41,6 +41,19 @@ def test_streaming_score_before_any_eviction_is_the_one_shot_score(arrivals):
                                atol=1e-5, rtol=0)
 
 
+def test_a_stream_ramps_its_held_keys_by_their_positions_among_every_token_seen():
+    torch.manual_seed(0)
+    keys = torch.randn(1, 2, 300, 16) + torch.randn(1, 2, 1, 16)
+    flat, ramped = NestedKVConfig(block_size=128, recency=0.0), NestedKVConfig(block_size=128, recency=0.5)
+    memory = {}
+    window = remember(memory, normalise_keys(keys, flat.eps)[0], 0, flat)
+    positions = torch.cat([torch.arange(4), torch.randperm(232)[:60].sort().values + 4, torch.arange(236, 300)])
+    held = [(keys[0, h, positions], positions, window[h, positions]) for h in range(2)]
+    scored = slice(4, len(positions) - ramped.n_recent)  # neither sinks nor the protected recent window
+    expected = (held_scores(held, memory, 300, flat) + 0.5 * positions / 299) / 1.5
+    torch.testing.assert_close(held_scores(held, memory, 300, ramped)[:, scored], expected[:, scored])
+
+
 def test_head_adaptive_keep_caps_each_head_and_never_keeps_an_invalid_candidate():
     torch.manual_seed(1)
     scores = torch.rand(2, 3, 50)

@@ -251,14 +251,19 @@ def surprise_gate(a: torch.Tensor, tau: float, kappa: float, start: int = 0) -> 
 # --- beyond the paper: a recency ramp, pooling over neighbours --------------------------------
 
 
-def favour_recent(scores: torch.Tensor, recency: float) -> torch.Tensor:
-    """``(scores + recency * i / (N - 1)) / (1 + recency)``: a ramp from 0 at the first position to
-    ``recency`` at the last, rescaled so that scores in [0, 1] stay in [0, 1]. ``(..., N) -> (..., N)``."""
+def favour_recent(scores: torch.Tensor, recency: float, places: torch.Tensor | None = None) -> torch.Tensor:
+    """``(scores + recency * place) / (1 + recency)``: a ramp from 0 at the first token to ``recency`` at
+    the last, rescaled so that scores in [0, 1] stay in [0, 1]. ``(..., N) -> (..., N)``.
+
+    ``places`` (broadcastable to the scores, in [0, 1]) says where each scored key stands between the
+    first token and the last; default ``i / (N - 1)``, the keys being every token. A stream that has
+    evicted some gives ``position / (seen - 1)`` (:func:`nestedkv.streaming.held_scores`).
+    """
     if recency == 0:
         return scores
-    n = scores.shape[-1]
-    ramp = torch.linspace(0.0, recency, n, dtype=scores.dtype, device=scores.device)
-    return (scores + ramp) / (1 + recency)
+    if places is None:
+        places = torch.linspace(0.0, 1.0, scores.shape[-1], dtype=scores.dtype, device=scores.device)
+    return (scores + recency * places) / (1 + recency)
 
 
 def pool_neighbours(scores: torch.Tensor, size: int, pool: str = "max") -> torch.Tensor:
@@ -312,11 +317,14 @@ def score_heads(keys: torch.Tensor, config: NestedKVConfig) -> torch.Tensor:
     return score_anomalies(scale_anomalies(k_hat, anchor, config), config)  # steps 3 to 6
 
 
-def score_anomalies(anomalies: torch.Tensor, config: NestedKVConfig) -> torch.Tensor:
+def score_anomalies(
+    anomalies: torch.Tensor, config: NestedKVConfig, places: torch.Tensor | None = None
+) -> torch.Tensor:
     """Steps 3 (normalisation) to 6 from the raw cosine anomalies. ``(H, S, N) -> scores (H, N)``.
 
     Shared by the one-shot score and the streaming one (:mod:`nestedkv.streaming`), which keeps its
-    anchors across compressions and hands over the anomalies of the positions it still holds.
+    anchors across compressions and hands over the anomalies of the positions it still holds, with
+    their ``places`` between the first token and the last (:func:`favour_recent`).
     """
     start = config.n_sink
     normalise = minmax if config.normalisation == "minmax" else rank_normalise
@@ -331,7 +339,7 @@ def score_anomalies(anomalies: torch.Tensor, config: NestedKVConfig) -> torch.Te
         winner = a.amax(dim=-2)
         gate = torch.ones_like(blend) if config.gate == "max" else surprise_gate(a, config.tau, config.kappa, start)
         score = (1 - gate) * blend + gate * winner
-    score = favour_recent(score, config.recency)  # beyond the paper: 0 = off
+    score = favour_recent(score, config.recency, places)  # beyond the paper: 0 = off
     score = pool_neighbours(score, config.pool_size, config.pool)  # beyond the paper: 1 = off
     return pin_protected(score, config.n_sink, config.n_recent)  # step 6
 

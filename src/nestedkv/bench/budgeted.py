@@ -23,6 +23,7 @@ press does to the cache's length.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -38,10 +39,12 @@ import torch
 from kvpress import BasePress, DecodingPress, KeyDiffPress, PrefillDecodingPress, StreamingLLMPress
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from nestedkv.bench.methods import split_arguments
 from nestedkv.bench.plan import RANDOM_SHAPES
 from nestedkv.bench.replay import feed
 from nestedkv.bench.ruler import _NEEDLE, _distinct, _essay, _insert_at_depths, random_needle_item
 from nestedkv.bench.speed import _MemoryProbe, _release_freed_memory_at_once, machine_info, random_config, random_model
+from nestedkv.settings import BudgetedSettings, NestedKVConfig
 from nestedkv.streaming import BudgetedPress, cache_bytes, most_held, prefill_in_chunks
 
 METHODS = ("none", "nestedkv", "keydiff", "streamingllm")
@@ -49,12 +52,20 @@ DECODING_INTERVAL = 16
 
 
 def make_press(method: str, budget: int, context_tokens: int) -> BasePress | None:
-    """The press of ``method`` that keeps ``budget`` positions per KV head of a ``context_tokens`` prompt."""
+    """The press of ``method`` that keeps ``budget`` positions per KV head of a ``context_tokens`` prompt.
+
+    ``nestedkv`` takes NestedKV switches after its name, as ``nestedkv eval`` does:
+    ``nestedkv:recency=0.5`` is :class:`BudgetedPress` with its config's ``recency`` set to 0.5.
+    """
     if method == "none":
         return None
-    if method == "nestedkv":
-        return BudgetedPress(budget=budget, interval=DECODING_INTERVAL)
-    scorer = {"keydiff": KeyDiffPress, "streamingllm": StreamingLLMPress}[method]
+    base, options = split_arguments(method, NestedKVConfig.__dataclass_fields__)
+    if base == "nestedkv":
+        config = dataclasses.replace(BudgetedSettings().config, **options)
+        return BudgetedPress(budget=budget, interval=DECODING_INTERVAL, config=config)
+    scorer = {"keydiff": KeyDiffPress, "streamingllm": StreamingLLMPress}.get(method)
+    if scorer is None:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     ratio = max(0.0, 1 - budget / context_tokens)
     return PrefillDecodingPress(
         prefilling_press=scorer(compression_ratio=ratio),
@@ -114,7 +125,7 @@ def multi_turn(
     end_of_turn = set(eos if isinstance(eos, list) else [eos])
     cache, turns = DynamicCache(), []
     with press(model) if press is not None else nullcontext():
-        if method == "nestedkv":  # the budgeted cache's own chunked prefill; kvpress's presses compress one pass
+        if isinstance(press, BudgetedPress):  # the budgeted cache's own chunked prefill; kvpress's compress one pass
             prefill_in_chunks(model, ids, cache, chunk_size)
         else:
             feed(model, cache, ids, 0)
@@ -226,7 +237,7 @@ def paired_markdown(runs: dict[str, list[dict]]) -> str:
     lines = ["| NestedKV run @ budget | against | loss difference (95 % CI) |", "|---|---|---|"]
     for name, rows in runs.items():
         for row in rows:
-            if row["method"] != "nestedkv":
+            if not row["method"].startswith("nestedkv"):
                 continue
             for other_name, other_rows in runs.items():
                 for other in other_rows:
@@ -279,12 +290,13 @@ def prefill_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def austen_tokens(tokenizer: PreTrainedTokenizerBase, n: int) -> torch.Tensor:
+def austen_tokens(tokenizer: PreTrainedTokenizerBase, n: int, offset: int = 0) -> torch.Tensor:
+    """``n`` tokens of the shipped Austen excerpt from its token ``offset`` on: ``(1, n)``."""
     text = resources.files("nestedkv").joinpath("data/austen.txt").read_text(encoding="utf-8")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    if ids.shape[1] < n:
-        raise ValueError(f"the Austen excerpt has {ids.shape[1]} tokens, fewer than {n}")
-    return ids[:, :n]
+    if ids.shape[1] < offset + n:
+        raise ValueError(f"the Austen excerpt has {ids.shape[1]} tokens, fewer than {offset} + {n}")
+    return ids[:, offset : offset + n]
 
 
 def _ints(text: str) -> list[int]:
@@ -301,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budgets", type=_ints, default=[256, 512, 1024])
     parser.add_argument("--tokens", type=int, default=2048, help="continuation: tokens fed after the prompt")
     parser.add_argument("--prompt", type=int, default=256, help="continuation: prompt tokens")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="continuation: first token of the text (reported runs: 0; development: 20000)")
     parser.add_argument("--samples", type=int, default=4, help="multiturn: conversations")
     parser.add_argument("--turns", type=int, default=4, help="multiturn: questions per conversation")
     parser.add_argument("--words", type=int, default=2500, help="multiturn: words of haystack")
@@ -346,14 +360,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     from nestedkv.models import load_model
 
-    model, tokenizer = load_model()
     methods = args.methods.split(",") if args.methods else list(METHODS)
+    for method in methods:  # an unknown method or switch is refused before the model loads
+        make_press(method, args.budgets[0], 4096)
+    model, tokenizer = load_model()
     runs: list[tuple[str, int]] = [("none", 0)] * ("none" in methods) + [
         (method, budget) for budget in args.budgets for method in methods if method != "none"
     ]
     measure: Callable[[str, int], dict]
     if args.measurement == "continuation":
-        tokens = austen_tokens(tokenizer, args.prompt + args.tokens + 1)
+        tokens = austen_tokens(tokenizer, args.prompt + args.tokens + 1, args.offset)
 
         def measure(method: str, budget: int) -> dict:
             return continuation(model, tokens, args.prompt, method, budget)

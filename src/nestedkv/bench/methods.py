@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -210,6 +210,20 @@ def _option_value(text: str) -> object:
     return text
 
 
+def split_arguments(method: str, fields: Iterable[str]) -> tuple[str, dict[str, object]]:
+    """``base:field=value:...`` -> ``(base, {field: value})``, values read by :func:`_option_value`;
+    a ``ValueError`` for an argument that is not ``field=value`` with one of ``fields``."""
+    base, *assignments = method.split(OPTION_SEPARATOR)
+    fields, options = tuple(fields), {}
+    for assignment in assignments:
+        field, equals, value = assignment.partition("=")
+        if not equals or field not in fields:
+            choices = ", ".join(fields)
+            raise ValueError(f"method {method!r}: {assignment!r} is not field=value with a field among {choices}")
+        options[field] = _option_value(value)
+    return base, options
+
+
 def method_spec(method: str) -> Method | None:
     """The registry entry of ``method``; ``None`` for the uncompressed baseline.
 
@@ -219,24 +233,18 @@ def method_spec(method: str) -> Method | None:
     can be measured with ``nestedkv eval`` without a registry entry each. Raises ``ValueError`` for an
     unknown method or argument, or an invalid value.
     """
-    base, *assignments = method.split(OPTION_SEPARATOR)
-    if base == NO_COMPRESSION and not assignments:
+    base, arguments = split_arguments(method, NestedKVSettings.__dataclass_fields__)
+    if base == NO_COMPRESSION and not arguments:
         return None
     spec = METHODS[check_choice("method", base, (NO_COMPRESSION, *METHODS))] if base != NO_COMPRESSION else None
-    if not assignments:
+    if not arguments:
         return spec
     if spec is None or spec.nestedkv_options is None:
         raise ValueError(f"method {method!r}: only NestedKV methods take ':field=value' arguments")
-    options = dict(spec.nestedkv_options)
-    fields = NestedKVSettings.__dataclass_fields__
-    for assignment in assignments:
-        field, equals, value = assignment.partition("=")
-        if not equals or field not in fields:
-            choices = ", ".join(fields)
-            raise ValueError(f"method {method!r}: {assignment!r} is not field=value with a field among {choices}")
-        options[field] = _option_value(value)
+    options = {**dict(spec.nestedkv_options), **arguments}
     NestedKVSettings(**options)  # validates every value now, before torch or a model loads
-    return _nestedkv(method, spec.group, f"{spec.description}, with {', '.join(assignments)}", **options)
+    given = method.split(OPTION_SEPARATOR, 1)[1].replace(OPTION_SEPARATOR, ", ")
+    return _nestedkv(method, spec.group, f"{spec.description}, with {given}", **options)
 
 
 def make_press(method: str, ratio: float) -> BasePress | None:

@@ -10,7 +10,8 @@ stream's packed context plus the dense tail, for all streams at once:
   merged by their log-sum-exps, as split-KV attention kernels do;
 * elsewhere (CPU, float32, or a layer that keeps key positions) the context is gathered into a
   ``(streams, longest, head_dim)`` block whose missing entries are masked (:func:`gathered_context`),
-  the tail appended, and one batched product and one softmax serve every head.
+  the tail appended, and one batched product and one softmax serve every head (a chunk of many
+  new tokens goes a block of tokens at a time, so that its logits stay under :data:`GATHERED_LOGITS`).
 
 It honours the attention mask transformers built for the layer, whose columns are cache positions
 (the layer reports its logical length): the last ``T`` columns mask the tail (padding, causality),
@@ -39,6 +40,9 @@ except ImportError:  # torch < 2.10
     varlen_attn = None
 
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+
+GATHERED_LOGITS = 2**22
+"""Float32 logits (16 MiB) the gathered path forms at once; a longer chunk of queries goes in blocks."""
 
 
 def visible_columns(attention_mask: torch.Tensor | None, batch: int, q_len: int) -> torch.Tensor | None:
@@ -168,10 +172,24 @@ def ragged_attention(
         output = output.nan_to_num(0.0)
     else:  # one softmax over the gathered context and the tail (their logits side by side, not their keys)
         keys, values, context_visible = gathered_context(layer, visible, rows_per_stream)
-        logits = torch.cat([_masked_logits(q, keys, context_visible), _masked_logits(q, tail_keys, tail_visible)], -1)
-        weights = _weights(logits)
         longest = keys.shape[1]
-        output = weights[..., :longest] @ values.float() + weights[..., longest:] @ tail_values.float()
+        # A chunk of many new tokens goes a block of tokens at a time, so that its float32 logits stay
+        # under GATHERED_LOGITS (a 512-token chunk of a 1B model would otherwise need 64 MiB per layer).
+        block = max(1, GATHERED_LOGITS // (streams * group * (longest + tail)))
+        by_token = [tensor.view(streams, group, q_len, -1) if tensor.shape[1] == rows_per_stream else tensor
+                    for tensor in (q, context_visible, tail_visible)]
+        output = q.new_empty(streams, group, q_len, head_dim)
+        for start in range(0, q_len, block):
+            q_part, context_part, tail_part = (
+                tensor[:, :, start : start + block].reshape(streams, -1, tensor.shape[-1]) if tensor.dim() == 4
+                else tensor for tensor in by_token
+            )
+            logits = torch.cat(
+                [_masked_logits(q_part, keys, context_part), _masked_logits(q_part, tail_keys, tail_part)], -1
+            )
+            weights = _weights(logits)
+            part = weights[..., :longest] @ values.float() + weights[..., longest:] @ tail_values.float()
+            output[:, :, start : start + block] = part.view(streams, group, -1, head_dim)
     output = output.view(batch, query_heads, q_len, head_dim)
     return output.to(query.dtype).transpose(1, 2).contiguous()
 
