@@ -61,22 +61,25 @@ def test_prefill_once_gives_exactly_the_pipeline_answers(model, tokenizer):
 
 
 def test_every_offline_peer_runs_through_the_runner_as_in_kvpresss_pipeline(model, tokenizer, tmp_path, monkeypatch):
-    """Each peer of the registry, at one ratio on a short context, gives through the benchmark's
-    runner (shared-prefill replay, or a prefill of its own for KVzip, KVCompose and the eager
-    ObservedAttention) the answer kvpress's pipeline gives for the same press."""
+    """Each peer of the registry (and NestedKV, ragged and masked), at one ratio on a short context, gives
+    through the benchmark's runner (shared-prefill replay, or a prefill of its own for KVzip, KVCompose
+    and the eager ObservedAttention; every answer decoded in one batch with the others) the answer
+    kvpress's pipeline gives for the same press, decoding that cache alone."""
     # 12 answer tokens tell the presses apart; a collapsed one would otherwise babble for 128
     short_answers = lambda *args, **kwargs: [  # noqa: E731
         dataclasses.replace(sample, max_new_tokens=12) for sample in build_samples(*args, **kwargs)
     ]
     monkeypatch.setattr("nestedkv.bench.runner.build_samples", short_answers)
+    methods = (*PEERS, "nestedkv", "nestedkv-masked")
     config = EvalConfig(
-        model="m", tasks=("niah_single_2",), lengths=(640,), ratios=(0.75,), methods=PEERS, samples=1, seed=7
+        model="m", tasks=("niah_single_2",), lengths=(640,), ratios=(0.75,), methods=methods, samples=1, seed=7
     )
-    assert run(config, model, tokenizer, ResultStore(tmp_path), progress=False) == len(PEERS)
+    assert run(config, model, tokenizer, ResultStore(tmp_path), progress=False) == len(methods)
     sample = plan_samples(config, tokenizer)[0][1]
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
     records = {r["method"]: r for r in ResultStore(tmp_path)}
-    for method in PEERS:
+    assert {r["decoded_together"] for r in records.values()} == {len(methods)}  # one batch: every cache a row
+    for method in methods:
         assert "error" not in records[method], (method, records[method].get("error"))
         torch.manual_seed(0)  # as the runner seeds randomised presses
         with eager_attention(model) if METHODS[method].prefill == EAGER_PREFILL else nullcontext():
@@ -159,6 +162,21 @@ def test_run_is_resumable_and_loses_no_finished_result(model, tokenizer, tmp_pat
     assert all(0 <= r["score"] <= 100 and r["context_tokens"] <= 512 for r in records)
     with pytest.warns(UserWarning):
         assert run(config, model, tokenizer, ResultStore(tmp_path), progress=False) == 0
+
+
+def test_answers_decoded_together_equal_answers_decoded_one_by_one(model, tokenizer, tmp_path):
+    methods = ("none", "nestedkv", "knorm", "adakv-snapkv")
+    config = EvalConfig(model="smollm2-test", **{**SMALL, "tasks": ("niah_single_1",), "methods": methods})
+    predictions = {}
+    for together in (True, False):
+        store = ResultStore(tmp_path / str(together))
+        run(config, model, tokenizer, store, progress=False, together=together)
+        predictions[together] = {result_key(r): (r["prediction"], r.get("decoded_together")) for r in store}
+    assert {key: answer for key, (answer, _) in predictions[True].items()} == {
+        key: answer for key, (answer, _) in predictions[False].items()
+    }
+    assert {together for _, together in predictions[True].values()} == {7}  # baseline + 3 methods x 2 ratios
+    assert {together for _, together in predictions[False].values()} == {None}
 
 
 def record(task, method, ratio, index, score):

@@ -320,7 +320,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-        added = runner.run(config, model, tokenizer, store, samples=samples)
+        added = runner.run(config, model, tokenizer, store, samples=samples, together=not args.one_by_one)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted, {len(store)} results kept, run the same command to resume") from None
     print(f"{added} new results in {store.path}; `nestedkv report --results {store.path.parent}` summarises them")
@@ -449,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--seed", type=int, help="RULER samples' seed instead of a split's (dev is seed 0)")
     evaluate.add_argument("--query-aware", action="store_true", help="compress the question with the context")
+    evaluate.add_argument(
+        "--one-by-one", action="store_true",
+        help="decode each (method, ratio)'s answer alone with kvpress's pipeline, instead of every answer of a "
+        "sample together as one batch of ragged rows (the same answers, slower)",
+    )
     evaluate.add_argument(
         "--benchmark", choices=(*LOCAL_BENCHMARKS, *HUB_BENCHMARKS),
         help=f"default: the preset's, else {LOCAL_RULER}; {DOCUMENTS}: continuation loss and code completion on "

@@ -6,7 +6,9 @@ layer's press hook would see; :func:`compress_replay` replays that hook for any 
 cache holding the full keys and values; :func:`reuse_scores` lets presses whose scores do not
 depend on the ratio score a context once for every ratio; :func:`prefill_compressed` prefills for
 real the presses that cannot be replayed. :func:`prefill` is the one prefill
-that every benchmark (quality and speed) runs.
+that every benchmark (quality and speed) runs. Decode many at once: :func:`ragged_rows` turns any
+method's compressed cache (dense, ragged, or kvpress's head-wise masks) into ragged layers, and
+:func:`greedy_answers` decodes the answers of many such caches of one context as one batch.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from kvpress import BasePress
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from nestedkv.cache import RaggedLayer
 from nestedkv.models import attention_modules, eager_attention
 
 
@@ -141,3 +144,56 @@ def reuse_scores(press: BasePress, memo: dict[int, torch.Tensor]) -> BasePress:
 
     scorer.score = score
     return press
+
+
+def ragged_rows(model: PreTrainedModel, cache: DynamicCache, context_length: int) -> list[RaggedLayer] | None:
+    """``cache`` (one row, just compressed from a context of ``context_length`` tokens) as one ragged layer
+    per decoder layer, holding what its attention would read: a dense layer's keys whole, or without
+    those that kvpress's head-wise masks hide (``masked_key_indices``, read now: the next press resets
+    them). ``None`` for a cache that cannot be held so (sliding windows, quantised or other layers)."""
+    rows = []
+    for layer, module in zip(cache.layers, attention_modules(model), strict=True):
+        masked = getattr(module, "masked_key_indices", None)
+        if isinstance(layer, RaggedLayer):
+            if masked is not None or layer.positions is not None or layer.tail_length or layer.per_key:
+                return None
+            rows.append(layer)
+        elif type(layer) is DynamicLayer and getattr(module.config, "sliding_window", None) is None:
+            keep = torch.ones(layer.keys.shape[:3], dtype=torch.bool, device=layer.keys.device)
+            if masked is not None:
+                keep[masked] = False
+            rows.append(RaggedLayer.from_keep(layer.keys, layer.values, keep, context_length=context_length))
+        else:
+            return None
+    return rows
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: PreTrainedModel, rows: list[list[RaggedLayer]], question_ids: torch.Tensor, context_length: int,
+    max_new_tokens: int,
+) -> list[list[int]]:
+    """Greedy answers to ``question_ids (1, Q)`` from several compressed caches of one context
+    (:func:`ragged_rows` each), decoded as one batch: each cache is a batch row of one ragged cache, the
+    question is fed at positions ``context_length ..``, then one token per row per step. A row's answer
+    ends after ``max_new_tokens`` or with its first end-of-sequence token after the first token, as
+    kvpress's pipeline answers (it does not stop at a first token that ends the sequence)."""
+    for module in attention_modules(model):
+        module.masked_key_indices = None  # the rows hold what kvpress's masks hid; its patch must not apply them
+    cache = DynamicCache()
+    cache.layers = [RaggedLayer.stack([row[index] for row in rows]) for index in range(len(rows[0]))]
+    stop = model.generation_config.eos_token_id
+    stop = torch.tensor(stop if isinstance(stop, list) else [stop], device=model.device)
+    ids = question_ids.to(model.device).expand(len(rows), -1)
+    generated = [feed(model, cache, ids, context_length)[:, -1].argmax(-1)]
+    done = torch.zeros(len(rows), dtype=torch.bool, device=model.device)
+    position = context_length + ids.shape[1]
+    while len(generated) < max_new_tokens and not bool(done.all()):
+        generated.append(feed(model, cache, generated[-1][:, None], position)[:, -1].argmax(-1))
+        done |= torch.isin(generated[-1], stop)
+        position += 1
+    answers = []
+    for row in torch.stack(generated, dim=1).tolist():
+        ends = [i for i, token in enumerate(row) if i > 0 and token in stop.tolist()]
+        answers.append(row[: ends[0] + 1] if ends else row)
+    return answers

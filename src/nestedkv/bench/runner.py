@@ -25,7 +25,16 @@ from nestedkv.bench.documents import (
 from nestedkv.bench.methods import EAGER_PREFILL, REPLAY, make_press, method_spec
 from nestedkv.bench.metrics import score_sample
 from nestedkv.bench.plan import LOCAL_RULER, SPLIT_SEEDS, EvalConfig, check_window, fitted_lengths, load_samples
-from nestedkv.bench.replay import Prefill, compress_replay, feed, prefill_compressed, prefill_once, reuse_scores
+from nestedkv.bench.replay import (
+    Prefill,
+    compress_replay,
+    feed,
+    greedy_answers,
+    prefill_compressed,
+    prefill_once,
+    ragged_rows,
+    reuse_scores,
+)
 from nestedkv.bench.ruler import TASKS, Sample, build_samples
 from nestedkv.bench.store import KEY_FIELDS, ResultStore
 from nestedkv.models import config_window
@@ -89,10 +98,16 @@ def run(
     *,
     samples: list[Sample] | None = None,
     progress: bool = True,
+    together: bool = True,
 ) -> int:
     """Measure every (sample, method, ratio) of ``config`` not yet in ``store`` (a result recorded as an
     error is measured again); return how many were added. ``samples``: the hub benchmark's samples
     if already loaded (:func:`load_samples`).
+
+    ``together``: the answers of every (method, ratio) of a sample are decoded as one batch, each
+    compressed cache a row of one ragged cache (:func:`~nestedkv.bench.replay.greedy_answers`); a
+    cache that cannot be a ragged row is answered alone by kvpress's pipeline, as every cache is
+    with ``together=False``. A sample's batched results are stored when its batch is decoded.
 
     A sample whose prompt and answer do not fit the model's context window is refused with a
     ``ValueError`` before anything is prefilled.
@@ -116,6 +131,15 @@ def run(
             config.query_aware,
         )
 
+    def record(length: int | None, sample: Sample, method: str, ratio: float, outcome: dict, seconds: float) -> dict:
+        return {
+            **dict(zip(KEY_FIELDS, key(length, sample, method, ratio), strict=True)),
+            "metric": sample.metric,
+            "answers": list(sample.answers),
+            **outcome,
+            "seconds": round(seconds, 3),
+        }
+
     todo = []
     for length, sample in planned:
         pending = [job for job in jobs if key(length, sample, *job) not in store]
@@ -134,6 +158,7 @@ def run(
             prefill_seconds = time.perf_counter() - start
             score_memos: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
             reference_logits = None
+            waiting: list[tuple[str, float, dict, float, list]] = []  # answers to decode together
             for method, ratio in pending:
                 bar.set_postfix_str(f"{length} {sample.task}#{sample.index} {method} r={ratio}")
                 start = time.perf_counter()
@@ -153,31 +178,50 @@ def run(
                                 logits, reference_logits, question_ids[0, 1:].to(model.device)
                             )
                         else:
+                            rows = ragged_rows(model, cache, prefill.context_length) if together else None
+                            if rows is not None:
+                                waiting.append((method, ratio, outcome, time.perf_counter() - start, rows))
+                                continue
                             prediction = pipe.generate_answer(
                                 question_ids.to(model.device), cache, prefill.context_length, sample.max_new_tokens
                             )
-                            outcome |= {
-                                "prediction": prediction,
-                                "score": score_sample(
-                                    sample.metric, prediction, sample.answers,
-                                    all_classes=getattr(sample, "all_classes", ()),
-                                ),
-                            }
+                            outcome |= _answered(sample, prediction)
                 except (RuntimeError, ValueError, AssertionError) as error:  # a failing method must not stop the run
-                    outcome |= {"prediction": None, "score": None, "error": f"{type(error).__name__}: {error}"}
-                record = {
-                    **dict(zip(KEY_FIELDS, key(length, sample, method, ratio), strict=True)),
-                    "metric": sample.metric,
-                    "answers": list(sample.answers),
-                    **outcome,
-                    "seconds": round(time.perf_counter() - start, 3),
-                }
-                store.add(record)
+                    outcome |= _failed(error)
+                store.add(record(length, sample, method, ratio, outcome, time.perf_counter() - start))
                 added += 1
                 bar.update()
+            if waiting:
+                bar.set_postfix_str(f"{length} {sample.task}#{sample.index} {len(waiting)} answers together")
+                start = time.perf_counter()
+                try:
+                    answers = greedy_answers(model, [rows for *_, rows in waiting], question_ids,
+                                             prefill.context_length, sample.max_new_tokens)
+                    outcomes = [_answered(sample, tokenizer.decode(answer, skip_special_tokens=True))
+                                for answer in answers]
+                except (RuntimeError, ValueError, AssertionError) as error:
+                    outcomes = [_failed(error)] * len(waiting)
+                share = (time.perf_counter() - start) / len(waiting)  # each answer's share of the batch
+                for (method, ratio, outcome, seconds, _), answered in zip(waiting, outcomes, strict=True):
+                    outcome |= answered | {"decoded_together": len(waiting)}
+                    store.add(record(length, sample, method, ratio, outcome, seconds + share))
+                    added += 1
+                    bar.update()
     finally:
         bar.close()  # an interrupted run's message starts on a line of its own
     return added
+
+
+def _answered(sample: Sample, prediction: str) -> dict:
+    """A result's prediction and its score."""
+    all_classes = getattr(sample, "all_classes", ())
+    return {"prediction": prediction, "score": score_sample(sample.metric, prediction, sample.answers,
+                                                            all_classes=all_classes)}
+
+
+def _failed(error: Exception) -> dict:
+    """A result recorded as an error: measured again by the next run."""
+    return {"prediction": None, "score": None, "error": f"{type(error).__name__}: {error}"}
 
 
 def _compressed_cache(

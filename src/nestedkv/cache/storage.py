@@ -57,15 +57,36 @@ class RaggedLayer(DynamicLayer):
 
     @classmethod
     def from_keep(
-        cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, *, keep_positions: bool = False
+        cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, *, keep_positions: bool = False,
+        context_length: int | None = None,
     ) -> RaggedLayer:
         """Pack the kept positions. keys, values: ``(B, H, N, d)``; keep: bool ``(B, H, N)``.
-        ``keep_positions``: record each kept key's position (for masks that can hide context keys)."""
+        ``keep_positions``: record each kept key's position (for masks that can hide context keys).
+        ``context_length``: the tokens the keys stand for, if not ``N`` (a cache a press has already
+        shortened; then there are no positions to keep)."""
         batch, heads, n = keep.shape
         lengths = keep.sum(dim=-1).flatten()
         offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
         positions = torch.arange(n, device=keep.device).expand(batch, heads, n)[keep] if keep_positions else None
-        return cls(keys[keep], values[keep], offsets, batch, heads, n, positions)
+        return cls(keys[keep], values[keep], offsets, batch, heads, n if context_length is None else context_length,
+                   positions)
+
+    @classmethod
+    def stack(cls, layers: list[RaggedLayer]) -> RaggedLayer:
+        """One layer whose batch rows are the rows of ``layers``, in order: compressions of one context
+        (the same ``context_length`` and heads), nothing appended yet, no key positions or scorer memory."""
+        first = layers[0]
+        for layer in layers:
+            if (layer.heads, layer.context_length) != (first.heads, first.context_length):
+                raise ValueError("only layers of the same heads and context length can be stacked")
+            if layer.tail_length or layer.positions is not None or layer.per_key or layer.per_stream:
+                raise ValueError("only freshly compressed layers without key positions can be stacked")
+        lengths = torch.cat([layer.offsets.diff() for layer in layers])
+        return cls(
+            torch.cat([layer.context_keys for layer in layers]), torch.cat([layer.context_values for layer in layers]),
+            torch.nn.functional.pad(lengths.cumsum(0), (1, 0)), sum(layer.batch for layer in layers), first.heads,
+            first.context_length,
+        )
 
     def _set_offsets(self, offsets: torch.Tensor) -> None:
         self.offsets = offsets
