@@ -185,15 +185,20 @@ def greedy_answers(
     stop = model.generation_config.eos_token_id
     stop = torch.tensor(stop if isinstance(stop, list) else [stop], device=model.device)
     ids = question_ids.to(model.device).expand(len(rows), -1)
-    generated = [feed(model, cache, ids, context_length)[:, -1].argmax(-1)]
-    done = torch.zeros(len(rows), dtype=torch.bool, device=model.device)
+    last = feed(model, cache, ids, context_length)[:, -1].argmax(-1)
+    answers = [[token] for token in last.tolist()]
+    active = list(range(len(rows)))  # rows still answering, in the cache's row order
     position = context_length + ids.shape[1]
-    while len(generated) < max_new_tokens and not bool(done.all()):
-        generated.append(feed(model, cache, generated[-1][:, None], position)[:, -1].argmax(-1))
-        done |= torch.isin(generated[-1], stop)
+    for _ in range(max_new_tokens - 1):
+        last = feed(model, cache, last[:, None], position)[:, -1].argmax(-1)
         position += 1
-    answers = []
-    for row in torch.stack(generated, dim=1).tolist():
-        ends = [i for i, token in enumerate(row) if i > 0 and token in stop.tolist()]
-        answers.append(row[: ends[0] + 1] if ends else row)
+        for row, token in zip(active, last.tolist(), strict=True):
+            answers[row].append(token)
+        going = ~torch.isin(last, stop)
+        if not bool(going.all()):  # finished rows leave the batch, so that they cost nothing more
+            if not bool(going.any()):
+                break
+            active = [row for row, keep in zip(active, going.tolist(), strict=True) if keep]
+            cache.batch_select_indices(going.nonzero().squeeze(-1))
+            last = last[going]
     return answers
