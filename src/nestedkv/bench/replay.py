@@ -155,7 +155,7 @@ def ragged_rows(model: PreTrainedModel, cache: DynamicCache, context_length: int
     for layer, module in zip(cache.layers, attention_modules(model), strict=True):
         masked = getattr(module, "masked_key_indices", None)
         if isinstance(layer, RaggedLayer):
-            if masked is not None or layer.positions is not None or layer.tail_length or layer.per_key:
+            if masked is not None or not layer.stackable:
                 return None
             rows.append(layer)
         elif type(layer) is DynamicLayer and getattr(module.config, "sliding_window", None) is None:

@@ -79,7 +79,7 @@ class RaggedLayer(DynamicLayer):
         for layer in layers:
             if (layer.heads, layer.context_length) != (first.heads, first.context_length):
                 raise ValueError("only layers of the same heads and context length can be stacked")
-            if layer.tail_length or layer.positions is not None or layer.per_key or layer.per_stream:
+            if not layer.stackable:
                 raise ValueError("only freshly compressed layers without key positions can be stacked")
         lengths = torch.cat([layer.offsets.diff() for layer in layers])
         return cls(
@@ -87,6 +87,11 @@ class RaggedLayer(DynamicLayer):
             torch.nn.functional.pad(lengths.cumsum(0), (1, 0)), sum(layer.batch for layer in layers), first.heads,
             first.context_length,
         )
+
+    @property
+    def stackable(self) -> bool:
+        """Whether :meth:`stack` takes this layer: nothing appended yet, no key positions, no scorer memory."""
+        return not (self.tail_length or self.positions is not None or self.per_key or self.per_stream)
 
     def _set_offsets(self, offsets: torch.Tensor) -> None:
         self.offsets = offsets
