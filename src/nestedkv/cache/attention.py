@@ -173,23 +173,29 @@ def ragged_attention(
     else:  # one softmax over the gathered context and the tail (their logits side by side, not their keys)
         keys, values, context_visible = gathered_context(layer, visible, rows_per_stream)
         longest = keys.shape[1]
+        values, tail_values = values.float(), tail_values.float()
+
+        def attend(q_rows: torch.Tensor, context_rows: torch.Tensor, tail_rows: torch.Tensor) -> torch.Tensor:
+            """``(streams, R, d)`` outputs of ``R`` query rows, with the visibility of those rows."""
+            logits = torch.cat(
+                [_masked_logits(q_rows, keys, context_rows), _masked_logits(q_rows, tail_keys, tail_rows)], -1
+            )
+            weights = _weights(logits)
+            return weights[..., :longest] @ values + weights[..., longest:] @ tail_values
+
         # A chunk of many new tokens goes a block of tokens at a time, so that its float32 logits stay
         # under GATHERED_LOGITS (a 512-token chunk of a 1B model would otherwise need 64 MiB per layer).
         block = max(1, GATHERED_LOGITS // (streams * group * (longest + tail)))
-        by_token = [tensor.view(streams, group, q_len, -1) if tensor.shape[1] == rows_per_stream else tensor
-                    for tensor in (q, context_visible, tail_visible)]
-        output = q.new_empty(streams, group, q_len, head_dim)
-        for start in range(0, q_len, block):
-            q_part, context_part, tail_part = (
-                tensor[:, :, start : start + block].reshape(streams, -1, tensor.shape[-1]) if tensor.dim() == 4
-                else tensor for tensor in by_token
-            )
-            logits = torch.cat(
-                [_masked_logits(q_part, keys, context_part), _masked_logits(q_part, tail_keys, tail_part)], -1
-            )
-            weights = _weights(logits)
-            part = weights[..., :longest] @ values.float() + weights[..., longest:] @ tail_values.float()
-            output[:, :, start : start + block] = part.view(streams, group, -1, head_dim)
+        if block >= q_len:  # decoding, and short chunks: every row at once
+            output = attend(q, context_visible, tail_visible)
+        else:
+            by_token = [tensor.view(streams, group, q_len, -1) if tensor.shape[1] == rows_per_stream else tensor
+                        for tensor in (q, context_visible, tail_visible)]
+            output = q.new_empty(streams, group, q_len, head_dim)
+            for start in range(0, q_len, block):
+                rows = (tensor[:, :, start : start + block].reshape(streams, -1, tensor.shape[-1]) if tensor.dim() == 4
+                        else tensor for tensor in by_token)
+                output[:, :, start : start + block] = attend(*rows).view(streams, group, -1, head_dim)
     output = output.view(batch, query_heads, q_len, head_dim)
     return output.to(query.dtype).transpose(1, 2).contiguous()
 
