@@ -135,8 +135,7 @@ def press_from_args(args: argparse.Namespace) -> NestedKVPress:
     """The press ``--ratio`` and the NestedKV options describe."""
     from nestedkv.press import NestedKVPress
 
-    check_ratio(args.ratio)
-    return NestedKVPress(args.ratio, **vars(press_settings(args)))
+    return NestedKVPress(args.ratio, **vars(press_settings(args)))  # the press checks the ratio
 
 
 # --- commands ---------------------------------------------------------------------------------

@@ -199,8 +199,8 @@ class BudgetedSettings:
             # once a stream has evicted, the held positions are no longer contiguous: pooling would mix strangers
             raise ValueError("a budgeted cache cannot pool scores (held positions are not contiguous); "
                              "use a config with pool_size=1")
-        if self.budget is not None and self.budget <= self.protected:
-            protected = self.protected
+        protected = self.protected
+        if self.budget is not None and self.budget <= protected:
             raise ValueError(f"budget {self.budget} must be above the {protected} sink + recent positions always kept")
 
     @property
