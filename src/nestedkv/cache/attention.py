@@ -64,41 +64,50 @@ def visible_columns(attention_mask: torch.Tensor | None, batch: int, q_len: int)
     return mask[:, 0].expand(batch, q_len, -1) if mask.shape[1] == 1 else mask.any(dim=1).expand(batch, q_len, -1)
 
 
-def _masked_logits(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+def _masked_logits(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
     """Logits of scaled float32 ``q (S, R, d)`` against ``keys (S, K, d)``, -inf where not ``visible``
-    (bool, broadcast to ``(S, R, K)``). ``-> (S, R, K)`` float32."""
-    return (q @ keys.float().transpose(1, 2)).masked_fill(~visible, float("-inf"))
+    (bool, broadcast to ``(S, R, K)``; ``None``: all visible). ``-> (S, R, K)`` float32."""
+    logits = q @ keys.float().transpose(1, 2)
+    return logits if visible is None else logits.masked_fill(~visible, float("-inf"))
 
 
-def _weights(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax of ``logits (S, R, K)`` over keys; a row that sees nothing gets zero weights."""
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+def _weights(logits: torch.Tensor, may_see_nothing: bool = True) -> torch.Tensor:
+    """Softmax of ``logits (S, R, K)`` over keys; a row that sees nothing gets zero weights (only
+    possible where ``may_see_nothing``: a query that sees its own token always sees something)."""
+    weights = torch.softmax(logits, dim=-1)
+    return weights.nan_to_num(0.0) if may_see_nothing else weights
 
 
 def gathered_context(
-    layer: RaggedLayer, visible: torch.Tensor | None, rows_per_stream: int
+    layer: RaggedLayer, tail_keys: torch.Tensor, tail_values: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each stream's packed context gathered into a ``(streams, longest, d)`` block, with which of its
-    entries each of the stream's ``rows_per_stream`` queries (query heads x new tokens) may read.
+    """Each stream's packed context gathered into a block padded to the longest stream, followed by
+    its tail: what one batched product per stream reads.
 
-    ``visible``: bool ``(B, q_len, K)`` mask columns, read at the kept keys' positions where the layer
-    keeps them. ``-> keys, values (streams, longest, d), visible (streams, 1 or rows_per_stream, longest)``.
+    ``tail_keys, tail_values (streams, T, d)``. ``-> keys, values (streams, longest + T, d)`` and
+    ``bias`` float32 ``(streams, 1, longest + T)``: -inf at the padding slots, 0 elsewhere.
     """
+    streams, tail, head_dim = tail_keys.shape
+    rows, slot_bias = layer.padded_layout()
+    keys = layer.context_keys.index_select(0, rows).view(streams, layer.longest, head_dim)
+    values = layer.context_values.index_select(0, rows).view(streams, layer.longest, head_dim)
+    bias = torch.nn.functional.pad(slot_bias, (0, tail))
+    return torch.cat([keys, tail_keys], 1), torch.cat([values, tail_values], 1), bias
+
+
+def context_visible_at_positions(
+    layer: RaggedLayer, visible: torch.Tensor, rows_per_stream: int
+) -> torch.Tensor:
+    """Which kept keys of a layer that keeps their positions the mask lets each query read: the mask's
+    columns at those positions. ``visible`` bool ``(B, q_len, K)``. ``-> (streams, rows_per_stream, longest)``."""
     batch, heads, longest = layer.batch, layer.heads, layer.longest
-    streams = batch * heads
-    slots = torch.arange(longest, device=layer.offsets.device)
-    present = slots < layer.offsets.diff()[:, None]  # (streams, longest)
-    rows = (layer.offsets[:-1, None] + slots).clamp_max(max(layer.context_keys.shape[0] - 1, 0))
-    context_visible = present[:, None, :]
-    if visible is not None and layer.positions is not None:  # the mask's columns at the kept keys' own positions
-        q_len = visible.shape[1]
-        columns = layer.positions[rows].view(batch, heads * longest)
-        seen = visible.gather(-1, columns[:, None, :].expand(-1, q_len, -1))  # (B, q_len, H * longest)
-        seen = seen.view(batch, q_len, heads, longest).transpose(1, 2).reshape(streams, 1, q_len, longest)
-        group = rows_per_stream // q_len
-        context_visible = (context_visible[:, :, None] & seen).expand(-1, group, -1, -1)
-        context_visible = context_visible.reshape(streams, rows_per_stream, longest)
-    return layer.context_keys[rows], layer.context_values[rows], context_visible
+    q_len = visible.shape[1]
+    rows, _ = layer.padded_layout()
+    columns = layer.positions[rows].view(batch, heads * longest)
+    seen = visible.gather(-1, columns[:, None, :].expand(-1, q_len, -1))  # (B, q_len, H * longest)
+    seen = seen.view(batch, q_len, heads, longest).transpose(1, 2)[:, :, None]  # (B, H, 1, q_len, longest)
+    group = rows_per_stream // q_len
+    return seen.expand(-1, -1, group, -1, -1).reshape(batch * heads, rows_per_stream, longest)
 
 
 def _varlen_context_attention(q: torch.Tensor, layer: RaggedLayer, scaling: float):
@@ -149,12 +158,15 @@ def ragged_attention(
     visible = visible_columns(attention_mask, batch, q_len)
 
     device = query.device
-    tail_visible = torch.arange(tail, device=device) <= torch.arange(tail - q_len, tail, device=device)[:, None]
-    tail_visible = tail_visible.expand(batch, q_len, tail)
-    if visible is not None:
-        tail_visible = tail_visible & visible[..., -tail:]
-    tail_visible = tail_visible[:, None, None].expand(batch, heads, group, q_len, tail)
-    tail_visible = tail_visible.reshape(streams, rows_per_stream, tail)
+    if visible is None and q_len == 1:  # one new token per row, no mask: it sees the whole tail
+        tail_visible = None
+    else:
+        tail_visible = torch.arange(tail, device=device) <= torch.arange(tail - q_len, tail, device=device)[:, None]
+        tail_visible = tail_visible.expand(batch, q_len, tail)
+        if visible is not None:
+            tail_visible = tail_visible & visible[..., -tail:]
+        tail_visible = tail_visible[:, None, None].expand(batch, heads, group, q_len, tail)
+        tail_visible = tail_visible.reshape(streams, rows_per_stream, tail)
     tail_keys, tail_values = layer.keys.reshape(streams, tail, head_dim), layer.values.reshape(streams, tail, head_dim)
 
     if uses_varlen_kernel(query, layer):
@@ -170,31 +182,36 @@ def ragged_attention(
             context_weight + tail_weight
         )[..., None]
         output = output.nan_to_num(0.0)
-    else:  # one softmax over the gathered context and the tail (their logits side by side, not their keys)
-        keys, values, context_visible = gathered_context(layer, visible, rows_per_stream)
-        longest = keys.shape[1]
-        values, tail_values = values.float(), tail_values.float()
-
-        def attend(q_rows: torch.Tensor, context_rows: torch.Tensor, tail_rows: torch.Tensor) -> torch.Tensor:
-            """``(streams, R, d)`` outputs of ``R`` query rows, with the visibility of those rows."""
-            logits = torch.cat(
-                [_masked_logits(q_rows, keys, context_rows), _masked_logits(q_rows, tail_keys, tail_rows)], -1
+    else:  # one softmax over the gathered context followed by the tail
+        keys, values, bias = gathered_context(layer, tail_keys, tail_values)
+        keys, values = keys.float().transpose(1, 2), values.float()
+        hidden = None  # which (stream, query row, key) the mask hides, beyond the padding slots
+        if tail_visible is not None:
+            context_visible = (
+                context_visible_at_positions(layer, visible, rows_per_stream)
+                if visible is not None and layer.positions is not None
+                else tail_visible.new_ones(()).expand(streams, rows_per_stream, layer.longest)
             )
-            weights = _weights(logits)
-            return weights[..., :longest] @ values + weights[..., longest:] @ tail_values
+            hidden = ~torch.cat([context_visible, tail_visible], -1)
+
+        def attend(q_rows: torch.Tensor, hidden_rows: torch.Tensor | None) -> torch.Tensor:
+            """``(streams, R, d)`` outputs of ``R`` query rows, with what the mask hides from those rows."""
+            logits = torch.baddbmm(bias, q_rows, keys)
+            if hidden_rows is not None:
+                logits = logits.masked_fill(hidden_rows, float("-inf"))
+            return _weights(logits, may_see_nothing=visible is not None) @ values
 
         # A chunk of many new tokens goes a block of tokens at a time, so that its float32 logits stay
         # under GATHERED_LOGITS (a 512-token chunk of a 1B model would otherwise need 64 MiB per layer).
-        block = max(1, GATHERED_LOGITS // (streams * group * (longest + tail)))
+        block = max(1, GATHERED_LOGITS // (streams * group * keys.shape[-1]))
         if block >= q_len:  # decoding, and short chunks: every row at once
-            output = attend(q, context_visible, tail_visible)
+            output = attend(q, hidden)
         else:
-            by_token = [tensor.view(streams, group, q_len, -1) if tensor.shape[1] == rows_per_stream else tensor
-                        for tensor in (q, context_visible, tail_visible)]
+            by_token = [None if tensor is None else tensor.view(streams, group, q_len, -1) for tensor in (q, hidden)]
             output = q.new_empty(streams, group, q_len, head_dim)
             for start in range(0, q_len, block):
-                rows = (tensor[:, :, start : start + block].reshape(streams, -1, tensor.shape[-1]) if tensor.dim() == 4
-                        else tensor for tensor in by_token)
+                rows = (None if tensor is None else tensor[:, :, start : start + block].reshape(
+                    streams, -1, tensor.shape[-1]) for tensor in by_token)
                 output[:, :, start : start + block] = attend(*rows).view(streams, group, -1, head_dim)
     output = output.view(batch, query_heads, q_len, head_dim)
     return output.to(query.dtype).transpose(1, 2).contiguous()

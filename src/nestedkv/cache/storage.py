@@ -99,6 +99,20 @@ class RaggedLayer(DynamicLayer):
         self.longest = int(lengths.max()) if len(lengths) else 0
         # What the varlen kernel reads on every decoding step, made once per change of the offsets.
         self.offsets_int32, self.empty_streams = offsets.to(torch.int32), lengths == 0
+        self._padded_layout: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def padded_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each stream's kept keys sit when padded to the longest stream, made once per change of
+        the offsets (the gathered attention reads it on every step). ``-> rows (streams * longest,)``,
+        the buffer row of each slot (a missing slot points at a valid row); ``slot_bias`` float32
+        ``(streams, 1, longest)``, 0 at a kept key and -inf at a missing slot (added to the logits)."""
+        if self._padded_layout is None:
+            slots = torch.arange(self.longest, device=self.offsets.device)
+            missing = slots >= self.offsets.diff()[:, None]
+            rows = (self.offsets[:-1, None] + slots).clamp_max(max(self.context_keys.shape[0] - 1, 0))
+            slot_bias = torch.zeros(missing.shape, device=missing.device).masked_fill(missing, float("-inf"))
+            self._padded_layout = rows.flatten(), slot_bias[:, None, :]
+        return self._padded_layout
 
     @property
     def context_lengths(self) -> torch.Tensor:
