@@ -30,8 +30,8 @@ OFFSETS_BYTES = 2 * (2 + 1) * 8  # 2 layers x (2 KV heads + 1) int64 offsets
 def tiny_report():
     config = random_config("tiny")
     settings = BenchSettings(
-        length=512, ratios=(0.5, 0.9), scaling_lengths=(256, 512, 1024), decode_tokens=2, repeats=1, warmup=0,
-        verify_max_length=512, peak_memory=False,
+        length=512, ratios=(0.5, 0.9), scaling_lengths=(256, 512, 1024), decode_lengths=(512, 2048), decode_tokens=2,
+        repeats=1, warmup=0, verify_max_length=512, peak_memory=False,
     )
     return run_bench(random_model(config, torch.float32), settings, model_name="tiny", scaling_config=config)
 
@@ -73,6 +73,25 @@ def test_scoring_and_scaling_report(tiny_report):
     json.dumps(tiny_report)
 
 
+def test_long_decoding_report(tiny_report):
+    long = tiny_report["long_decoding"]
+    assert [(row["length"], row["method"]) for row in long["rows"]] == [(n, m) for n in (512, 2048) for m in METHODS]
+    for row in long["rows"]:
+        full = 2 * 2 * 2 * row["length"] * 16 * 4  # K+V x layers x KV heads x N x head_dim x float32
+        kept = compute_n_kept(row["length"], 0.9) / row["length"]
+        expected = {
+            "none": full, "nestedkv": full * kept + OFFSETS_BYTES, "nestedkv-masked": full, "keydiff": full * kept,
+        }
+        assert row["bytes_held"] == expected[row["method"]]
+        assert row["ratio"] == (0.0 if row["method"] == "none" else 0.9)
+        assert row["decode_tokens_per_s"] > 0
+        # only the ragged cache is gathered into a padded block: at least its kept keys, at most every head full
+        assert (row["padding"] is None) == (row["method"] != "nestedkv")
+        if row["padding"] is not None:
+            assert 1.0 <= row["padding"] <= 1 / kept
+    assert "| 2048 | nestedkv | 0.9 |" in format_markdown(tiny_report)
+
+
 def test_fitted_exponent():
     lengths = [1024, 2048, 4096, 8192]
     assert fitted_exponent(lengths, [3e-6 * n for n in lengths]) == pytest.approx(1.0)
@@ -98,6 +117,7 @@ def test_cli_quick_end_to_end_with_memory(tmp_path, capsys):
         assert set(memory) == {"prefill_peak", "peak", "retained_after_prefill"}
         assert memory["peak"] >= memory["prefill_peak"] > 0
     assert [row["length"] for row in report["scaling"]["rows"]] == [1024, 2048, 4096, 8192]
+    assert "long_decoding" not in report  # --quick skips the long contexts
     assert {"nestedkv_s", "keydiff_s"} <= set(report["scoring"])
 
 
@@ -111,6 +131,8 @@ def test_cli_quick_end_to_end_with_memory(tmp_path, capsys):
         (["bench", "--length", "64"], "fewer than the 4 sink positions that are always kept"),
         (["bench", "--scaling-lengths", "1024,16"], "keeps 1 of 16 positions per head"),
         (["bench", "--scaling-lengths", "1024"], "at least two different scaling lengths"),
+        (["bench", "--decode-lengths", "200000"], "--decode-lengths 200000 plus 33 decoded tokens does not fit"),
+        (["bench", "--decode-lengths", "8192,x"], "expected a comma-separated list of int"),
         (["bench", "--out", "/nonexistent/dir/bench.json"], "no directory /nonexistent/dir"),
     ],
 )

@@ -25,6 +25,7 @@ from nestedkv.bench.methods import METHODS
 from nestedkv.bench.plan import (
     LOCAL_BENCHMARKS,
     LOCAL_RULER,
+    LONG_DECODING_RATIO,
     PRESETS,
     QUICK,
     RANDOM_SHAPES,
@@ -76,6 +77,11 @@ def _tuple_of(kind: type):
             raise argparse.ArgumentTypeError(message) from None
 
     return parse
+
+
+def _lengths_or_none(text: str) -> tuple[int, ...]:
+    """Comma-separated token counts, or ``none`` for no length at all."""
+    return () if text.strip().lower() == "none" else _tuple_of(int)(text)
 
 
 def _joined(values: tuple) -> str:
@@ -227,7 +233,9 @@ def _bench(args: argparse.Namespace) -> None:
     check_device(args.device)
     if args.out is not None:
         check_new_file(args.out, "--out")
-    overrides = {name: getattr(args, name) for name in ("length", "batch", "ratios", "scaling_lengths")}
+    overrides = {
+        name: getattr(args, name) for name in ("length", "batch", "ratios", "scaling_lengths", "decode_lengths")
+    }
     overrides = {name: value for name, value in overrides.items() if value is not None}
     if args.no_peak_memory:
         overrides["peak_memory"] = False
@@ -241,6 +249,11 @@ def _bench(args: argparse.Namespace) -> None:
         window = _check_model_options(args)
     decoded = settings.warmup + settings.decode_tokens
     check_fits(settings.length + decoded, window, f"--length {settings.length} plus {decoded} decoded tokens")
+    if settings.decode_lengths:  # decoded by a model of the scaling shape (the 1B one unless --random-shape tiny)
+        scaling_shape = RANDOM_SHAPES["tiny" if args.random_shape == "tiny" else "llama-3.2-1b"]
+        scaling_window = scaling_shape["max_position_embeddings"]
+        longest = max(settings.decode_lengths)
+        check_fits(longest + decoded, scaling_window, f"--decode-lengths {longest} plus {decoded} decoded tokens")
     from nestedkv.bench.speed import format_markdown, random_config, random_model, run_bench
 
     if args.random_shape is not None:
@@ -404,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ratios", type=_tuple_of(float), default=None, help=f"default: {_joined(full.ratios)}")
     bench.add_argument(
         "--scaling-lengths", type=_tuple_of(int), default=None, help=f"default: {_joined(full.scaling_lengths)}"
+    )
+    bench.add_argument(
+        "--decode-lengths", type=_lengths_or_none, default=None,
+        help=f"contexts of the long-context decoding table, at r={LONG_DECODING_RATIO:g} on the scaling shape "
+        f"(caches built from random keys, no prefill); 'none' to skip (default: {_joined(full.decode_lengths)}; "
+        "--quick: none)",
     )
     bench.add_argument(
         "--out", default=None, help="also write the report as JSON to this new file (an existing one is kept)"

@@ -149,6 +149,9 @@ def load_samples(config: EvalConfig) -> list[Sample] | None:
 # --- nestedkv bench ----------------------------------------------------------------------------------
 
 SCALING_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
+DECODE_LENGTHS = (8192, 32768)
+LONG_DECODING_RATIO = 0.9
+"""Compression ratio of the long-context decoding table: the small caches users compress for."""
 
 RANDOM_SHAPES: dict[str, dict[str, object]] = {
     # The default model, SmolLM2-135M (30 layers, 3 KV heads of 64 dims), for machines without its file.
@@ -178,7 +181,8 @@ class BenchSettings:
     length: the context of the memory and time table, for each of ``batch`` rows (random tokens,
     no padding). ratios: fractions of the KV removed.
     scaling_lengths: contexts of the scaling table; those up to ``verify_max_length`` are also
-    prefilled for real to check the cache bytes. decode_tokens: timed greedy steps (after
+    prefilled for real to check the cache bytes. decode_lengths: contexts of the long-context decoding
+    table (the scaling shape, caches replayed from random keys; empty: none). decode_tokens: timed greedy steps (after
     ``warmup`` untimed ones). repeats / warmup: timed / untimed runs of each measurement.
     peak_memory: measure memory (on CPU in fresh processes: the slowest part). seed: of the token ids.
     """
@@ -187,6 +191,7 @@ class BenchSettings:
     batch: int = 1
     ratios: tuple[float, ...] = RATIOS
     scaling_lengths: tuple[int, ...] = SCALING_LENGTHS
+    decode_lengths: tuple[int, ...] = DECODE_LENGTHS
     decode_tokens: int = 32
     repeats: int = 3
     warmup: int = 1
@@ -204,6 +209,9 @@ class BenchSettings:
             check_context_length(length, config)
             for ratio in self.ratios:
                 check_keeps_sinks(length, ratio, config.n_sink)
+        for length in self.decode_lengths:
+            check_context_length(length, config)
+            check_keeps_sinks(length, LONG_DECODING_RATIO, config.n_sink)
         if len(set(self.scaling_lengths)) < 2:
             raise ValueError("give at least two different scaling lengths: the exponent is fitted across them")
         for name in ("batch", "decode_tokens", "repeats"):
@@ -214,7 +222,7 @@ class BenchSettings:
 
 
 QUICK = BenchSettings(
-    length=1024, ratios=(0.9,), scaling_lengths=(1024, 2048, 4096, 8192), decode_tokens=8, repeats=1,
-    verify_max_length=1024,
+    length=1024, ratios=(0.9,), scaling_lengths=(1024, 2048, 4096, 8192), decode_lengths=(), decode_tokens=8,
+    repeats=1, verify_max_length=1024,
 )
 """A short run: under two minutes on one CPU thread with the default model, loading included."""

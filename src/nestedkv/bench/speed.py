@@ -55,9 +55,9 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaF
 from transformers.utils import logging as hf_logging
 
 from nestedkv.bench.methods import make_press
-from nestedkv.bench.plan import RANDOM_SHAPES, BenchSettings
-from nestedkv.bench.replay import prefill
-from nestedkv.cache import summarize_cache
+from nestedkv.bench.plan import LONG_DECODING_RATIO, RANDOM_SHAPES, BenchSettings
+from nestedkv.bench.replay import Prefill, compress_replay, prefill
+from nestedkv.cache import RaggedLayer, summarize_cache
 from nestedkv.models import attention_modules
 from nestedkv.press import NestedKVPress
 from nestedkv.scoring import nestedkv_score
@@ -353,7 +353,7 @@ def measure_configurations(
     decoded, again in turns (one greedy step of each configuration per round); a masked
     configuration's ``masked_key_indices`` are put back on the modules before each of its steps.
     """
-    (batch, length), device = input_ids.shape, model.device
+    length, device = input_ids.shape[1], model.device
     modules = attention_modules(model)
     prefill_times: dict[tuple[str, float], list[float]] = {config: [] for config in configs}
     live, summaries = {}, {}
@@ -366,22 +366,35 @@ def measure_configurations(
                 summaries[config] = summarize_cache(model, cache, length)
                 live[config] = _LiveCache(cache, token, [getattr(m, "masked_key_indices", None) for m in modules])
             del cache, token
-    step_times: dict[tuple[str, float], list[float]] = {config: [] for config in configs}
-    for step in range(settings.warmup + settings.decode_tokens):
-        for config, state in live.items():
-            for module, masked in zip(modules, state.masks, strict=True):
-                module.masked_key_indices = masked
-            seconds, state.token = timed(partial(decode_step, model, state.cache, state.token, length + step), device)
-            if step >= settings.warmup:
-                step_times[config].append(seconds)
+    rates = decode_rates(model, live, length, settings)
     return [
         ConfigurationResult(
             method, ratio, summaries[method, ratio].bytes_full, summaries[method, ratio].bytes_held,
             summaries[method, ratio].kept_fraction, compute_n_kept(length, ratio) / length,
-            statistics.median(prefill_times[method, ratio]), batch / statistics.median(step_times[method, ratio]),
+            statistics.median(prefill_times[method, ratio]), rates[method, ratio],
         )
         for method, ratio in configs
     ]
+
+
+def decode_rates(
+    model: PreTrainedModel, live: Mapping[Hashable, _LiveCache], length: int, settings: BenchSettings
+) -> dict[Hashable, float]:
+    """Greedy decoding speed from each cache of a context of ``length`` tokens, in tokens per second over
+    the batch (batch / median seconds of one step, over ``settings.decode_tokens`` steps after
+    ``settings.warmup``). The caches take turns, one step each; a masked configuration's
+    ``masked_key_indices`` are put back on the modules before each of its steps."""
+    modules = attention_modules(model)
+    step_times: dict[Hashable, list[float]] = {config: [] for config in live}
+    for step in range(settings.warmup + settings.decode_tokens):
+        for config, state in live.items():
+            for module, masked in zip(modules, state.masks, strict=True):
+                module.masked_key_indices = masked
+            one_step = partial(decode_step, model, state.cache, state.token, length + step)
+            seconds, state.token = timed(one_step, model.device)
+            if step >= settings.warmup:
+                step_times[config].append(seconds)
+    return {config: state.token.shape[0] / statistics.median(step_times[config]) for config, state in live.items()}
 
 
 def configurations(ratios: Sequence[float]) -> list[tuple[str, float]]:
@@ -504,6 +517,84 @@ def fitted_exponent(lengths: Sequence[int], seconds: Sequence[float]) -> float:
     return sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys, strict=True)) / sum((x - x_mean) ** 2 for x in xs)
 
 
+# --- decoding from long contexts -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LongDecodingRow:
+    """Decoding speed from a context of ``length`` tokens on a model of the scaling shape.
+
+    bytes_held: K+V bytes the cache holds (batch row 0). padding: for ragged storage, the block the
+    CPU's gathered attention reads, as a multiple of the kept keys (longest head x heads / kept,
+    mean over layers; ``None`` for dense caches, which have none).
+    """
+
+    length: int
+    method: str
+    ratio: float
+    bytes_held: int
+    padding: float | None
+    decode_tokens_per_s: float
+
+
+def synthetic_prefill(
+    config: LlamaConfig, length: int, dtype: torch.dtype, device: str | torch.device, seed: int = 0
+) -> Prefill:
+    """Random keys and values standing for the prefill of ``length`` tokens by a model of ``config``'s
+    shape, with what each layer's press hook receives: a prefill of 32k tokens takes hours on a CPU,
+    while decoding from its cache costs what its lengths cost, whatever the keys hold. The hidden
+    states are zeros (the presses benchmarked here read only their shape)."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (1, config.num_key_value_heads, length, config.head_dim)
+    layers = config.num_hidden_layers
+    keys = [torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(layers)]
+    values = [torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(layers)]
+    hook_kwargs = {
+        "hidden_states": torch.zeros(1, 1, config.hidden_size, device=device, dtype=dtype).expand(1, length, -1),
+        "cache_position": torch.arange(length, device=device), "attention_mask": None,
+    }
+    return Prefill(length, keys, values, [hook_kwargs] * layers, [None] * layers)
+
+
+def gathered_padding(cache: DynamicCache) -> float | None:
+    """Mean over a cache's ragged layers of (longest stream x streams / kept keys); ``None`` if none is ragged."""
+    factors = [
+        layer.longest * layer.batch * layer.heads / max(layer.context_keys.shape[0], 1)
+        for layer in cache.layers if isinstance(layer, RaggedLayer)
+    ]
+    return statistics.fmean(factors) if factors else None
+
+
+def long_decoding(
+    config: LlamaConfig, lengths: Sequence[int], ratio: float, settings: BenchSettings, *,
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+) -> list[LongDecodingRow]:
+    """Decoding speed of every configuration of :data:`METHODS` at ``ratio`` from each context length.
+
+    A randomly initialised model of ``config``'s shape decodes greedily from caches built by replaying
+    each press on :func:`synthetic_prefill` (:func:`~nestedkv.bench.replay.compress_replay`, the
+    press's own hook); the caches of one length take turns (:func:`decode_rates`).
+    """
+    model = random_model(config, dtype, device)
+    modules = attention_modules(model)
+    rows = []
+    for length in lengths:
+        prefill = synthetic_prefill(config, length, dtype, device, settings.seed)
+        token = random_input_ids(model, 1, settings.seed)
+        live, summaries = {}, {}
+        for method in METHODS:
+            key = (method, 0.0 if method == "none" else ratio)
+            cache = compress_replay(model, prefill, make_press(*key))
+            summaries[key] = (summarize_cache(model, cache, length).bytes_held, gathered_padding(cache))
+            live[key] = _LiveCache(cache, token, [getattr(m, "masked_key_indices", None) for m in modules])
+        del prefill
+        rates = decode_rates(model, live, length, settings)
+        rows += [LongDecodingRow(length, method, r, *summaries[method, r], rates[method, r]) for method, r in live]
+        del live
+        gc.collect()
+    return rows
+
+
 # --- the whole benchmark ----------------------------------------------------------------------
 
 
@@ -596,6 +687,15 @@ def run_bench(
         "nestedkv_exponent": fitted_exponent(lengths, [row.nestedkv_s for row in scaling_rows]),
         "keydiff_exponent": fitted_exponent(lengths, [row.keydiff_s for row in scaling_rows]),
     }
+    if settings.decode_lengths:
+        progress(f"decoding from long contexts: {', '.join(map(str, settings.decode_lengths))} tokens")
+        long_rows = long_decoding(
+            scaling_config, settings.decode_lengths, LONG_DECODING_RATIO, settings, device=device, dtype=model.dtype
+        )
+        report["long_decoding"] = {
+            "shape": report["scaling"]["shape"], "dtype": str(model.dtype).removeprefix("torch."),
+            "rows": [asdict(row) for row in long_rows],
+        }
     return report
 
 
@@ -681,4 +781,30 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"Fitted exponent of scoring time against N: NestedKV {scale['nestedkv_exponent']:.2f}, "
         f"KeyDiff {scale['keydiff_exponent']:.2f} (1 = linear).",
     ]
+    if "long_decoding" in report:
+        lines += _long_decoding_markdown(report["long_decoding"])
     return "\n".join(lines)
+
+
+def _long_decoding_markdown(long: dict[str, Any]) -> list[str]:
+    shape = long["shape"]
+    lines = [
+        "",
+        f"Decoding from long contexts: {shape['num_hidden_layers']} layers x {shape['num_key_value_heads']} KV heads x "
+        f"{shape['head_dim']} dims, random weights, {long['dtype']}; each cache built by the press's own hook from "
+        "random keys and values standing for the prefill (decode time depends on the lengths kept, not on the "
+        "keys); padding = what the gathered CPU attention reads per kept key:",
+        "",
+        "| N | method | r | KV held (MiB) | padding | decode (tok/s) | vs none | vs keydiff |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    by_key = {(row["length"], row["method"]): row for row in long["rows"]}
+    for row in long["rows"]:
+        none, keydiff = by_key[row["length"], "none"], by_key[row["length"], "keydiff"]
+        padding = "-" if row["padding"] is None else f"{row['padding']:.2f}"
+        rate = row["decode_tokens_per_s"]
+        lines.append(
+            f"| {row['length']} | {row['method']} | {row['ratio']:g} | {_mib(row['bytes_held'])} | {padding} "
+            f"| {rate:.2f} | {rate / none['decode_tokens_per_s']:.2f}x | {rate / keydiff['decode_tokens_per_s']:.2f}x |"
+        )
+    return lines
