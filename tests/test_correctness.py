@@ -340,3 +340,36 @@ def test_a_forward_with_gradients_on_is_compressed_like_one_without(storage):
         layer = cache.layers[0]
         kept.append(layer.offsets if storage == "ragged" else tiny.model.layers[0].self_attn.masked_key_indices[2])
     assert torch.equal(*kept)
+
+
+@pytest.mark.parametrize("split", ["cpu-and-offloaded", "cpu-and-cuda"])
+def test_a_model_split_over_devices_keeps_each_layer_cache_where_the_layer_runs(split, tmp_path, tokenizer):
+    """accelerate's layer placement (``device_map``): layer 1 offloaded (its weights on the meta device until its
+    forward loads them) or on a GPU; the ragged cache of each layer lives on the device its layer runs on, and
+    the logits equal those of the model in one piece."""
+    if split == "cpu-and-cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from transformers import AutoModelForCausalLM
+
+    from nestedkv.models import load_model
+
+    tiny, path = tiny_llama(), tmp_path / "tiny"
+    tiny.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    second = "disk" if split == "cpu-and-offloaded" else "cuda:0"
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": second, "model.norm": "cpu", "lm_head": "cpu"}
+    placed = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, offload_folder=tmp_path / "offload")
+    whole, _ = load_model(str(path), device_map="auto")  # one CPU: accelerate puts every layer on it
+    input_ids = torch.randint(0, 128, (1, 80), generator=torch.Generator().manual_seed(3))
+    logits, caches = {}, {}
+    for name, model in (("tiny", tiny), ("placed", placed), ("whole", whole)):
+        with torch.no_grad(), NestedKVPress(0.75)(model):
+            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=5,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        logits[name], caches[name] = torch.stack(out.logits).cpu(), out.past_key_values
+    expected = "cpu" if second == "disk" else "cuda"
+    assert [layer.context_keys.device.type for layer in caches["placed"].layers] == ["cpu", expected]
+    assert all(isinstance(layer, RaggedLayer) for cache in caches.values() for layer in cache.layers)
+    torch.testing.assert_close(logits["placed"], logits["tiny"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits["whole"], logits["tiny"], atol=1e-5, rtol=1e-5)

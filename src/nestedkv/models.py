@@ -229,14 +229,19 @@ def load_model(
     *,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    device_map: str | dict[str, int | str] | None = None,
     attn_implementation: str = "sdpa",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer.
 
     ``name_or_path`` is ``None`` (the embedded default SmolLM2-135M-Instruct), a local model
     directory, a ``.gguf`` file, or a Hugging Face model id (needs network or a warm cache).
-    GGUF weights are de-quantised to ``dtype`` (float32 unless given).
+    GGUF weights are de-quantised to ``dtype`` (float32 unless given). ``device`` puts the whole
+    model on one device; ``device_map`` (``"auto"`` or a module-to-device dict) lets accelerate place
+    its layers over several, and a compressed cache then keeps each layer's keys where that layer runs.
     """
+    if device is not None and device_map is not None:
+        raise ValueError("give device or device_map, not both")
     if device is not None:
         check_device(str(device))
     source, extra = _resolve(name_or_path)
@@ -253,7 +258,7 @@ def load_model(
         with quiet_gguf:
             tokenizer = AutoTokenizer.from_pretrained(source, **extra)
             model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype or "auto", attn_implementation=attn_implementation, **extra
+                source, dtype=dtype or "auto", attn_implementation=attn_implementation, device_map=device_map, **extra
             )
     except (OSError, ValueError, KeyError, ImportError) as error:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {error}") from error
