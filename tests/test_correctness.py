@@ -373,3 +373,28 @@ def test_a_model_split_over_devices_keeps_each_layer_cache_where_the_layer_runs(
     assert all(isinstance(layer, RaggedLayer) for cache in caches.values() for layer in cache.layers)
     torch.testing.assert_close(logits["placed"], logits["tiny"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits["whole"], logits["tiny"], atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_from_the_ragged_cache_compiles_into_one_graph_with_the_logits_of_eager_decoding():
+    """A decoding step after a compressed prefill reads nothing back from the device (no ``.item()``: the
+    press tells prefill from decoding by the cache's length), so ``torch.compile(fullgraph=True)`` traces it
+    whole; dynamo's own backend keeps the test fast, inductor adds only code generation. (Masked storage
+    cannot: kvpress's fake-key search branches on data, in its attention patch.)"""
+    import torch._dynamo
+
+    tiny = tiny_llama()
+    input_ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(5))
+    torch._dynamo.reset()
+    compiled = torch.compile(tiny.forward, backend="eager", fullgraph=True)
+    logits = {}
+    for name, forward in (("eager", tiny.forward), ("compiled", compiled)):
+        cache, token, steps = DynamicCache(), torch.tensor([[7]]), []
+        with torch.no_grad(), NestedKVPress(0.75)(tiny):
+            tiny.model(input_ids=input_ids, past_key_values=cache)  # the prefill compresses, eagerly
+            for step in range(6):
+                out = forward(input_ids=token, past_key_values=cache, position_ids=torch.tensor([[120 + step]]))
+                steps.append(out.logits[0, -1])
+                token = out.logits[:, -1:].argmax(-1)
+        logits[name] = torch.stack(steps)
+    assert isinstance(cache.layers[0], RaggedLayer)
+    torch.testing.assert_close(logits["compiled"], logits["eager"], atol=1e-5, rtol=1e-5)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 from kvpress import BasePress, ComposedPress, KVPressTextGenerationPipeline, ScorerPress
-from kvpress.presses.base_press import is_prefilling
 
 from nestedkv.budgets import head_adaptive_keep
 from nestedkv.cache import RaggedLayer
@@ -86,6 +85,17 @@ def compressible(layer, storage: str) -> bool:
         warnings.warn("sliding-window cache layers stay uncompressed (they hold at most their window)", stacklevel=3)
         return False
     return True
+
+
+def _prefilling(module, kwargs: dict) -> bool:
+    """kvpress's test for the first forward of a cache (``is_prefilling``: no token before this forward's),
+    read from the cache layer's length, a Python int, rather than from ``cache_position``, so that a decoding
+    step reads nothing back from the device: compiled decoding then has no graph break here.
+
+    The layer holds this forward's tokens after anything before them: exactly these in a first forward,
+    fewer when a press before this one (``ComposedPress``) has already compressed them, more otherwise."""
+    layer = kwargs["past_key_values"].layers[module.layer_idx]
+    return layer.get_seq_length() <= kwargs["hidden_states"].shape[1]
 
 
 def _no_cache(kwargs: dict) -> bool:
@@ -205,11 +215,9 @@ class HeadAdaptivePress(_LeavesModelAsFound, BasePress):
         return keys, values
 
     def forward_hook(self, module, input, kwargs, output):
-        if self.compression_ratio == 0 or _no_cache(kwargs):
+        if self.compression_ratio == 0 or _no_cache(kwargs) or not _prefilling(module, kwargs):
             return output
         hidden_states, cache = kwargs["hidden_states"], kwargs["past_key_values"]
-        if not is_prefilling(kwargs["cache_position"], hidden_states.shape[1]):
-            return output
         layer = cache.layers[module.layer_idx]
         if not compressible(layer, self.storage):
             return output
@@ -296,7 +304,7 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
         return super().compress(module, hidden_states, keys, values, attentions, kwargs)
 
     def forward_hook(self, module, input, kwargs, output):
-        if self.compression_ratio == 0 or _no_cache(kwargs):
+        if self.compression_ratio == 0 or _no_cache(kwargs) or not _prefilling(module, kwargs):
             return output
         if self.budget == "uniform":
             if not compressible(kwargs["past_key_values"].layers[module.layer_idx], "masked"):
