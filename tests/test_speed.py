@@ -30,8 +30,8 @@ OFFSETS_BYTES = 2 * (2 + 1) * 8  # 2 layers x (2 KV heads + 1) int64 offsets
 def tiny_report():
     config = random_config("tiny")
     settings = BenchSettings(
-        length=512, ratios=(0.5, 0.9), scaling_lengths=(256, 512, 1024), decode_lengths=(512, 2048), decode_tokens=2,
-        repeats=1, warmup=0, verify_max_length=512, peak_memory=False,
+        length=512, ratios=(0.5, 0.9), scaling_lengths=(256, 512, 1024), decode_lengths=(512, 2048), batched_rows=2,
+        decode_tokens=2, repeats=1, warmup=0, verify_max_length=512, peak_memory=False,
     )
     return run_bench(random_model(config, torch.float32), settings, model_name="tiny", scaling_config=config)
 
@@ -92,6 +92,19 @@ def test_long_decoding_report(tiny_report):
     assert "| 2048 | nestedkv | 0.9 |" in format_markdown(tiny_report)
 
 
+def test_batched_decoding_report(tiny_report):
+    rows = {row["method"]: row for row in tiny_report["batched_decoding"]}
+    assert list(rows) == ["none", "nestedkv", "nestedkv-masked"]
+    assert all(tuple(row["lengths"]) == (512, 384) for row in rows.values())
+    full_row = 2 * 2 * 2 * 512 * 16 * 4  # K+V x layers x KV heads x N x head_dim x float32, one padded row
+    assert rows["none"]["bytes_held"] == rows["nestedkv-masked"]["bytes_held"] == 2 * full_row
+    # ragged: each row keeps (1 - r) of its own real tokens per head, pads never; plus 2 x 2 + 1 offsets per layer
+    kept = compute_n_kept(512, 0.9) + compute_n_kept(384, 0.9)
+    assert rows["nestedkv"]["bytes_held"] == 2 * 2 * 2 * kept * 16 * 4 + 2 * (2 * 2 + 1) * 8
+    assert all(row["decode_tokens_per_s"] > 0 for row in rows.values())
+    assert "A batch of 2 prompts of different lengths (512, 384 tokens" in format_markdown(tiny_report)
+
+
 def test_fitted_exponent():
     lengths = [1024, 2048, 4096, 8192]
     assert fitted_exponent(lengths, [3e-6 * n for n in lengths]) == pytest.approx(1.0)
@@ -117,7 +130,7 @@ def test_cli_quick_end_to_end_with_memory(tmp_path, capsys):
         assert set(memory) == {"prefill_peak", "peak", "retained_after_prefill"}
         assert memory["peak"] >= memory["prefill_peak"] > 0
     assert [row["length"] for row in report["scaling"]["rows"]] == [1024, 2048, 4096, 8192]
-    assert "long_decoding" not in report  # --quick skips the long contexts
+    assert "long_decoding" not in report and "batched_decoding" not in report  # --quick skips both
     assert {"nestedkv_s", "keydiff_s"} <= set(report["scoring"])
 
 

@@ -234,7 +234,8 @@ def _bench(args: argparse.Namespace) -> None:
     if args.out is not None:
         check_new_file(args.out, "--out")
     overrides = {
-        name: getattr(args, name) for name in ("length", "batch", "ratios", "scaling_lengths", "decode_lengths")
+        name: getattr(args, name)
+        for name in ("length", "batch", "ratios", "scaling_lengths", "decode_lengths", "batched_rows")
     }
     overrides = {name: value for name, value in overrides.items() if value is not None}
     if args.no_peak_memory:
@@ -417,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ratios", type=_tuple_of(float), default=None, help=f"default: {_joined(full.ratios)}")
     bench.add_argument(
         "--scaling-lengths", type=_tuple_of(int), default=None, help=f"default: {_joined(full.scaling_lengths)}"
+    )
+    bench.add_argument(
+        "--batched-rows", type=int, default=None,
+        help=f"prompts of different lengths (from --length down towards half of it, left-padded) generated together, "
+        f"uncompressed and with NestedKV at r={LONG_DECODING_RATIO:g}; 0 to skip (default: {full.batched_rows}; "
+        "--quick: 0)",
     )
     bench.add_argument(
         "--decode-lengths", type=_lengths_or_none, default=None,

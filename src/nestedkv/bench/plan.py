@@ -182,7 +182,9 @@ class BenchSettings:
     no padding). ratios: fractions of the KV removed.
     scaling_lengths: contexts of the scaling table; those up to ``verify_max_length`` are also
     prefilled for real to check the cache bytes. decode_lengths: contexts of the long-context decoding
-    table (the scaling shape, caches replayed from random keys; empty: none). decode_tokens: timed greedy steps (after
+    table (the scaling shape, caches replayed from random keys; empty: none). batched_rows: prompts of
+    different lengths (from ``length`` down towards half of it, left-padded) generated together (0:
+    none). decode_tokens: timed greedy steps (after
     ``warmup`` untimed ones). repeats / warmup: timed / untimed runs of each measurement.
     peak_memory: measure memory (on CPU in fresh processes: the slowest part). seed: of the token ids.
     """
@@ -192,6 +194,7 @@ class BenchSettings:
     ratios: tuple[float, ...] = RATIOS
     scaling_lengths: tuple[int, ...] = SCALING_LENGTHS
     decode_lengths: tuple[int, ...] = DECODE_LENGTHS
+    batched_rows: int = 8
     decode_tokens: int = 32
     repeats: int = 3
     warmup: int = 1
@@ -219,10 +222,12 @@ class BenchSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.batched_rows < 0 or self.batched_rows > self.length // 2:
+            raise ValueError(f"batched_rows must be between 0 and half the length, got {self.batched_rows}")
 
 
 QUICK = BenchSettings(
-    length=1024, ratios=(0.9,), scaling_lengths=(1024, 2048, 4096, 8192), decode_lengths=(), decode_tokens=8,
-    repeats=1, verify_max_length=1024,
+    length=1024, ratios=(0.9,), scaling_lengths=(1024, 2048, 4096, 8192), decode_lengths=(), batched_rows=0,
+    decode_tokens=8, repeats=1, verify_max_length=1024,
 )
 """A short run: under two minutes on one CPU thread with the default model, loading included."""

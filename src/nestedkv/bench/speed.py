@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import gc
+import itertools
 import math
 import multiprocessing
 import os
@@ -43,6 +44,7 @@ import tempfile
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
@@ -52,6 +54,7 @@ import psutil
 import torch
 from kvpress import BasePress, KeyDiffPress
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
 from nestedkv.bench.methods import make_press
@@ -62,6 +65,7 @@ from nestedkv.models import attention_modules
 from nestedkv.press import NestedKVPress
 from nestedkv.scoring import nestedkv_score
 from nestedkv.settings import PAPER_SETTINGS, NestedKVConfig, compute_n_kept
+from nestedkv.streaming import cache_bytes
 
 METHODS = ("none", "nestedkv", "nestedkv-masked", "keydiff")
 """Configurations compared, by their names in the benchmark's registry (:mod:`nestedkv.bench.methods`):
@@ -595,6 +599,89 @@ def long_decoding(
     return rows
 
 
+# --- a batch of prompts of different lengths --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchedRow:
+    """Decoding speed of ``rows`` prompts of different lengths generated together.
+
+    lengths: real tokens of each row (left-padded to the longest). bytes_held: K+V bytes the cache
+    holds for the whole batch after the prefill. decode_tokens_per_s: tokens generated per second over
+    the batch (rows / median seconds between two generated tokens).
+    """
+
+    method: str
+    ratio: float
+    lengths: tuple[int, ...]
+    bytes_held: int
+    decode_tokens_per_s: float
+
+
+class _TokenClock(BaseStreamer):
+    """Times ``generate``: it calls :meth:`put` with the prompt, then once with each step's tokens."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:  # generate hands over tokens already on the CPU: synchronised
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def batched_lengths(length: int, rows: int) -> tuple[int, ...]:
+    """Real lengths of ``rows`` prompts spread evenly from ``length`` down towards half of it."""
+    return tuple(length - i * length // (2 * rows) for i in range(rows))
+
+
+def batched_decoding(
+    model: PreTrainedModel, rows: int, ratio: float, settings: BenchSettings, progress: Callable[[str], None],
+) -> list[BatchedRow]:
+    """Generated tokens per second from a batch of ``rows`` random prompts of different lengths, left-padded,
+    uncompressed and under NestedKV (ragged and masked storage) at ``ratio``, through ``generate``.
+
+    KeyDiff is left out: kvpress's dense compression of a padded batch would keep padding positions.
+    Each configuration generates ``warmup + decode_tokens`` tokens per row, ``repeats`` times, taking
+    turns; the step times after the ``warmup`` first tokens of every run are pooled.
+    """
+    lengths = batched_lengths(settings.length, rows)
+    input_ids = random_input_ids(model, settings.length, settings.seed, rows)
+    attention_mask = torch.ones_like(input_ids)
+    for row, real in enumerate(lengths):
+        attention_mask[row, : settings.length - real] = 0
+    new_tokens = settings.warmup + settings.decode_tokens
+    configs = [("none", 0.0), ("nestedkv", ratio), ("nestedkv-masked", ratio)]
+    steps: dict[tuple[str, float], list[float]] = {config: [] for config in configs}
+    held = {}
+    for round_ in range(settings.repeats):
+        for config in configs:
+            progress(f"batched decoding: {config[0]}, round {round_ + 1} of {settings.repeats}")
+            press, clock = make_press(*config), _TokenClock()
+            with torch.no_grad(), press(model) if press is not None else nullcontext():
+                out = model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens, do_sample=False, streamer=clock, return_dict_in_generate=True,
+                    pad_token_id=0,
+                )
+            # times[1] is the first token, after the prefill; every later one is a decoding step
+            steps[config] += [b - a for a, b in itertools.pairwise(clock.times[1 + settings.warmup :])]
+            held[config] = cache_bytes(out.past_key_values) - _tail_bytes(out.past_key_values, new_tokens - 1)
+            del out
+    return [
+        BatchedRow(method, r, lengths, held[method, r], rows / statistics.median(steps[method, r]))
+        for method, r in configs
+    ]
+
+
+def _tail_bytes(cache: DynamicCache, tokens: int) -> int:
+    """Bytes the last ``tokens`` positions of every layer hold (what decoding added after the prefill)."""
+    return sum(
+        layer.keys[..., -tokens:, :].nbytes + layer.values[..., -tokens:, :].nbytes for layer in cache.layers
+    ) if tokens else 0
+
+
 # --- the whole benchmark ----------------------------------------------------------------------
 
 
@@ -687,6 +774,9 @@ def run_bench(
         "nestedkv_exponent": fitted_exponent(lengths, [row.nestedkv_s for row in scaling_rows]),
         "keydiff_exponent": fitted_exponent(lengths, [row.keydiff_s for row in scaling_rows]),
     }
+    if settings.batched_rows:
+        rows = batched_decoding(model, settings.batched_rows, LONG_DECODING_RATIO, settings, progress)
+        report["batched_decoding"] = [asdict(row) for row in rows]
     if settings.decode_lengths:
         progress(f"decoding from long contexts: {', '.join(map(str, settings.decode_lengths))} tokens")
         long_rows = long_decoding(
@@ -781,9 +871,31 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"Fitted exponent of scoring time against N: NestedKV {scale['nestedkv_exponent']:.2f}, "
         f"KeyDiff {scale['keydiff_exponent']:.2f} (1 = linear).",
     ]
+    if "batched_decoding" in report:
+        lines += _batched_markdown(report["batched_decoding"])
     if "long_decoding" in report:
         lines += _long_decoding_markdown(report["long_decoding"])
     return "\n".join(lines)
+
+
+def _batched_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    lengths = rows[0]["lengths"]
+    none = next(row for row in rows if row["method"] == "none")
+    lines = [
+        "",
+        f"A batch of {len(lengths)} prompts of different lengths ({', '.join(map(str, lengths))} tokens, left-padded) "
+        "generated together by `generate`:",
+        "",
+        "| method | r | KV held, whole batch (MiB) | decode (tok/s, whole batch) | vs none |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        rate = row["decode_tokens_per_s"]
+        lines.append(
+            f"| {row['method']} | {row['ratio']:g} | {_mib(row['bytes_held'])} | {rate:.1f} "
+            f"| {rate / none['decode_tokens_per_s']:.2f}x |"
+        )
+    return lines
 
 
 def _long_decoding_markdown(long: dict[str, Any]) -> list[str]:
