@@ -146,6 +146,8 @@ def test_cli_quick_end_to_end_with_memory(tmp_path, capsys):
         (["bench", "--scaling-lengths", "1024"], "at least two different scaling lengths"),
         (["bench", "--decode-lengths", "200000"], "--decode-lengths 200000 plus 33 decoded tokens does not fit"),
         (["bench", "--decode-lengths", "8192,x"], "expected a comma-separated list of int"),
+        (["bench", "--batched-rows", "-1"], "batched_rows must be between 0 and half the length, got -1"),
+        (["bench", "--length", "256", "--batched-rows", "200"], "batched_rows must be between 0 and half the length"),
         (["bench", "--out", "/nonexistent/dir/bench.json"], "no directory /nonexistent/dir"),
     ],
 )
