@@ -24,7 +24,10 @@ with kvpress's masking, and KeyDiff, at every compression ratio ``r``:
 
 Separately, the scorers alone on the same keys (:func:`scoring_times`), and their scaling with
 context length on keys of a larger model's shape (:func:`scaling`; Llama-3.2-1B by default, with
-random weights for the real-prefill check of cache bytes). Times are wall-clock seconds from
+random weights for the real-prefill check of cache bytes); decoding from a batch of prompts of
+different lengths, left-padded, through ``generate`` (:func:`batched_decoding`); and decoding from
+long contexts on the scaling shape, whose caches each press builds from random keys standing for a
+prefill too long to run here (:func:`long_decoding`). Times are wall-clock seconds from
 ``time.perf_counter`` (CUDA synchronised before each reading); bytes are bytes. What a run measures
 (lengths, ratios, repeats) is a :class:`~nestedkv.bench.plan.BenchSettings`.
 """
