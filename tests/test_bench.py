@@ -445,3 +445,17 @@ def test_query_aware_compresses_the_question_with_the_context(model, tokenizer, 
     context_ids = seen[0][0].tolist()
     assert any(context_ids[i : i + len(question_ids)] == question_ids for i in range(len(context_ids)))
     assert next(iter(ResultStore(tmp_path)))["query_aware"] is True
+
+
+def test_a_hub_only_method_without_its_files_stops_the_run_with_one_line(model, tokenizer, tmp_path, monkeypatch):
+    """Q-Filter downloads its filters from the Hugging Face hub: where they can be neither downloaded nor
+    found in the local cache, every sample would fail alike, so the run stops with one line."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on a machine without the hub
+    config = EvalConfig(
+        model="m", tasks=("niah_single_2",), lengths=(640,), ratios=(0.75,), methods=("qfilter",), samples=1, seed=7
+    )
+    with pytest.raises(ConnectionError, match="method qfilter needs files from the Hugging Face hub"):
+        run(config, model, tokenizer, ResultStore(tmp_path), progress=False)
+    assert all(record["method"] == "none" for record in ResultStore(tmp_path))  # only what was measured before

@@ -186,6 +186,9 @@ def run(
                                 question_ids.to(model.device), cache, prefill.context_length, sample.max_new_tokens
                             )
                             outcome |= _answered(sample, prediction)
+                except OSError as error:
+                    _refuse_missing_hub_files(method, error)
+                    raise
                 except (RuntimeError, ValueError, AssertionError) as error:  # a failing method must not stop the run
                     outcome |= _failed(error)
                 store.add(record(length, sample, method, ratio, outcome, time.perf_counter() - start))
@@ -254,6 +257,19 @@ def _compressed_cache(
         return cache, prefill_seconds + time.perf_counter() - start
     cache = prefill_compressed(model, context_ids, press, eager=mode == EAGER_PREFILL)
     return cache, time.perf_counter() - start
+
+
+def _refuse_missing_hub_files(method: str, error: OSError) -> None:
+    """A method whose press downloads from the Hugging Face hub (``Method.download``) that cannot reach
+    it nor find its files in the local cache would fail on every sample alike: stop the run with one line
+    (``ConnectionError``); the results already stored stay."""
+    spec = method_spec(method)
+    if spec is not None and spec.download:
+        raise ConnectionError(
+            f"method {method} needs files from the Hugging Face hub that can neither be downloaded nor found in "
+            f"the local cache ({type(error).__name__}); run it once with network access, or leave it out of "
+            "--methods (the results already measured are kept)"
+        ) from error
 
 
 def teacher_forced_logits(
