@@ -241,6 +241,8 @@ def _bench(args: argparse.Namespace) -> None:
     if args.no_peak_memory:
         overrides["peak_memory"] = False
     settings = dataclasses.replace(QUICK if args.quick else BenchSettings(), **overrides)
+    # The scaling and long-decoding tables use the 1B shape, or the tiny one with the tiny model (tests).
+    scaling_shape = "tiny" if args.random_shape == "tiny" else "llama-3.2-1b"
     if args.random_shape is not None:
         if args.model is not None:
             raise ValueError("give --model or --random-shape, not both")
@@ -250,9 +252,8 @@ def _bench(args: argparse.Namespace) -> None:
         window = _check_model_options(args)
     decoded = settings.warmup + settings.decode_tokens
     check_fits(settings.length + decoded, window, f"--length {settings.length} plus {decoded} decoded tokens")
-    if settings.decode_lengths:  # decoded by a model of the scaling shape (the 1B one unless --random-shape tiny)
-        scaling_shape = RANDOM_SHAPES["tiny" if args.random_shape == "tiny" else "llama-3.2-1b"]
-        scaling_window = scaling_shape["max_position_embeddings"]
+    if settings.decode_lengths:
+        scaling_window = RANDOM_SHAPES[scaling_shape]["max_position_embeddings"]
         longest = max(settings.decode_lengths)
         check_fits(longest + decoded, scaling_window, f"--decode-lengths {longest} plus {decoded} decoded tokens")
     from nestedkv.bench.speed import format_markdown, random_config, random_model, run_bench
@@ -261,12 +262,11 @@ def _bench(args: argparse.Namespace) -> None:
         config = random_config(args.random_shape)
         model = random_model(config, dtype=parse_dtype(dtype), device=args.device)
         name = f"random-weight {args.random_shape}"
-        scaling_config = config if args.random_shape == "tiny" else None
     else:
         model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
-        name, scaling_config = args.model or DEFAULT_MODEL, None
+        name = args.model or DEFAULT_MODEL
     report = run_bench(
-        model, settings, model_name=name, scaling_config=scaling_config,
+        model, settings, model_name=name, scaling_config=random_config(scaling_shape),
         progress=lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True),
     )
     report = {"command": shlex.join(["nestedkv", *args.argv]), **report}

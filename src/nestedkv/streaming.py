@@ -184,7 +184,7 @@ def compress_layer(
 
     kept = [tuple(part[keep[s, : len(part)]] for part in candidate) for s, candidate in enumerate(candidates)]
     kept_lengths = torch.tensor([len(keys) for keys, *_ in kept])
-    offsets = torch.nn.functional.pad(kept_lengths.cumsum(0), (1, 0)).to(tail_keys.device)
+    offsets = RaggedLayer.offsets_of(kept_lengths).to(tail_keys.device)
     keys, values, positions, window = (torch.cat(parts) for parts in zip(*kept, strict=True))
     forget_blocks(memory, positions, seen, config)
     return RaggedLayer(keys, values, offsets, batch, heads, seen, positions if keep_positions else None,

@@ -349,6 +349,11 @@ class _LiveCache:
     token: torch.Tensor
     masks: list
 
+    @classmethod
+    def after_prefill(cls, cache: DynamicCache, token: torch.Tensor, modules: list[torch.nn.Module]) -> _LiveCache:
+        """A cache just built, with the masks the press left on ``modules`` (the next press resets them)."""
+        return cls(cache, token, [getattr(module, "masked_key_indices", None) for module in modules])
+
 
 def measure_configurations(
     model: PreTrainedModel, input_ids: torch.Tensor, configs: Sequence[tuple[str, float]], settings: BenchSettings
@@ -371,7 +376,7 @@ def measure_configurations(
                 prefill_times[config].append(seconds)
             if round_ == settings.warmup + settings.repeats - 1:
                 summaries[config] = summarize_cache(model, cache, length)
-                live[config] = _LiveCache(cache, token, [getattr(m, "masked_key_indices", None) for m in modules])
+                live[config] = _LiveCache.after_prefill(cache, token, modules)
             del cache, token
     rates = decode_rates(model, live, length, settings)
     return [
@@ -593,7 +598,7 @@ def long_decoding(
             key = (method, 0.0 if method == "none" else ratio)
             cache = compress_replay(model, prefill, make_press(*key))
             summaries[key] = (summarize_cache(model, cache, length).bytes_held, gathered_padding(cache))
-            live[key] = _LiveCache(cache, token, [getattr(m, "masked_key_indices", None) for m in modules])
+            live[key] = _LiveCache.after_prefill(cache, token, modules)
         del prefill
         rates = decode_rates(model, live, length, settings)
         rows += [LongDecodingRow(length, method, r, *summaries[method, r], rates[method, r]) for method, r in live]
@@ -670,7 +675,8 @@ def batched_decoding(
                 )
             # times[1] is the first token, after the prefill; every later one is a decoding step
             steps[config] += [b - a for a, b in itertools.pairwise(clock.times[1 + settings.warmup :])]
-            held[config] = cache_bytes(out.past_key_values) - _tail_bytes(out.past_key_values, new_tokens - 1)
+            if round_ == 0:  # the same bytes every round
+                held[config] = cache_bytes(out.past_key_values) - _tail_bytes(out.past_key_values, new_tokens - 1)
             del out
     return [
         BatchedRow(method, r, lengths, held[method, r], rows / statistics.median(steps[method, r]))

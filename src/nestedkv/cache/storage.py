@@ -65,8 +65,7 @@ class RaggedLayer(DynamicLayer):
         ``context_length``: the tokens the keys stand for, if not ``N`` (a cache a press has already
         shortened; then there are no positions to keep)."""
         batch, heads, n = keep.shape
-        lengths = keep.sum(dim=-1).flatten()
-        offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+        offsets = cls.offsets_of(keep.sum(dim=-1).flatten())
         positions = torch.arange(n, device=keep.device).expand(batch, heads, n)[keep] if keep_positions else None
         return cls(keys[keep], values[keep], offsets, batch, heads, n if context_length is None else context_length,
                    positions)
@@ -81,12 +80,16 @@ class RaggedLayer(DynamicLayer):
                 raise ValueError("only layers of the same heads and context length can be stacked")
             if not layer.stackable:
                 raise ValueError("only freshly compressed layers without key positions can be stacked")
-        lengths = torch.cat([layer.offsets.diff() for layer in layers])
         return cls(
             torch.cat([layer.context_keys for layer in layers]), torch.cat([layer.context_values for layer in layers]),
-            torch.nn.functional.pad(lengths.cumsum(0), (1, 0)), sum(layer.batch for layer in layers), first.heads,
-            first.context_length,
+            cls.offsets_of(torch.cat([layer.offsets.diff() for layer in layers])), sum(layer.batch for layer in layers),
+            first.heads, first.context_length,
         )
+
+    @staticmethod
+    def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
+        """Cumulative offsets of streams of ``lengths (streams,)`` packed one after another. ``-> (streams + 1,)``."""
+        return torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
 
     @property
     def stackable(self) -> bool:
@@ -172,7 +175,7 @@ class RaggedLayer(DynamicLayer):
         heads = torch.arange(self.heads, device=rows.device)
         streams = (rows[:, None] * self.heads + heads).flatten()
         lengths = self.offsets.diff()[streams]
-        offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+        offsets = self.offsets_of(lengths)
         # Row j of the new buffer is row (old start of its stream) + (j - new start of its stream).
         shift = torch.repeat_interleave(self.offsets[streams] - offsets[:-1], lengths)
         index = torch.arange(int(offsets[-1]), device=rows.device) + shift
