@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nestedkv.cache import RaggedLayer, attention
-from nestedkv.cache.attention import ragged_attention, uses_varlen_kernel
+from nestedkv.cache import RaggedLayer, attention, cpu_kernel
+from nestedkv.cache.attention import ragged_attention, uses_cpu_kernel, uses_varlen_kernel
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
@@ -65,7 +65,11 @@ SHAPES = dict(
 def test_ragged_attention_equals_dense_masked_attention(batch, heads, group, n, tail, window, dtype, seed, data):
     # one new token at a time (as a long chunk goes, in blocks of tokens) or all at once
     logits_at_once = data.draw(st.sampled_from([1, attention.GATHERED_LOGITS]))
-    with mock.patch.object(attention, "GATHERED_LOGITS", logits_at_once):
+    # the CPU kernel where it applies, or the gathered path everywhere (as on a machine without a compiler)
+    built = cpu_kernel.kernel() if data.draw(st.booleans()) else None
+    with mock.patch.object(attention, "GATHERED_LOGITS", logits_at_once), mock.patch.object(
+        cpu_kernel, "kernel", lambda: built
+    ):
         check_against_dense(batch, heads, group, n, tail, window, dtype, seed, data, device="cpu", d=8)
 
 
@@ -109,10 +113,45 @@ def check_against_dense(batch, heads, group, n, tail, window, dtype, seed, data,
     scaling = d**-0.5
     query_on = query.to(device)
     assert uses_varlen_kernel(query_on, layer) == (device == "cuda" and window is None)
+    assert uses_cpu_kernel(query_on, layer) == (
+        device == "cpu" and dtype == torch.float32 and window is None and cpu_kernel.kernel() is not None
+    )
     got = ragged_attention(query_on, layer, scaling, model_mask[:, None].to(device))
     want = dense_reference(query, keys, values, tail_keys, tail_values, keep, model_mask, scaling)
     assert got.dtype == dtype and got.shape == want.shape and got.device.type == device
     torch.testing.assert_close(got.cpu().double(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.skipif(cpu_kernel.kernel() is None, reason="no C compiler builds the CPU kernel here")
+@pytest.mark.parametrize("q_len", [1, 3, attention.CPU_KERNEL_TOKENS])
+def test_cpu_kernel_splits_long_heads_into_chunks_and_merges_them(q_len):
+    """Heads longer than the kernel's chunk of keys (256), an empty head, one of a single key: the
+    chunks' partial softmaxes merged must equal the plain computation, and ragged_attention must use it."""
+    generator = torch.Generator().manual_seed(q_len)
+    batch, heads, group, n, tail, d = 2, 3, 4, 900, q_len + 2, 16
+    keys, values = (torch.randn(batch, heads, n, d, generator=generator) for _ in range(2))
+    tail_keys, tail_values = (torch.randn(batch, heads, tail, d, generator=generator) for _ in range(2))
+    query = torch.randn(batch, heads * group, q_len, d, generator=generator)
+    keep = torch.rand(batch, heads, n, generator=generator) < torch.tensor([0.9, 0.4, 0.0])[:, None]
+    keep[0, 2], keep[1, 1], keep[1, 2, 5] = True, False, True  # row 1: one head keeps nothing, one a single key
+    layer = ragged_layer(keys, values, keep, tail_keys, tail_values, keep_positions=False)
+    assert layer.longest > 2 * 256 and 0 in layer.offsets.diff().tolist()
+    assert uses_cpu_kernel(query, layer)
+    mask = torch.ones(batch, q_len, n + tail, dtype=torch.bool)
+    with mock.patch.object(cpu_kernel, "ragged_attention_cpu", wraps=cpu_kernel.ragged_attention_cpu) as called:
+        got = ragged_attention(query, layer, d**-0.5, mask[:, None] if q_len > 1 else None)
+    assert called.call_count == 1
+    want = dense_reference(query, keys, values, tail_keys, tail_values, keep, mask, d**-0.5)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_kernel_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("NESTEDKV_CPU_KERNEL", "0")
+    cpu_kernel.kernel.cache_clear()
+    try:
+        assert cpu_kernel.kernel() is None
+    finally:
+        cpu_kernel.kernel.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

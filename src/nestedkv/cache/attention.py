@@ -8,7 +8,11 @@ stream's packed context plus the dense tail, for all streams at once:
   query heads, its keys the rows ``offsets[s]:offsets[s + 1]`` of the packed buffer, read in place,
   and the dense tail ``(B, H, T, head_dim)`` is attended apart; the two partial softmaxes are
   merged by their log-sum-exps, as split-KV attention kernels do;
-* elsewhere (CPU, float32, or a layer that keeps key positions) the context is gathered into a
+* on the CPU in float32, when the mask hides nothing of the tail beyond causality (decoding, a new
+  turn's prefill), a small C kernel (:mod:`nestedkv.cache.cpu_kernel`) reads each stream's context and
+  tail in place, split over threads by chunks of keys, one call for every stream of the layer;
+* elsewhere (other dtypes on the CPU, padding among the new tokens, a layer that keeps key positions,
+  inside ``torch.compile``, or where no C compiler works) the context is gathered into a
   ``(streams, longest, head_dim)`` block whose missing entries are masked (:func:`gathered_context`),
   the tail appended, and one batched product and one softmax serve every head (a chunk of many
   new tokens goes a block of tokens at a time, so that its logits stay under :data:`GATHERED_LOGITS`).
@@ -32,6 +36,7 @@ import kvpress  # noqa: F401  (kvpress patches attention at import; ours must wr
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from nestedkv.cache import cpu_kernel
 from nestedkv.cache.storage import RaggedLayer
 
 try:
@@ -40,6 +45,10 @@ except ImportError:  # torch < 2.10
     varlen_attn = None
 
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+
+CPU_KERNEL_TOKENS = 8
+"""The most new tokens per row the CPU kernel takes: it computes logits without BLAS, which a few
+decoding queries do not need and a prefill chunk's many queries do (they take the gathered path)."""
 
 GATHERED_LOGITS = 2**22
 """Float32 logits (16 MiB) the gathered path forms at once; a longer chunk of queries goes in blocks."""
@@ -139,6 +148,18 @@ def uses_varlen_kernel(query: torch.Tensor, layer: RaggedLayer) -> bool:
     )
 
 
+def uses_cpu_kernel(query: torch.Tensor, layer: RaggedLayer) -> bool:
+    """Whether :func:`ragged_attention` can read ``layer``'s context with the CPU kernel
+    (:mod:`nestedkv.cache.cpu_kernel`), if the mask hides nothing of the tail beyond causality: on the CPU,
+    in float32, no per-key mask (sliding windows), nothing to differentiate, not inside ``torch.compile``
+    (which traces the gathered path into its graph), and a kernel this machine could build."""
+    return (
+        query.device.type == "cpu" and query.dtype == layer.context_keys.dtype == torch.float32
+        and layer.positions is None and not (torch.is_grad_enabled() and query.requires_grad)
+        and not torch.compiler.is_compiling() and cpu_kernel.kernel() is not None
+    )
+
+
 def ragged_attention(
     query: torch.Tensor, layer: RaggedLayer, scaling: float, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -158,18 +179,29 @@ def ragged_attention(
     visible = visible_columns(attention_mask, batch, q_len)
 
     device = query.device
-    if visible is None and q_len == 1:  # one new token per row, no mask: it sees the whole tail
-        tail_visible = None
-    else:
-        tail_visible = torch.arange(tail, device=device) <= torch.arange(tail - q_len, tail, device=device)[:, None]
-        tail_visible = tail_visible.expand(batch, q_len, tail)
+    tail_keys, tail_values = layer.keys.reshape(streams, tail, head_dim), layer.values.reshape(streams, tail, head_dim)
+    # Which tail keys each new token may see by causality; nothing to build for one new token and no mask.
+    causal = None
+    if visible is not None or q_len > 1:
+        causal = torch.arange(tail, device=device) <= torch.arange(tail - q_len, tail, device=device)[:, None]
+    # The CPU kernel applies causality itself: it serves a mask that hides nothing of the tail beyond it
+    # (the common case: no padding among the new tokens). A host sync, but only with a mask.
+    use_cpu_kernel = q_len <= CPU_KERNEL_TOKENS and uses_cpu_kernel(query, layer) and (
+        visible is None or bool((visible[..., -tail:] | ~causal).all())
+    )
+    tail_visible = None  # what the mask and causality hide of the tail, where the kernels need it spelled out
+    if causal is not None and not use_cpu_kernel:
+        tail_visible = causal.expand(batch, q_len, tail)
         if visible is not None:
             tail_visible = tail_visible & visible[..., -tail:]
         tail_visible = tail_visible[:, None, None].expand(batch, heads, group, q_len, tail)
         tail_visible = tail_visible.reshape(streams, rows_per_stream, tail)
-    tail_keys, tail_values = layer.keys.reshape(streams, tail, head_dim), layer.values.reshape(streams, tail, head_dim)
 
-    if uses_varlen_kernel(query, layer):
+    if use_cpu_kernel:
+        output = cpu_kernel.ragged_attention_cpu(
+            q, layer.context_keys, layer.context_values, layer.offsets, tail_keys, tail_values, q_len
+        )
+    elif uses_varlen_kernel(query, layer):
         context_out, context_lse = _varlen_context_attention(grouped, layer, scaling)
         tail_logits = _masked_logits(q, tail_keys, tail_visible)
         tail_lse = torch.logsumexp(tail_logits, dim=-1)

@@ -1,0 +1,84 @@
+"""A variable-length attention kernel for the CPU, the counterpart of FlashAttention's varlen call on CUDA.
+
+PyTorch has no CPU kernel that reads per-head segments of a packed buffer in place; gathering them
+into a padded block costs a copy of the whole cache on every decoding step. ``ragged_attention_cpu.c``
+(beside this file) reads each stream's context and tail where they lie, split over threads by chunks
+of keys, in one call for every stream of a layer. It is compiled with the system's C compiler the first
+time a process needs it (about 0.2 s; ``-march=native``, so the binary is never shared between machines)
+and called through ``ctypes``. Where no compiler works, or ``NESTEDKV_CPU_KERNEL=0`` is set,
+:func:`kernel` is ``None`` and :mod:`nestedkv.cache.attention` uses its gathered path: same answers, slower.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("ragged_attention_cpu.c")
+
+# Tried in order: the fastest build this compiler accepts (vector instructions of this CPU, OpenMP
+# threads), down to a plain one. -ffast-math is for the compile step only: linking with it would set
+# flush-to-zero for the whole process (crtfastmath), so the link step is separate.
+_BUILDS = (
+    ("-O3", "-ffast-math", "-march=native", "-fopenmp"),
+    ("-O3", "-ffast-math", "-fopenmp"),
+    ("-O3", "-ffast-math"),
+)
+
+
+@functools.cache
+def kernel() -> ctypes.CDLL | None:
+    """The compiled kernel, built once per process; ``None`` where it is disabled or cannot be built."""
+    if os.environ.get("NESTEDKV_CPU_KERNEL", "1") == "0":
+        return None
+    compiler = os.environ.get("CC", "cc")
+    directory = tempfile.mkdtemp(prefix="nestedkv-kernel-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    obj, library = os.path.join(directory, "kernel.o"), os.path.join(directory, "kernel.so")
+    for flags in _BUILDS:
+        openmp = [flag for flag in flags if flag == "-fopenmp"]
+        try:
+            subprocess.run([compiler, *flags, "-fPIC", "-c", str(SOURCE), "-o", obj], check=True, capture_output=True)
+            subprocess.run([compiler, "-shared", *openmp, obj, "-o", library, "-lm"], check=True, capture_output=True)
+            loaded = ctypes.CDLL(library)
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        loaded.ragged_attention_cpu.argtypes = [pointer] * 7 + [size] * 5 + [ctypes.c_int]
+        loaded.ragged_attention_cpu.restype = ctypes.c_int
+        return loaded
+    return None
+
+
+def ragged_attention_cpu(
+    q: torch.Tensor, context_keys: torch.Tensor, context_values: torch.Tensor, offsets: torch.Tensor,
+    tail_keys: torch.Tensor, tail_values: torch.Tensor, q_len: int,
+) -> torch.Tensor:
+    """Attention of each stream's query rows over its packed context and, causally, its tail.
+
+    q ``(S, R, d)`` float32, already scaled: stream ``s``'s ``R = group * q_len`` rows, row ``r`` being
+    new token ``r % q_len``; context_keys, context_values ``(L, d)`` float32, stream ``s`` at rows
+    ``offsets[s]:offsets[s + 1]`` (offsets int64 ``(S + 1,)``); tail_keys, tail_values ``(S, T, d)``
+    float32, whose last ``q_len`` entries are the new tokens. ``-> (S, R, d)`` float32. Requires
+    :func:`kernel` to be available.
+    """
+    streams, rows, dim = q.shape
+    q, tail_keys, tail_values = q.contiguous(), tail_keys.contiguous(), tail_values.contiguous()
+    context_keys, context_values, offsets = context_keys.contiguous(), context_values.contiguous(), offsets.contiguous()
+    output = q.new_empty(streams, rows, dim)
+    status = kernel().ragged_attention_cpu(
+        q.data_ptr(), context_keys.data_ptr(), context_values.data_ptr(), offsets.data_ptr(),
+        tail_keys.data_ptr(), tail_values.data_ptr(), output.data_ptr(),
+        streams, rows, q_len, tail_keys.shape[1], dim, torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError("the CPU attention kernel could not allocate its scratch memory")
+    return output
