@@ -63,7 +63,7 @@ from transformers.utils import logging as hf_logging
 from nestedkv.bench.methods import make_press
 from nestedkv.bench.plan import LONG_DECODING_RATIO, RANDOM_SHAPES, BenchSettings
 from nestedkv.bench.replay import Prefill, compress_replay, prefill
-from nestedkv.cache import RaggedLayer, summarize_cache
+from nestedkv.cache import RaggedLayer, cpu_kernel, summarize_cache
 from nestedkv.models import attention_modules
 from nestedkv.press import NestedKVPress
 from nestedkv.scoring import nestedkv_score
@@ -717,6 +717,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         **{name: _version(name) for name in ("torch", "transformers", "kvpress", "nestedkv")},
         "device": str(device),
+        # which path float32 ragged attention takes on the CPU (nestedkv.cache.attention)
+        "cpu_ragged_attention": "C kernel" if cpu_kernel.kernel() is not None else "gathered",
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -808,7 +810,10 @@ def _mib(n: int) -> str:
 def format_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: a header line, the memory and time table, scoring, scaling."""
     machine, model, settings = report["machine"], report["model"], report["settings"]
-    hardware = machine.get("gpu") or f"{machine['cpu']}, {machine['torch_threads']} torch thread(s)"
+    hardware = machine.get("gpu") or (
+        f"{machine['cpu']}, {machine['torch_threads']} torch thread(s), "
+        f"ragged attention: {machine.get('cpu_ragged_attention', 'gathered')}"
+    )
     length = settings["length"]
     lines = [
         f"{model['name']} ({model['parameters'] / 1e6:.1f} M parameters, {model['dtype']}) on {machine['device']} "
@@ -914,7 +919,7 @@ def _long_decoding_markdown(long: dict[str, Any]) -> list[str]:
         f"Decoding from long contexts: {shape['num_hidden_layers']} layers x {shape['num_key_value_heads']} KV heads x "
         f"{shape['head_dim']} dims, random weights, {long['dtype']}; each cache built by the press's own hook from "
         "random keys and values standing for the prefill (decode time depends on the lengths kept, not on the "
-        "keys); padding = what the gathered CPU attention reads per kept key:",
+        "keys); padding = what the gathered CPU attention reads per kept key (the C kernel reads the kept keys only):",
         "",
         "| N | method | r | KV held (MiB) | padding | decode (tok/s) | vs none | vs keydiff |",
         "|---|---|---|---|---|---|---|---|",

@@ -81,6 +81,8 @@ int ragged_attention_cpu(const float *q, const float *context_keys, const float 
     for (int64_t s = 0; s < streams; s++)
         for (int64_t c = first_chunk[s]; c < first_chunk[s + 1]; c++) owner[c] = s;
     int failed = 0;
+    /* One parallel region: the chunks, then (after the implicit barrier of the first loop) the merge of
+     * each stream's partials; waking the threads twice costs as much as a short layer's work. */
 #pragma omp parallel num_threads(threads)
     {
         float *logits = malloc(rows * CHUNK * sizeof(float));
@@ -99,10 +101,9 @@ int ragged_attention_cpu(const float *q, const float *context_keys, const float 
         }
         free(logits);
         free(visible);
-    }
-    if (!failed) {
-#pragma omp parallel for num_threads(threads)
-        for (int64_t s = 0; s < streams; s++)
+#pragma omp for
+        for (int64_t s = 0; s < streams; s++) {
+            if (failed) continue;
             for (int64_t r = 0; r < rows; r++) {
                 float *result = out + (s * rows + r) * dim, top = -FLT_MAX, sum = 0.f;
                 memset(result, 0, dim * sizeof(float));
@@ -116,8 +117,9 @@ int ragged_attention_cpu(const float *q, const float *context_keys, const float 
                     sum += part[dim + 1] * scale;
                     for (int64_t t = 0; t < dim; t++) result[t] += part[t] * scale;
                 }
-                for (int64_t t = 0; t < dim; t++) result[t] /= sum;  /* sum >= 1: a row sees its own token */
+                for (int64_t t = 0; t < dim; t++) result[t] /= sum; /* sum >= 1: a row sees its own token */
             }
+        }
     }
     free(first_chunk), free(parts), free(owner);
     return failed ? -1 : 0;
