@@ -210,3 +210,14 @@ def test_logical_length_and_crop():
     assert layer.get_seq_length() == 11
     with pytest.raises(ValueError, match="cannot crop a compressed cache to 9 tokens"):
         layer.crop(9)
+
+
+@pytest.mark.skipif(cpu_kernel.kernel() is None, reason="no C compiler builds the CPU kernel here")
+def test_cpu_kernel_refuses_tensors_it_would_misread():
+    """The kernel reads raw float32 pointers: any other dtype is refused in one line, not read as garbage."""
+    q = torch.randn(2, 3, 8)
+    keys, offsets, tail = torch.randn(10, 8), torch.tensor([0, 4, 10]), torch.randn(2, 1, 8)
+    with pytest.raises(ValueError, match="float32 CPU tensors only"):
+        cpu_kernel.ragged_attention_cpu(q, keys.bfloat16(), keys, offsets, tail, tail, 1)
+    want = cpu_kernel.ragged_attention_cpu(q, keys, keys, offsets, tail, tail, 1)
+    torch.testing.assert_close(cpu_kernel.ragged_attention_cpu(q, keys, keys, offsets.int(), tail, tail, 1), want)

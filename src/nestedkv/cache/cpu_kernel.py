@@ -71,8 +71,12 @@ def ragged_attention_cpu(
     :func:`kernel` to be available.
     """
     streams, rows, dim = q.shape
-    q, tail_keys, tail_values = q.contiguous(), tail_keys.contiguous(), tail_values.contiguous()
-    context_keys, context_values, offsets = context_keys.contiguous(), context_values.contiguous(), offsets.contiguous()
+    # The C side reads raw pointers: a wrong dtype would be read as garbage, not refused.
+    tensors = (q, context_keys, context_values, tail_keys, tail_values)
+    if any(tensor.dtype != torch.float32 or tensor.device.type != "cpu" for tensor in tensors):
+        raise ValueError("the CPU attention kernel takes float32 CPU tensors only; use the gathered path")
+    q, context_keys, context_values, tail_keys, tail_values = (tensor.contiguous() for tensor in tensors)
+    offsets = offsets.to(torch.int64).contiguous()
     output = q.new_empty(streams, rows, dim)
     status = kernel().ragged_attention_cpu(
         q.data_ptr(), context_keys.data_ptr(), context_values.data_ptr(), offsets.data_ptr(),
