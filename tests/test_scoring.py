@@ -257,6 +257,18 @@ def test_pooling_shares_a_score_with_the_neighbours_on_a_hand_example():
     torch.testing.assert_close(pool_neighbours(scores, 3, "mean"), mean)
 
 
+@pytest.mark.parametrize("pool", ["max", "mean"])
+@pytest.mark.parametrize("size", [3, 5, 9])
+def test_pooling_over_held_positions_takes_the_held_keys_within_reach_of_each(pool, size):
+    torch.manual_seed(size)
+    scores = torch.rand(2, 40)
+    torch.testing.assert_close(pool_neighbours(scores, size, pool, torch.arange(40)), pool_neighbours(scores, size, pool))
+    positions = torch.randperm(100)[:40].sort().values  # a stream's held positions, with gaps
+    half, reduce = size // 2, (lambda x: x.amax(-1)) if pool == "max" else (lambda x: x.mean(-1))
+    expected = torch.stack([reduce(scores[:, (positions - p).abs() <= half]) for p in positions], dim=-1)
+    torch.testing.assert_close(pool_neighbours(scores, size, pool, positions), expected)
+
+
 def test_the_papers_settings_are_the_spec_s_and_the_shipped_default_differs_in_two():
     paper, shipped = NestedKVConfig(**PAPER_SETTINGS), NestedKVConfig()
     assert (paper.scales, paper.mixing, paper.gate, paper.normalisation) == (SCALES, "adaptive", "soft", "minmax")

@@ -25,10 +25,11 @@ from nestedkv.streaming import (
 
 
 @pytest.mark.parametrize("arrivals", [(640,), (100, 300, 240), (1,) * 5 + (635,), (127, 1, 512)])
-def test_streaming_score_before_any_eviction_is_the_one_shot_score(arrivals):
+@pytest.mark.parametrize("switches", [{}, {"pool_size": 5, "recency": 0.5}])
+def test_streaming_score_before_any_eviction_is_the_one_shot_score(arrivals, switches):
     torch.manual_seed(0)
     keys = torch.randn(1, 3, sum(arrivals), 16) + torch.randn(1, 3, 1, 16)  # a shared direction, as real keys have
-    config = NestedKVConfig(block_size=128)
+    config = NestedKVConfig(block_size=128, **switches)
     k_hat = normalise_keys(keys, config.eps)[0]
     memory, windows, seen = {}, [], 0
     for t in arrivals:
@@ -212,8 +213,6 @@ def test_refusals(model, tokenizer):
         BudgetedPress(budget=4)
     with pytest.raises(ValueError, match="interval"):
         BudgetedPress(interval=0)
-    with pytest.raises(ValueError, match="cannot pool scores"):
-        BudgetedPress(config=NestedKVConfig(pool_size=5))
     ids = tokenizer(demo_sample()["context"], return_tensors="pt").input_ids[:, :200]
     left_padded = torch.ones(2, 20, dtype=torch.long)
     left_padded[0, :5] = 0

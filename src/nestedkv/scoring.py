@@ -266,21 +266,41 @@ def favour_recent(scores: torch.Tensor, recency: float, places: torch.Tensor | N
     return (scores + recency * places) / (1 + recency)
 
 
-def pool_neighbours(scores: torch.Tensor, size: int, pool: str = "max") -> torch.Tensor:
+def pool_neighbours(
+    scores: torch.Tensor, size: int, pool: str = "max", positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Max or mean of the scores in the window of ``size`` positions centred on each position (the
     window is cut at the ends). ``(..., N) -> (..., N)``; ``size`` odd, 1 leaves the scores as they are.
 
     A fact is a run of tokens, and a key-only score ranks its tokens unevenly; pooling lets the
     neighbours of a salient key share its rank, as SnapKV pools attention over a kernel of 5.
+
+    ``positions`` (``(N,)``, increasing) are the scored keys' positions when they are not ``0..N-1``
+    (a stream that has evicted some): the window then holds the scored keys within ``size // 2``
+    positions of each, which are within ``size // 2`` places of it in the list; before any eviction
+    this is the plain window.
     """
     if size == 1:
         return scores
-    flat = scores.reshape(-1, 1, scores.shape[-1])
-    if pool == "max":
-        pooled = torch.nn.functional.max_pool1d(flat, size, stride=1, padding=size // 2)
-    else:
-        pooled = torch.nn.functional.avg_pool1d(flat, size, stride=1, padding=size // 2, count_include_pad=False)
-    return pooled.reshape(scores.shape)
+    if positions is None:
+        flat = scores.reshape(-1, 1, scores.shape[-1])
+        if pool == "max":
+            pooled = torch.nn.functional.max_pool1d(flat, size, stride=1, padding=size // 2)
+        else:
+            pooled = torch.nn.functional.avg_pool1d(flat, size, stride=1, padding=size // 2, count_include_pad=False)
+        return pooled.reshape(scores.shape)
+    half = size // 2
+    total, count = scores.clone(), torch.ones_like(scores)
+    for shift in range(1, min(half, scores.shape[-1] - 1) + 1):
+        near = positions[shift:] - positions[:-shift] <= half  # the pair (i, i + shift) shares a window
+        for into, come_from in ((slice(shift, None), slice(None, -shift)), (slice(None, -shift), slice(shift, None))):
+            other = scores[..., come_from]
+            if pool == "max":
+                total[..., into] = torch.where(near, torch.maximum(total[..., into], other), total[..., into])
+            else:
+                total[..., into] += torch.where(near, other, 0.0)
+                count[..., into] += near
+    return total if pool == "max" else total / count
 
 
 # --- the whole score --------------------------------------------------------------------------
@@ -318,13 +338,13 @@ def score_heads(keys: torch.Tensor, config: NestedKVConfig) -> torch.Tensor:
 
 
 def score_anomalies(
-    anomalies: torch.Tensor, config: NestedKVConfig, places: torch.Tensor | None = None
+    anomalies: torch.Tensor, config: NestedKVConfig, positions: torch.Tensor | None = None, seen: int = 0
 ) -> torch.Tensor:
     """Steps 3 (normalisation) to 6 from the raw cosine anomalies. ``(H, S, N) -> scores (H, N)``.
 
     Shared by the one-shot score and the streaming one (:mod:`nestedkv.streaming`), which keeps its
     anchors across compressions and hands over the anomalies of the positions it still holds, with
-    their ``places`` between the first token and the last (:func:`favour_recent`).
+    those ``positions`` (``(N,)``) among the ``seen`` tokens: the recency ramp and the pooling follow them.
     """
     start = config.n_sink
     normalise = minmax if config.normalisation == "minmax" else rank_normalise
@@ -339,8 +359,9 @@ def score_anomalies(
         winner = a.amax(dim=-2)
         gate = torch.ones_like(blend) if config.gate == "max" else surprise_gate(a, config.tau, config.kappa, start)
         score = (1 - gate) * blend + gate * winner
+    places = None if positions is None else positions.to(score.dtype) / max(seen - 1, 1)
     score = favour_recent(score, config.recency, places)  # beyond the paper: 0 = off
-    score = pool_neighbours(score, config.pool_size, config.pool)  # beyond the paper: 1 = off
+    score = pool_neighbours(score, config.pool_size, config.pool, positions)  # beyond the paper: 1 = off
     return pin_protected(score, config.n_sink, config.n_recent)  # step 6
 
 

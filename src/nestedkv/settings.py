@@ -195,10 +195,6 @@ class BudgetedSettings:
         check_number("interval", self.interval, low=1, integer=True)
         check_number("head_slack", self.head_slack, low=0, integer=True)
         check_number("alpha_safeguard", self.alpha_safeguard, low=0, high=1)
-        if self.config.pool_size != 1:
-            # once a stream has evicted, the held positions are no longer contiguous: pooling would mix strangers
-            raise ValueError("a budgeted cache cannot pool scores (held positions are not contiguous); "
-                             "use a config with pool_size=1")
         protected = self.protected
         if self.budget is not None and self.budget <= protected:
             raise ValueError(f"budget {self.budget} must be above the {protected} sink + recent positions always kept")

@@ -135,8 +135,7 @@ def held_scores(
         k_hat = normalise_keys(keys, config.eps)
         raw = stream_anomalies(k_hat, positions, window, memory["global_sum"][s], memory["block_sums"][s],
                               memory["block_ids"][s], seen, config)
-        places = positions.to(torch.float32) / max(seen - 1, 1)  # the recency ramp follows the positions
-        scores[s, : len(keys)] = score_anomalies(raw[None], config, places)[0]
+        scores[s, : len(keys)] = score_anomalies(raw[None], config, positions, seen)[0]
     return scores
 
 
