@@ -12,8 +12,8 @@ from nestedkv.budgets import head_adaptive_keep
 from nestedkv.cache import RaggedLayer
 from nestedkv.chat import Chat
 from nestedkv.cli import demo_sample
-from nestedkv.scoring import nestedkv_score, normalise_keys
-from nestedkv.settings import NestedKVConfig
+from nestedkv.scoring import nestedkv_score, normalise_keys, pool_neighbours
+from nestedkv.settings import STREAM_POOL, NestedKVConfig
 from nestedkv.streaming import (
     BudgetedPress,
     compress_layer,
@@ -42,7 +42,7 @@ def test_streaming_score_before_any_eviction_is_the_one_shot_score(arrivals, swi
                                atol=1e-5, rtol=0)
 
 
-def test_a_stream_ramps_its_held_keys_by_their_positions_among_every_token_seen():
+def test_a_stream_ramps_and_pools_its_held_keys_by_their_positions_among_every_token_seen():
     torch.manual_seed(0)
     keys = torch.randn(1, 2, 300, 16) + torch.randn(1, 2, 1, 16)
     flat, ramped = NestedKVConfig(block_size=128, recency=0.0), NestedKVConfig(block_size=128, recency=0.5)
@@ -53,6 +53,12 @@ def test_a_stream_ramps_its_held_keys_by_their_positions_among_every_token_seen(
     scored = slice(4, len(positions) - ramped.n_recent)  # neither sinks nor the protected recent window
     expected = (held_scores(held, memory, 300, flat) + 0.5 * positions / 299) / 1.5
     torch.testing.assert_close(held_scores(held, memory, 300, ramped)[:, scored], expected[:, scored])
+    # pooling follows the held positions too: away from the pinned ends, the flat scores pooled by position
+    pooled = NestedKVConfig(block_size=128, recency=0.0, pool_size=5)
+    inner = slice(4 + 5, len(positions) - pooled.n_recent - 5)
+    expected = pool_neighbours(held_scores(held, memory, 300, flat), 5, "max", positions)
+    torch.testing.assert_close(held_scores(held, memory, 300, pooled)[:, inner], expected[:, inner])
+    assert BudgetedPress().config.pool_size == STREAM_POOL > 1  # what a budgeted cache ships with
 
 
 def test_head_adaptive_keep_caps_each_head_and_never_keeps_an_invalid_candidate():
