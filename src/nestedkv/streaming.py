@@ -25,8 +25,9 @@ in the ragged layer's ``per_stream`` memory, everything they need (``d`` = head 
 
 The anomalies of the held keys against these anchors then go through the paper's steps 3 to 6
 (:func:`nestedkv.scoring.score_anomalies`: min-max over the held positions, head-adaptive mixing,
-surprise gate, a recency ramp, if asked for, by each key's position among the tokens seen, pinned sinks
-and recent positions). Before anything is evicted this is the one-shot
+surprise gate, a recency ramp, if asked for, by each key's position among the tokens seen, a max
+over the held keys within a few positions (:data:`~nestedkv.settings.STREAM_POOL`), pinned sinks and
+recent positions). Before anything is evicted this is the one-shot
 score of :func:`nestedkv.scoring.nestedkv_score` with the same block size. A compression of a layer
 holding ``M`` positions per head and ``T`` new ones costs ``O((M + T) d)`` per head plus a
 ``(B, H * (M + T))`` top-k; the memory added is ``(n_blocks + window + 1) d`` floats per stream
