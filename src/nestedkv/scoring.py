@@ -292,14 +292,14 @@ def pool_neighbours(
     half = size // 2
     total, count = scores.clone(), torch.ones_like(scores)
     for shift in range(1, min(half, scores.shape[-1] - 1) + 1):
-        near = positions[shift:] - positions[:-shift] <= half  # the pair (i, i + shift) shares a window
+        far = positions[shift:] - positions[:-shift] > half  # the pair (i, i + shift) shares no window
         for into, come_from in ((slice(shift, None), slice(None, -shift)), (slice(None, -shift), slice(shift, None))):
-            other = scores[..., come_from]
             if pool == "max":
-                total[..., into] = torch.where(near, torch.maximum(total[..., into], other), total[..., into])
+                other = scores[..., come_from].masked_fill(far, -torch.inf)
+                total[..., into] = torch.maximum(total[..., into], other)
             else:
-                total[..., into] += torch.where(near, other, 0.0)
-                count[..., into] += near
+                total[..., into] += scores[..., come_from].masked_fill(far, 0.0)
+                count[..., into] += ~far
     return total if pool == "max" else total / count
 
 
@@ -338,13 +338,14 @@ def score_heads(keys: torch.Tensor, config: NestedKVConfig) -> torch.Tensor:
 
 
 def score_anomalies(
-    anomalies: torch.Tensor, config: NestedKVConfig, positions: torch.Tensor | None = None, seen: int = 0
+    anomalies: torch.Tensor, config: NestedKVConfig, positions: torch.Tensor | None = None, seen: int | None = None
 ) -> torch.Tensor:
     """Steps 3 (normalisation) to 6 from the raw cosine anomalies. ``(H, S, N) -> scores (H, N)``.
 
     Shared by the one-shot score and the streaming one (:mod:`nestedkv.streaming`), which keeps its
     anchors across compressions and hands over the anomalies of the positions it still holds, with
-    those ``positions`` (``(N,)``) among the ``seen`` tokens: the recency ramp and the pooling follow them.
+    those ``positions`` (``(N,)``) among the ``seen`` tokens (give both): the recency ramp and the pooling
+    follow them.
     """
     start = config.n_sink
     normalise = minmax if config.normalisation == "minmax" else rank_normalise
