@@ -19,19 +19,6 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
             max_position_embeddings=4096)
 
 
-@pytest.fixture(scope="module")
-def prompts(tokenizer):
-    """Three chat prompts of different lengths (needle samples of ~300, ~500 and ~700 tokens)."""
-    if tokenizer.pad_token is None:  # the GGUF tokenizer names none; padding needs one
-        tokenizer.pad_token = tokenizer.eos_token
-    texts = []
-    for length, seed in ((300, 1), (500, 2), (700, 3)):
-        sample = build_samples("niah_single_1", 1, tokenizer, length, seed=seed)[0]
-        messages = [{"role": "user", "content": sample.context + "\n" + sample.question}]
-        texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-    return texts
-
-
 def generate(model, tokenizer, texts, press, padding_side="left", **options):
     tokenizer.padding_side = padding_side
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)

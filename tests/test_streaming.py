@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_correctness import tiny_llama, tiny_mistral
+from test_correctness import generate, tiny_llama, tiny_mistral, until_eos
 from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -33,12 +33,12 @@ def test_streaming_score_before_any_eviction_is_the_one_shot_score(arrivals, swi
     k_hat = normalise_keys(keys, config.eps)[0]
     memory, windows, seen = {}, [], 0
     for t in arrivals:
-        windows.append(remember(memory, k_hat[:, seen : seen + t], seen, config))
+        windows.append(remember(memory, k_hat[:, seen : seen + t], config))
         seen += t
     window = torch.cat(windows, dim=1)
     positions = torch.arange(seen)
     held = [(keys[0, h], positions, window[h]) for h in range(3)]
-    torch.testing.assert_close(held_scores(held, memory, seen, config), nestedkv_score(keys, config)[0],
+    torch.testing.assert_close(held_scores(held, memory, config), nestedkv_score(keys, config)[0],
                                atol=1e-5, rtol=0)
 
 
@@ -47,17 +47,17 @@ def test_a_stream_ramps_and_pools_its_held_keys_by_their_positions_among_every_t
     keys = torch.randn(1, 2, 300, 16) + torch.randn(1, 2, 1, 16)
     flat, ramped = NestedKVConfig(block_size=128, recency=0.0), NestedKVConfig(block_size=128, recency=0.5)
     memory = {}
-    window = remember(memory, normalise_keys(keys, flat.eps)[0], 0, flat)
+    window = remember(memory, normalise_keys(keys, flat.eps)[0], flat)
     positions = torch.cat([torch.arange(4), torch.randperm(232)[:60].sort().values + 4, torch.arange(236, 300)])
     held = [(keys[0, h, positions], positions, window[h, positions]) for h in range(2)]
     scored = slice(4, len(positions) - ramped.n_recent)  # neither sinks nor the protected recent window
-    expected = (held_scores(held, memory, 300, flat) + 0.5 * positions / 299) / 1.5
-    torch.testing.assert_close(held_scores(held, memory, 300, ramped)[:, scored], expected[:, scored])
+    expected = (held_scores(held, memory, flat) + 0.5 * positions / 299) / 1.5
+    torch.testing.assert_close(held_scores(held, memory, ramped)[:, scored], expected[:, scored])
     # pooling follows the held positions too: away from the pinned ends, the flat scores pooled by position
     pooled = NestedKVConfig(block_size=128, recency=0.0, pool_size=5)
     inner = slice(4 + 5, len(positions) - pooled.n_recent - 5)
-    expected = pool_neighbours(held_scores(held, memory, 300, flat), 5, "max", positions)
-    torch.testing.assert_close(held_scores(held, memory, 300, pooled)[:, inner], expected[:, inner])
+    expected = pool_neighbours(held_scores(held, memory, flat), 5, "max", positions)
+    torch.testing.assert_close(held_scores(held, memory, pooled)[:, inner], expected[:, inner])
     assert BudgetedPress().config.pool_size == STREAM_POOL > 1  # what a budgeted cache ships with
 
 
@@ -220,10 +220,8 @@ def test_refusals(model, tokenizer):
     with pytest.raises(ValueError, match="interval"):
         BudgetedPress(interval=0)
     ids = tokenizer(demo_sample()["context"], return_tensors="pt").input_ids[:, :200]
-    left_padded = torch.ones(2, 20, dtype=torch.long)
-    left_padded[0, :5] = 0
-    with pytest.raises(ValueError, match="padded batch"), BudgetedPress(budget=100)(model), torch.no_grad():
-        model(ids[:, :20].expand(2, -1), attention_mask=left_padded, past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match=r"attention_mask must be \(batch, cached \+ new tokens\) = \(1, 200\)"):
+        prefill_in_chunks(model, ids, attention_mask=torch.ones(1, 199, dtype=torch.long))
     cache = DynamicCache()
     with torch.no_grad():
         with NestedKVPress(compression_ratio=0.5)(model):
@@ -236,7 +234,7 @@ def test_batch_operations_move_each_stream_s_memory_and_kept_keys_with_its_row()
     torch.manual_seed(4)
     layer = DynamicLayer()
     layer.update(torch.randn(3, 2, 30, 8), torch.randn(3, 2, 30, 8))
-    ragged = compress_layer(layer, budget=12, max_per_head=16, alpha_safeguard=0.2, config=NestedKVConfig())
+    ragged = compress_layer(layer, budgets=[12] * 3, head_slack=4, alpha_safeguard=0.2, config=NestedKVConfig())
     before = {name: tensor.clone() for name, tensor in ragged.per_stream.items()}
     offsets, positions = ragged.offsets.tolist(), ragged.per_key["position"].clone()
     stream_positions = [positions[offsets[s] : offsets[s + 1]] for s in range(6)]
@@ -264,3 +262,103 @@ def test_beam_search_over_a_batch_equals_each_row_alone():
         alone = [model.generate(ids[row : row + 1], attention_mask=torch.ones_like(ids[:1]), **options)
                  for row in range(2)]
     assert torch.equal(together, torch.cat(alone))
+
+
+def test_padding_enters_no_anchor_and_each_stream_counts_its_own_tokens():
+    """Memory fed a padded batch, chunk by chunk, equals memory fed each stream's tokens alone."""
+    torch.manual_seed(5)
+    config = NestedKVConfig(block_size=16, window=8)
+    chunks = [torch.randn(3, 12, 8) for _ in range(3)]
+    real = [torch.rand(3, 12) > 0.4 for _ in range(3)]
+    real[0][2] = False  # a stream that has only seen padding after the first chunk
+    batched = {}
+    windows = [remember(batched, keys, config, mask) for keys, mask in zip(chunks, real, strict=True)]
+    for s in range(3):
+        alone = {}
+        for keys, mask, window in zip(chunks, real, windows, strict=True):
+            expected = remember(alone, keys[s : s + 1, mask[s]], config)[0]
+            torch.testing.assert_close(window[s, mask[s]], expected)
+            assert not window[s, ~mask[s]].any()
+        assert int(batched["seen"][s]) == int(alone["seen"][0]) == sum(int(mask[s].sum()) for mask in real)
+        torch.testing.assert_close(batched["global_sum"][s], alone["global_sum"][0])
+        torch.testing.assert_close(batched["recent_keys"][s], alone["recent_keys"][0])
+        known = torch.isin(batched["block_ids"][s], alone["block_ids"][0])
+        torch.testing.assert_close(batched["block_sums"][s, known], alone["block_sums"][0])
+        assert not batched["block_sums"][s, ~known].any()
+
+
+def test_a_padded_batch_keeps_and_answers_what_each_row_does_alone():
+    """Rows of different lengths, left-padded, then a second turn padded in the middle of the cache: each row
+    holds the positions it holds alone and gets the same logits. Both rows start above the budget, so the
+    layer's shared compression schedule is each row's own."""
+    model = tiny_llama()
+    torch.manual_seed(6)
+    lengths, turn_lengths = (150, 110), (20, 12)
+    prompts_ = [torch.randint(1, model.config.vocab_size, (1, n)) for n in lengths]
+    turns = [torch.randint(1, model.config.vocab_size, (1, n)) for n in turn_lengths]
+    decoded = torch.randint(1, model.config.vocab_size, (2, 20))
+
+    def left_padded(parts):
+        width = max(part.shape[1] for part in parts)
+        ids, mask = torch.zeros(len(parts), width, dtype=torch.long), torch.zeros(len(parts), width, dtype=torch.long)
+        for row, part in enumerate(parts):
+            ids[row, width - part.shape[1] :], mask[row, width - part.shape[1] :] = part[0], 1
+        return ids, mask
+
+    def run(steps):
+        """Feed (ids, mask over the new columns) steps into a budgeted cache; logits of each step's last token."""
+        press, cache, mask, logits = BudgetedPress(budget=80, interval=6, head_slack=8), DynamicCache(), None, []
+        with torch.no_grad(), press(model):
+            for ids, new_mask in steps:
+                mask = new_mask if mask is None else torch.cat([mask, new_mask], dim=1)
+                positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1] :]
+                out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+                logits.append(out.logits[:, -1])
+        return logits, cache
+
+    def steps_of(prompt, turn, rows):
+        decode = [(decoded[rows, i : i + 1], torch.ones(len(rows), 1, dtype=torch.long)) for i in range(20)]
+        return [prompt, *decode[:10], turn, *decode[10:]]
+
+    batch_logits, batch_cache = run(steps_of(left_padded(prompts_), left_padded(turns), [0, 1]))
+    heads = model.config.num_key_value_heads
+    for row in range(2):
+        alone = [(ids, torch.ones_like(ids)) for ids in (prompts_[row], turns[row])]
+        alone_logits, alone_cache = run(steps_of(alone[0], alone[1], [row]))
+        for got, expected in zip(batch_logits, alone_logits, strict=True):
+            torch.testing.assert_close(got[row], expected[0], atol=1e-4, rtol=1e-4)
+        for together, single in zip(batch_cache.layers, alone_cache.layers, strict=True):
+            assert isinstance(together, RaggedLayer) and together.tail_length == single.tail_length
+            for head in range(heads):
+                stream = row * heads + head
+                start, end = together.offsets[stream], together.offsets[stream + 1]
+                assert torch.equal(together.per_key["position"][start:end],
+                                   single.per_key["position"][single.offsets[head] : single.offsets[head + 1]])
+    assert max(held_per_head(layer)[1] for layer in batch_cache.layers) <= 80 + 8 + 6
+
+
+def test_chunked_prefill_of_a_padded_batch_equals_ordinary_prefill_when_the_budget_holds_everything():
+    model = tiny_llama()
+    torch.manual_seed(7)
+    ids = torch.randint(1, model.config.vocab_size, (2, 90))
+    mask = torch.ones_like(ids)
+    mask[1, :35] = 0  # a left-padded row, longer than the first chunk
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        with BudgetedPress(budget=200)(model):
+            cache = prefill_in_chunks(model, ids[:, :-1], chunk_size=32, attention_mask=mask[:, :-1])
+            got = model(ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:], past_key_values=cache)
+    torch.testing.assert_close(got.logits[:, -1], expected, atol=1e-4, rtol=1e-4)
+    layer = cache.layers[0]
+    assert isinstance(layer, RaggedLayer)
+    assert (layer.context_lengths[:, 0] + layer.tail_length).tolist() == [90, 55]  # every token, no padding
+
+
+def test_generate_over_a_padded_batch_of_needle_prompts_gives_each_row_what_it_gets_alone(model, tokenizer, prompts):
+    """The real model, three prompts of ~300/500/700 tokens left-padded, a budget below each."""
+    batch, _ = generate(model, tokenizer, prompts, BudgetedPress(budget=128))
+    eos = model.generation_config.eos_token_id
+    for row, text in enumerate(prompts):
+        alone, _ = generate(model, tokenizer, [text], BudgetedPress(budget=128))
+        assert until_eos(batch[row], eos) == until_eos(alone[0], eos), f"row {row}"

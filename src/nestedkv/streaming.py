@@ -12,7 +12,9 @@ in its longest head (:func:`prefill_in_chunks` adds at most one chunk to that wh
 
 NestedKV's anchors in a stream. The score compares each key with three anchors; once keys are
 evicted they must not be forgotten by the anchors, so each stream (one batch row's KV head) keeps,
-in the ragged layer's ``per_stream`` memory, everything they need (``d`` = head dim):
+in the ragged layer's ``per_stream`` memory, everything they need (``d`` = head dim), and counts the
+tokens it has seen: a padded row's padding enters no anchor, and its tokens' positions count its own
+tokens only, as ``generate`` places them:
 
 * global: the sum of every normalised key seen, evicted or not (``(d,)``); the anchor is the sum
   divided by the tokens seen;
@@ -31,7 +33,8 @@ recent positions). Before anything is evicted this is the one-shot
 score of :func:`nestedkv.scoring.nestedkv_score` with the same block size. A compression of a layer
 holding ``M`` positions per head and ``T`` new ones costs ``O((M + T) d)`` per head plus a
 ``(B, H * (M + T))`` top-k; the memory added is ``(n_blocks + window + 1) d`` floats per stream
-(``n_blocks``: the blocks with a held key, plus the open one) and two numbers per kept key.
+(``n_blocks``: the blocks with a held key, plus the open one), and two numbers per kept key (three
+where the mask needs each key's column: sliding windows).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from transformers.cache_utils import DynamicLayer
 from nestedkv.budgets import head_adaptive_keep
 from nestedkv.cache import RaggedLayer
 from nestedkv.press import _can_hide_context, _LeavesModelAsFound, _no_cache, compressible, real_positions
-from nestedkv.scoring import cosine_anomaly, normalise_keys, score_anomalies, window_means
+from nestedkv.scoring import cosine_anomaly, normalise_keys, score_anomalies
 from nestedkv.settings import BudgetedSettings, NestedKVConfig, check_context_length
 from nestedkv.validation import check_number
 
@@ -58,45 +61,78 @@ length N, which a stream does not know; 128 is its value up to 4k tokens."""
 # --- the anchors' memory, as pure functions on one layer's streams ---------------------------------
 
 
-def remember(memory: dict[str, torch.Tensor], k_hat: torch.Tensor, seen: int, config: NestedKVConfig) -> torch.Tensor:
+def right_aligned(values: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each stream's real entries moved, in order, to the end of its row, zeros before them.
+
+    values ``(S, L, d)``, real bool ``(S, L)``. ``-> packed (S, L, d)`` and ``slots (S, L)``: where each
+    entry went (meaningful at real entries only).
+    """
+    slots = values.shape[1] - real.sum(dim=1, keepdim=True) + real.cumsum(dim=1) - 1
+    packed = torch.zeros_like(values)
+    streams = torch.arange(len(values), device=values.device)[:, None].expand_as(real)
+    packed[streams[real], slots[real]] = values[real]
+    return packed, slots
+
+
+def remember(
+    memory: dict[str, torch.Tensor], k_hat: torch.Tensor, config: NestedKVConfig, real: torch.Tensor | None = None
+) -> torch.Tensor:
     """Add new normalised keys to the anchors' memory; return their window anomalies.
 
-    memory: per stream ``global_sum (S, d)``, ``block_sums (S, n_blocks, d)`` of the blocks numbered
-    ``block_ids (S, n_blocks)`` (sorted, the same in every stream), ``recent_keys (S, <= W - 1, d)``
-    (an empty dict for new streams);
-    k_hat: ``(S, T, d)`` the keys at positions ``seen .. seen + T - 1``.
-    ``-> (S, T)`` the anomaly of each new key against the mean of the ``window`` keys ending at it.
+    memory: per stream ``seen (S,)``, the tokens seen so far; ``global_sum (S, d)``; ``block_sums
+    (S, n_blocks, d)`` of the blocks numbered ``block_ids (S, n_blocks)`` (sorted, the same in every
+    stream); ``recent_keys (S, W - 1, d)``, the last keys seen, at the end, zeros where a stream has
+    seen fewer (an empty dict for new streams).
+    k_hat: ``(S, T, d)`` the new keys; real: bool ``(S, T)``, which of them are tokens (``None``: all).
+    Padding enters no anchor; a stream's tokens take its next positions ``seen, seen + 1, ...``.
+    ``-> (S, T)`` the anomaly of each new token against the mean of the ``window`` keys ending at it
+    (0 at padding).
     """
     streams, t, d = k_hat.shape
-    block_size = config.block_size or STREAM_BLOCK_SIZE
+    block_size, window = config.block_size or STREAM_BLOCK_SIZE, config.window
     if not memory:
-        memory.update(global_sum=k_hat.new_zeros(streams, d), block_sums=k_hat.new_zeros(streams, 0, d),
+        memory.update(seen=torch.zeros(streams, dtype=torch.long, device=k_hat.device),
+                      global_sum=k_hat.new_zeros(streams, d), block_sums=k_hat.new_zeros(streams, 0, d),
                       block_ids=torch.zeros(streams, 0, dtype=torch.long, device=k_hat.device),
-                      recent_keys=k_hat.new_zeros(streams, 0, d))
-    memory["global_sum"] = memory["global_sum"] + k_hat.sum(dim=1)
-    block_of = torch.arange(seen, seen + t, device=k_hat.device) // block_size
+                      recent_keys=k_hat.new_zeros(streams, window - 1, d))
+    real = torch.ones(streams, t, dtype=torch.bool, device=k_hat.device) if real is None else real
+    seen, counts = memory["seen"], real.sum(dim=1)
+    stream_of = torch.arange(streams, device=k_hat.device)[:, None].expand(streams, t)[real]
+    real_keys = k_hat[real]  # (tokens, d), stream after stream
+    memory["global_sum"] = memory["global_sum"].index_add(0, stream_of, real_keys)
+
+    block_of = ((seen[:, None] + real.cumsum(dim=1) - 1) // block_size)[real]
     known = memory["block_ids"][0]
     ids = torch.cat([known, block_of]).unique()  # sorted
     sums = k_hat.new_zeros(streams, len(ids), d)
     sums[:, torch.searchsorted(ids, known)] = memory["block_sums"]
-    memory["block_sums"] = sums.index_add_(1, torch.searchsorted(ids, block_of), k_hat)
-    memory["block_ids"] = ids.expand(streams, -1)
-    recent_and_new = torch.cat([memory["recent_keys"], k_hat], dim=1)
-    memory["recent_keys"] = recent_and_new[:, -(config.window - 1) :] if config.window > 1 else recent_and_new[:, :0]
-    centre = recent_and_new.mean(dim=1, keepdim=True)
-    prefix = torch.nn.functional.pad((recent_and_new - centre).cumsum(dim=1), (0, 0, 1, 0))
-    window_anchor = window_means(prefix, centre, config.window)[:, -t:]
-    return cosine_anomaly(k_hat, window_anchor, config.eps)
+    sums.view(-1, d).index_add_(0, stream_of * len(ids) + torch.searchsorted(ids, block_of), real_keys)
+    memory["block_sums"], memory["block_ids"] = sums, ids.expand(streams, -1)
+
+    # Each stream's last keys then its new tokens, packed at the end: the window of slot c is c - W + 1 .. c.
+    recent_real = torch.arange(window - 1, device=k_hat.device) >= window - 1 - seen.clamp_max(window - 1)[:, None]
+    packed, slots = right_aligned(torch.cat([memory["recent_keys"], k_hat], dim=1), torch.cat([recent_real, real], 1))
+    held = seen.clamp_max(window - 1) + counts  # real slots at the end of each stream's packed row
+    length = packed.shape[1]
+    centre = (packed.sum(dim=1) / held.clamp_min(1)[:, None])[:, None]
+    filled = (torch.arange(length, device=k_hat.device) >= length - held[:, None])[..., None]
+    prefix = torch.nn.functional.pad(((packed - centre) * filled).cumsum(dim=1), (0, 0, 1, 0))
+    ends = torch.arange(window, length + 1, device=k_hat.device)  # slots W - 1 .. L - 1, the new tokens' places
+    in_window = (ends - (length - held[:, None])).clamp(1, window)  # real keys in each slot's window
+    window_anchor = centre + (prefix[:, window:] - prefix[:, :t]) / in_window[..., None]
+    anomalies = cosine_anomaly(packed[:, window - 1 :], window_anchor, config.eps)
+    memory["recent_keys"], memory["seen"] = packed[:, t:], seen + counts
+    new_slots = slots[:, window - 1 :] - (window - 1)
+    return torch.where(real, anomalies.gather(1, new_slots.clamp_min(0)), 0.0)
 
 
-def forget_blocks(
-    memory: dict[str, torch.Tensor], held_positions: torch.Tensor, seen: int, config: NestedKVConfig
-) -> None:
+def forget_blocks(memory: dict[str, torch.Tensor], held_positions: torch.Tensor, config: NestedKVConfig) -> None:
     """Drop the sums of closed blocks none of whose keys is held any more (no held key needs their anchor),
     so the memory stays bounded by what is held. held_positions: every position any stream holds."""
     block_size = config.block_size or STREAM_BLOCK_SIZE
-    needed = torch.cat([held_positions // block_size, held_positions.new_tensor([(seen - 1) // block_size])])
-    keep = torch.isin(memory["block_ids"][0], needed.to(memory["block_ids"].device))
+    open_blocks = (memory["seen"] - 1) // block_size
+    needed = torch.cat([held_positions.to(open_blocks.device) // block_size, open_blocks])
+    keep = torch.isin(memory["block_ids"][0], needed)
     memory["block_ids"], memory["block_sums"] = memory["block_ids"][:, keep], memory["block_sums"][:, keep]
 
 
@@ -126,69 +162,75 @@ def stream_anomalies(
 
 
 def held_scores(
-    held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], memory: dict[str, torch.Tensor], seen: int,
-    config: NestedKVConfig,
+    held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], memory: dict[str, torch.Tensor], config: NestedKVConfig
 ) -> torch.Tensor:
     """NestedKV scores of what each stream holds. held: per stream (keys ``(N_s, d)``, positions ``(N_s,)``,
     window anomalies ``(N_s,)``) in position order; ``-> (streams, max N_s)``, ``-inf`` past each stream's end."""
     scores = torch.full((len(held), max(len(keys) for keys, *_ in held)), -torch.inf, device=held[0][0].device)
-    for s, (keys, positions, window) in enumerate(held):
+    for s, ((keys, positions, window), seen) in enumerate(zip(held, memory["seen"].tolist(), strict=True)):
+        if not len(keys):  # a row that has only had padding so far
+            continue
         k_hat = normalise_keys(keys, config.eps)
         raw = stream_anomalies(k_hat, positions, window, memory["global_sum"][s], memory["block_sums"][s],
-                              memory["block_ids"][s], seen, config)
+                               memory["block_ids"][s], seen, config)
         scores[s, : len(keys)] = score_anomalies(raw[None], config, positions, seen)[0]
     return scores
 
 
 def compress_layer(
-    layer: DynamicLayer, budget: int, max_per_head: int, alpha_safeguard: float, config: NestedKVConfig,
-    keep_positions: bool = False,
+    layer: DynamicLayer, budgets: list[int], head_slack: int, alpha_safeguard: float, config: NestedKVConfig,
+    keep_positions: bool = False, real: torch.Tensor | None = None,
 ) -> RaggedLayer:
-    """Bring one layer back to ``budget`` positions per head on average (at most ``max_per_head`` in
-    any head): score what it holds, keep the best, repack. A plain layer holds positions ``0..T-1``;
-    a ragged layer made here holds its kept context plus the tail added since."""
+    """Bring each batch row ``b`` of one layer back to ``budgets[b]`` positions per head on average (at
+    most ``budgets[b] + head_slack`` in any head): score what it holds, keep the best, repack. A plain
+    layer holds mask columns ``0..T-1``; a ragged layer made here holds its kept context plus the tail
+    added since. real: bool ``(B, T)``, which tail entries are tokens rather than padding (``None``: all);
+    padding is never kept, and a row's positions count its tokens only, as ``generate`` places a padded
+    row's tokens. ``keep_positions``: record each kept key's mask column (sliding windows)."""
     tail_keys, tail_values = layer.keys, layer.values
     batch, heads, t, d = tail_keys.shape
-    streams = batch * heads
+    streams, device = batch * heads, tail_keys.device
+    names = ["keys", "values", "position", "window_anomaly"] + (["column"] if keep_positions else [])
     if isinstance(layer, RaggedLayer):
-        seen, memory = layer.context_length, dict(layer.per_stream)
-        offsets, context = layer.offsets.tolist(), (layer.context_keys, layer.context_values)
-        held_positions, held_window = layer.per_key["position"], layer.per_key["window_anomaly"]
+        columns, memory, offsets = layer.context_length, dict(layer.per_stream), layer.offsets.tolist()
+        held = {"keys": layer.context_keys, "values": layer.context_values, "column": layer.positions, **layer.per_key}
     else:
-        seen, memory, offsets = 0, {}, [0] * (streams + 1)
-        context = (tail_keys.new_empty(0, d), tail_values.new_empty(0, d))
-        held_positions, held_window = torch.empty(0, dtype=torch.long), tail_keys.new_empty(0, dtype=torch.float32)
-    check_context_length(seen + t, config)
-    new_k_hat = normalise_keys(tail_keys, config.eps).reshape(streams, t, d)
-    new_window = remember(memory, new_k_hat, seen, config)
-    new_positions = torch.arange(seen, seen + t, device=tail_keys.device)
-    seen += t
+        columns, memory, offsets = 0, {}, [0] * (streams + 1)
+        no_keys, no_positions = tail_keys.new_empty(0, d), torch.empty(0, dtype=torch.long, device=device)
+        held = {"keys": no_keys, "values": no_keys, "position": no_positions, "column": no_positions,
+                "window_anomaly": no_keys.new_empty(0)}
+    check_context_length(columns + t, config)
+    real = torch.ones(batch, t, dtype=torch.bool, device=device) if real is None else real.to(device)
+    real = real.repeat_interleave(heads, dim=0)  # (streams, T)
+    seen_before = memory["seen"] if memory else torch.zeros(streams, dtype=torch.long, device=device)
+    new = {
+        "keys": tail_keys.reshape(streams, t, d), "values": tail_values.reshape(streams, t, d),
+        "position": seen_before[:, None] + real.cumsum(dim=1) - 1,
+        "window_anomaly": remember(memory, normalise_keys(tail_keys, config.eps).reshape(streams, t, d), config, real),
+        "column": torch.arange(columns, columns + t, device=device).expand(streams, t),
+    }
 
-    # Every stream's candidates: its kept context, then the tail, in position order.
-    candidates = []
-    for s in range(streams):
-        start, end = offsets[s], offsets[s + 1]
-        row, head = divmod(s, heads)
-        candidates.append((
-            torch.cat([context[0][start:end], tail_keys[row, head]]),
-            torch.cat([context[1][start:end], tail_values[row, head]]),
-            torch.cat([held_positions[start:end].to(new_positions.device), new_positions]),
-            torch.cat([held_window[start:end].to(new_window.device), new_window[s]]),
-        ))
-    scores = held_scores([(keys, positions, window) for keys, _, positions, window in candidates], memory, seen, config)
+    # Every stream's candidates: its kept context, then its new tokens, in position order.
+    candidates = [{name: torch.cat([held[name][offsets[s] : offsets[s + 1]], new[name][s, real[s]]]) for name in names}
+                  for s in range(streams)]
+    scores = held_scores([(c["keys"], c["position"], c["window_anomaly"]) for c in candidates], memory, config)
     longest = scores.shape[-1]
-    lengths = torch.tensor([len(keys) for keys, *_ in candidates], device=scores.device)
-    valid = torch.arange(longest, device=scores.device) < lengths[:, None]
-    keep = head_adaptive_keep(scores.view(batch, heads, longest), min(budget, longest), alpha_safeguard,
-                              max_per_head=max_per_head, valid=valid.view(batch, heads, longest)).view(streams, -1)
+    lengths = torch.tensor([len(c["keys"]) for c in candidates], device=scores.device)
+    valid = (torch.arange(longest, device=scores.device) < lengths[:, None]).view(batch, heads, longest)
+    scores = scores.view(batch, heads, longest)
+    keep = torch.cat([
+        head_adaptive_keep(scores[row : row + 1], min(budget, longest), alpha_safeguard,
+                           max_per_head=budget + head_slack, valid=valid[row : row + 1])
+        for row, budget in enumerate(budgets)
+    ]).view(streams, longest)
 
-    kept = [tuple(part[keep[s, : len(part)]] for part in candidate) for s, candidate in enumerate(candidates)]
-    kept_lengths = torch.tensor([len(keys) for keys, *_ in kept])
-    offsets = RaggedLayer.offsets_of(kept_lengths).to(tail_keys.device)
-    keys, values, positions, window = (torch.cat(parts) for parts in zip(*kept, strict=True))
-    forget_blocks(memory, positions, seen, config)
-    return RaggedLayer(keys, values, offsets, batch, heads, seen, positions if keep_positions else None,
-                       per_key={"position": positions, "window_anomaly": window}, per_stream=memory)
+    kept = {name: [c[name][keep[s, : len(c[name])]] for s, c in enumerate(candidates)] for name in names}
+    offsets = RaggedLayer.offsets_of(torch.tensor([len(keys) for keys in kept["keys"]])).to(device)
+    kept = {name: torch.cat(parts) for name, parts in kept.items()}
+    forget_blocks(memory, kept["position"], config)
+    return RaggedLayer(kept["keys"], kept["values"], offsets, batch, heads, columns + t, kept.get("column"),
+                       per_key={"position": kept["position"], "window_anomaly": kept["window_anomaly"]},
+                       per_stream=memory)
 
 
 def held_per_head(layer: DynamicLayer) -> tuple[float, int]:
@@ -218,51 +260,72 @@ class BudgetedPress(_LeavesModelAsFound, BudgetedSettings, BasePress):
 
     Settings (budget, interval, head slack, NestedKV's switches): :class:`~nestedkv.settings.BudgetedSettings`.
     Works as a context manager around ``model(...)``, ``model.generate`` or a chat loop, with the
-    default dynamic cache; a padded batch is refused (rows of different lengths: run them one by one).
+    default dynamic cache, and over padded batches: a forward pass with padding among its tokens is
+    compressed at once, padding dropped; each row is scored from its own tokens (its positions count
+    them only) and kept within its own budget (a ratio of its own tokens). The layer's schedule is
+    shared: it is compressed when its heads hold more than the smallest row's budget on average.
     """
 
     def forward_hook(self, module, input, kwargs, output):
         if _no_cache(kwargs):
             return output
         cache, hidden_states = kwargs["past_key_values"], kwargs["hidden_states"]
-        mask = kwargs.get("attention_mask")
-        # Padding is looked for among the new tokens only: earlier ones were checked when they came, and a
-        # sliding window hides old keys from every new query without their being padding.
-        batch, new_tokens = hidden_states.shape[:2]
-        if isinstance(mask, torch.Tensor) and real_positions(mask, batch, new_tokens) is not None:
-            raise ValueError("a budgeted cache cannot hold a padded batch (rows of different lengths); "
-                             "run the rows one by one")
         layer = cache.layers[module.layer_idx]
         if not compressible(layer, "ragged"):
             return output
         if isinstance(layer, RaggedLayer) and "global_sum" not in layer.per_stream:
             raise ValueError("this cache was compressed by another press and cannot be kept within a budget; "
                              "start from a new cache")
-        average, _ = held_per_head(layer)
-        due = new_tokens > 1 or layer.keys.shape[-2] >= self.interval
-        budget = self.target(layer.get_seq_length())
-        if due and average > budget:
+        # Padding is looked for among the new tokens only: a forward pass with padding is compressed at once,
+        # so the tail before it holds none, and a sliding window hides old keys without their being padding.
+        batch, new_tokens = hidden_states.shape[:2]
+        mask, tail = kwargs.get("attention_mask"), layer.keys.shape[-2]
+        padding = real_positions(mask, batch, new_tokens) if isinstance(mask, torch.Tensor) else None
+        real = None if padding is None else torch.nn.functional.pad(padding, (tail - new_tokens, 0), value=True)
+        due = new_tokens > 1 or tail >= self.interval
+        if not due:
+            return output
+        if self.compression_ratio is None:
+            budgets = [self.budget] * batch
+        else:  # each row keeps a share of its own tokens
+            earlier = layer.per_stream["seen"].view(batch, -1)[:, 0] if isinstance(layer, RaggedLayer) else 0
+            tokens = earlier + (tail if real is None else real.sum(dim=1))
+            budgets = [self.target(int(n)) for n in torch.as_tensor(tokens).expand(batch).tolist()]
+        if real is not None or held_per_head(layer)[0] > min(budgets):
             with torch.no_grad():  # eviction picks positions; nothing to differentiate
                 cache.layers[module.layer_idx] = compress_layer(
-                    layer, budget, budget + self.head_slack, self.alpha_safeguard, self.config,
-                    keep_positions=_can_hide_context(module),
+                    layer, budgets, self.head_slack, self.alpha_safeguard, self.config,
+                    keep_positions=_can_hide_context(module), real=real,
                 )
         return output
 
 
 def prefill_in_chunks(
-    model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache | None = None, chunk_size: int = 512
+    model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache | None = None, chunk_size: int = 512,
+    attention_mask: torch.Tensor | None = None,
 ) -> DynamicCache:
     """Feed ``input_ids (B, N)`` to the model ``chunk_size`` tokens at a time, into ``cache`` (a new
     one if ``None``); returns the cache. Under a :class:`BudgetedPress` each chunk is compressed back to
     the budget before the next one attends to it, so peak cache memory depends on budget + chunk, not
     on N. The positions continue from what the cache already holds (a new turn). To generate next,
     prefill all but the last token and pass all of them to ``generate(..., past_key_values=cache)``.
+
+    attention_mask: for a padded batch, ``(B, past + N)`` as transformers takes it (1 at a token, 0 at
+    padding) over the cache's ``past`` columns and the new ids; each row's positions then count its
+    tokens only, as ``generate`` places them (pass the same mask, extended, to ``generate``).
     """
     check_number("chunk_size", chunk_size, low=1, integer=True)
     cache = DynamicCache() if cache is None else cache
+    past, (batch, n) = cache.get_seq_length(), input_ids.shape
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + n):
+        raise ValueError(f"attention_mask must be (batch, cached + new tokens) = ({batch}, {past + n}), "
+                         f"got {tuple(attention_mask.shape)}")
+    positions = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
-        for start in range(0, input_ids.shape[1], chunk_size):
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            padded = {} if attention_mask is None else {"attention_mask": attention_mask[:, : past + end],
+                                                        "position_ids": positions[:, past + start : past + end]}
             # logits_to_keep=1: a chunk's logits (chunk x vocabulary floats) would outweigh a small budget's cache
-            model(input_ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids[:, start:end], past_key_values=cache, use_cache=True, logits_to_keep=1, **padded)
     return cache
