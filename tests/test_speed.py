@@ -94,13 +94,16 @@ def test_long_decoding_report(tiny_report):
 
 def test_batched_decoding_report(tiny_report):
     rows = {row["method"]: row for row in tiny_report["batched_decoding"]}
-    assert list(rows) == ["none", "nestedkv", "nestedkv-masked"]
+    assert list(rows) == ["none", "nestedkv", "nestedkv-masked", "nestedkv-budgeted"]
     assert all(tuple(row["lengths"]) == (512, 384) for row in rows.values())
     full_row = 2 * 2 * 2 * 512 * 16 * 4  # K+V x layers x KV heads x N x head_dim x float32, one padded row
     assert rows["none"]["bytes_held"] == rows["nestedkv-masked"]["bytes_held"] == 2 * full_row
     # ragged: each row keeps (1 - r) of its own real tokens per head, pads never; plus 2 x 2 + 1 offsets per layer
     kept = compute_n_kept(512, 0.9) + compute_n_kept(384, 0.9)
     assert rows["nestedkv"]["bytes_held"] == 2 * 2 * 2 * kept * 16 * 4 + 2 * (2 * 2 + 1) * 8
+    # budgeted: 1 - r of each row's tokens but never fewer than the 68 protected + 1 per head, plus the scorer's memory
+    budgeted_kv = 2 * 2 * 2 * 2 * 69 * 16 * 4
+    assert budgeted_kv < rows["nestedkv-budgeted"]["bytes_held"] < rows["none"]["bytes_held"]
     assert all(row["decode_tokens_per_s"] > 0 for row in rows.values())
     assert "A batch of 2 prompts of different lengths (512, 384 tokens" in format_markdown(tiny_report)
 

@@ -422,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--batched-rows", type=int, default=None,
         help=f"prompts of different lengths (from --length down towards half of it, left-padded) generated together, "
-        f"uncompressed and with NestedKV at r={LONG_DECODING_RATIO:g}; 0 to skip (default: {full.batched_rows}; "
+        f"uncompressed, with NestedKV at r={LONG_DECODING_RATIO:g} and with the budgeted cache keeping "
+        f"1 - r of each row's tokens; 0 to skip (default: {full.batched_rows}; "
         "--quick: 0)",
     )
     bench.add_argument(

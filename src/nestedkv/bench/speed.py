@@ -68,7 +68,7 @@ from nestedkv.models import attention_modules
 from nestedkv.press import NestedKVPress
 from nestedkv.scoring import nestedkv_score
 from nestedkv.settings import PAPER_SETTINGS, NestedKVConfig, compute_n_kept
-from nestedkv.streaming import cache_bytes
+from nestedkv.streaming import BudgetedPress, cache_bytes
 
 METHODS = ("none", "nestedkv", "nestedkv-masked", "keydiff")
 """Configurations compared, by their names in the benchmark's registry (:mod:`nestedkv.bench.methods`):
@@ -639,6 +639,10 @@ class _TokenClock(BaseStreamer):
         pass
 
 
+BUDGETED = "nestedkv-budgeted"
+"""The budgeted cache's name in the batched-decoding table."""
+
+
 def batched_lengths(length: int, rows: int) -> tuple[int, ...]:
     """Real lengths of ``rows`` prompts spread evenly from ``length`` down towards half of it."""
     return tuple(length - i * length // (2 * rows) for i in range(rows))
@@ -648,11 +652,14 @@ def batched_decoding(
     model: PreTrainedModel, rows: int, ratio: float, settings: BenchSettings, progress: Callable[[str], None],
 ) -> list[BatchedRow]:
     """Generated tokens per second from a batch of ``rows`` random prompts of different lengths, left-padded,
-    uncompressed and under NestedKV (ragged and masked storage) at ``ratio``, through ``generate``.
+    uncompressed, under NestedKV (ragged and masked storage) at ``ratio``, and under the budgeted cache
+    keeping ``1 - ratio`` of each row's tokens (:class:`~nestedkv.streaming.BudgetedPress`, which
+    re-compresses every ``interval`` generated tokens), through ``generate``.
 
     KeyDiff is left out: kvpress's dense compression of a padded batch would keep padding positions.
     Each configuration generates ``warmup + decode_tokens`` tokens per row, ``repeats`` times, taking
-    turns; the step times after the ``warmup`` first tokens of every run are pooled.
+    turns; the step times after the ``warmup`` first tokens of every run are pooled. The bytes held are
+    the cache's after a prefill alone (one more ``generate`` of one token, in the first round).
     """
     lengths = batched_lengths(settings.length, rows)
     input_ids = random_input_ids(model, settings.length, settings.seed, rows)
@@ -660,35 +667,31 @@ def batched_decoding(
     for row, real in enumerate(lengths):
         attention_mask[row, : settings.length - real] = 0
     new_tokens = settings.warmup + settings.decode_tokens
-    configs = [("none", 0.0), ("nestedkv", ratio), ("nestedkv-masked", ratio)]
+    configs = [("none", 0.0), ("nestedkv", ratio), ("nestedkv-masked", ratio), (BUDGETED, ratio)]
     steps: dict[tuple[str, float], list[float]] = {config: [] for config in configs}
     held = {}
+
+    def generate(config: tuple[str, float], tokens: int, streamer: BaseStreamer | None = None) -> DynamicCache:
+        press = BudgetedPress(compression_ratio=config[1]) if config[0] == BUDGETED else make_press(*config)
+        with torch.no_grad(), press(model) if press is not None else nullcontext():
+            return model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=tokens, min_new_tokens=tokens,
+                do_sample=False, streamer=streamer, return_dict_in_generate=True, pad_token_id=0,
+            ).past_key_values
+
     for round_ in range(settings.repeats):
         for config in configs:
             progress(f"batched decoding: {config[0]}, round {round_ + 1} of {settings.repeats}")
-            press, clock = make_press(*config), _TokenClock()
-            with torch.no_grad(), press(model) if press is not None else nullcontext():
-                out = model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens, do_sample=False, streamer=clock, return_dict_in_generate=True,
-                    pad_token_id=0,
-                )
+            if round_ == 0:  # the same bytes every round
+                held[config] = cache_bytes(generate(config, 1))
+            clock = _TokenClock()
+            generate(config, new_tokens, clock)
             # times[1] is the first token, after the prefill; every later one is a decoding step
             steps[config] += [b - a for a, b in itertools.pairwise(clock.times[1 + settings.warmup :])]
-            if round_ == 0:  # the same bytes every round
-                held[config] = cache_bytes(out.past_key_values) - _tail_bytes(out.past_key_values, new_tokens - 1)
-            del out
     return [
         BatchedRow(method, r, lengths, held[method, r], rows / statistics.median(steps[method, r]))
         for method, r in configs
     ]
-
-
-def _tail_bytes(cache: DynamicCache, tokens: int) -> int:
-    """Bytes the last ``tokens`` positions of every layer hold (what decoding added after the prefill)."""
-    return sum(
-        layer.keys[..., -tokens:, :].nbytes + layer.values[..., -tokens:, :].nbytes for layer in cache.layers
-    ) if tokens else 0
 
 
 # --- the whole benchmark ----------------------------------------------------------------------
