@@ -18,6 +18,7 @@ from nestedkv.streaming import (
     BudgetedPress,
     compress_layer,
     held_per_head,
+    held_per_row,
     held_scores,
     prefill_in_chunks,
     remember,
@@ -335,6 +336,28 @@ def test_a_padded_batch_keeps_and_answers_what_each_row_does_alone():
                 assert torch.equal(together.per_key["position"][start:end],
                                    single.per_key["position"][single.offsets[head] : single.offsets[head + 1]])
     assert max(held_per_head(layer)[1] for layer in batch_cache.layers) <= 80 + 8 + 6
+
+
+def test_a_row_above_its_budget_is_compressed_whatever_the_other_rows_hold():
+    """A long row and a short one (below the budget) decoding together: the long row must stay within its
+    budget although the layer's average is below it."""
+    model = tiny_llama()
+    torch.manual_seed(8)
+    ids = torch.randint(1, model.config.vocab_size, (2, 150))
+    mask = torch.ones_like(ids)
+    mask[1, :120] = 0  # 30 tokens
+    press, cache, held = BudgetedPress(budget=80, interval=6, head_slack=8), DynamicCache(), []
+
+    def watch(input_ids, scores):  # after every generated token
+        held.append([held_per_row(layer) for layer in cache.layers])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    with torch.no_grad(), press(model):
+        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40, min_new_tokens=40,
+                       do_sample=False, pad_token_id=0, stopping_criteria=[watch])
+    assert len(held) == 40
+    assert max(long for step in held for long, _ in step) <= 80 + 6
+    assert min(short for short_row in held[-1] for short in short_row[1:]) == 30 + 39  # all it has seen
 
 
 def test_chunked_prefill_of_a_padded_batch_equals_ordinary_prefill_when_the_budget_holds_everything():

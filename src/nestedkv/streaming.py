@@ -233,6 +233,14 @@ def compress_layer(
                        per_stream=memory)
 
 
+def held_per_row(layer: DynamicLayer) -> list[float]:
+    """Positions one KV head of each batch row holds on average: kept context plus tail."""
+    tail = layer.keys.shape[-2]
+    if not isinstance(layer, RaggedLayer):
+        return [float(tail)] * layer.keys.shape[0]
+    return (layer.context_lengths.sum(dim=-1) / layer.heads + tail).tolist()
+
+
 def held_per_head(layer: DynamicLayer) -> tuple[float, int]:
     """(average, most) positions one KV head of the layer holds: kept context plus tail."""
     tail = layer.keys.shape[-2]
@@ -263,7 +271,7 @@ class BudgetedPress(_LeavesModelAsFound, BudgetedSettings, BasePress):
     default dynamic cache, and over padded batches: a forward pass with padding among its tokens is
     compressed at once, padding dropped; each row is scored from its own tokens (its positions count
     them only) and kept within its own budget (a ratio of its own tokens). The layer's schedule is
-    shared: it is compressed when its heads hold more than the smallest row's budget on average.
+    shared: when any row's heads hold more than its budget on average, every row is brought back to its own.
     """
 
     def forward_hook(self, module, input, kwargs, output):
@@ -291,7 +299,7 @@ class BudgetedPress(_LeavesModelAsFound, BudgetedSettings, BasePress):
             earlier = layer.per_stream["seen"].view(batch, -1)[:, 0] if isinstance(layer, RaggedLayer) else 0
             tokens = earlier + (tail if real is None else real.sum(dim=1))
             budgets = [self.target(int(n)) for n in torch.as_tensor(tokens).expand(batch).tolist()]
-        if real is not None or held_per_head(layer)[0] > min(budgets):
+        if real is not None or any(held > budget for held, budget in zip(held_per_row(layer), budgets, strict=True)):
             with torch.no_grad():  # eviction picks positions; nothing to differentiate
                 cache.layers[module.layer_idx] = compress_layer(
                     layer, budgets, self.head_slack, self.alpha_safeguard, self.config,
