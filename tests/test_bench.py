@@ -175,7 +175,7 @@ def test_answers_decoded_together_equal_answers_decoded_one_by_one(model, tokeni
     assert {key: answer for key, (answer, _) in predictions[True].items()} == {
         key: answer for key, (answer, _) in predictions[False].items()
     }
-    assert sorted(together for _, together in predictions[True].values()) == [1] + [3] * 6  # a batch per ratio
+    assert sorted(together for _, together in predictions[True].values()) == [7] * 7  # every ratio in one batch
     assert {together for _, together in predictions[False].values()} == {None}
 
 

@@ -477,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--query-aware", action="store_true", help="compress the question with the context")
     evaluate.add_argument(
         "--one-by-one", action="store_true",
-        help="decode each (method, ratio)'s answer alone with kvpress's pipeline, instead of a sample's answers "
-        "at one ratio together as one batch of ragged rows (the same answers, slower)",
+        help="decode each (method, ratio)'s answer alone with kvpress's pipeline, instead of all a sample's answers "
+        "together as one batch of ragged rows (the same answers, slower)",
     )
     evaluate.add_argument(
         "--benchmark", choices=(*LOCAL_BENCHMARKS, *HUB_BENCHMARKS),

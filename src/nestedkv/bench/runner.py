@@ -104,7 +104,7 @@ def run(
     error is measured again); return how many were added. ``samples``: the hub benchmark's samples
     if already loaded (:func:`load_samples`).
 
-    ``together``: the answers of every method of a sample at one ratio are decoded as one batch, each
+    ``together``: the answers of every method and ratio of a sample are decoded as one batch, each
     compressed cache a row of one ragged cache (:func:`~nestedkv.bench.replay.greedy_answers`); a
     cache that cannot be a ragged row is answered alone by kvpress's pipeline, as every cache is
     with ``together=False``. A sample's batched results are stored when its batch is decoded.
@@ -194,21 +194,20 @@ def run(
                 store.add(record(length, sample, method, ratio, outcome, time.perf_counter() - start))
                 added += 1
                 bar.update()
-            # One batch per ratio: rows of similar lengths (the gathered attention pads every row to the longest).
-            for ratio in sorted({ratio for _, ratio, *_ in waiting}):
-                batch = [item for item in waiting if item[1] == ratio]
-                bar.set_postfix_str(f"{length} {sample.task}#{sample.index} r={ratio} {len(batch)} answers together")
+            # One batch for every method and ratio: each step reads the weights once for all of them.
+            if waiting:
+                bar.set_postfix_str(f"{length} {sample.task}#{sample.index} {len(waiting)} answers together")
                 start = time.perf_counter()
                 try:
-                    answers = greedy_answers(model, [rows for *_, rows in batch], question_ids,
+                    answers = greedy_answers(model, [rows for *_, rows in waiting], question_ids,
                                              prefill.context_length, sample.max_new_tokens)
                     outcomes = [_answered(sample, tokenizer.decode(answer, skip_special_tokens=True))
                                 for answer in answers]
                 except (RuntimeError, ValueError, AssertionError) as error:
-                    outcomes = [_failed(error)] * len(batch)
-                share = (time.perf_counter() - start) / len(batch)  # each answer's share of the batch
-                for (method, ratio, outcome, seconds, _), answered in zip(batch, outcomes, strict=True):
-                    outcome |= answered | {"decoded_together": len(batch)}
+                    outcomes = [_failed(error)] * len(waiting)
+                share = (time.perf_counter() - start) / len(waiting)  # each answer's share of the batch
+                for (method, ratio, outcome, seconds, _), answered in zip(waiting, outcomes, strict=True):
+                    outcome |= answered | {"decoded_together": len(waiting)}
                     store.add(record(length, sample, method, ratio, outcome, seconds + share))
                     added += 1
                     bar.update()
