@@ -295,7 +295,7 @@ def test_a_padded_batch_keeps_and_answers_what_each_row_does_alone():
     model = tiny_llama()
     torch.manual_seed(6)
     lengths, turn_lengths = (150, 110), (20, 12)
-    prompts_ = [torch.randint(1, model.config.vocab_size, (1, n)) for n in lengths]
+    contexts = [torch.randint(1, model.config.vocab_size, (1, n)) for n in lengths]
     turns = [torch.randint(1, model.config.vocab_size, (1, n)) for n in turn_lengths]
     decoded = torch.randint(1, model.config.vocab_size, (2, 20))
 
@@ -321,10 +321,10 @@ def test_a_padded_batch_keeps_and_answers_what_each_row_does_alone():
         decode = [(decoded[rows, i : i + 1], torch.ones(len(rows), 1, dtype=torch.long)) for i in range(20)]
         return [prompt, *decode[:10], turn, *decode[10:]]
 
-    batch_logits, batch_cache = run(steps_of(left_padded(prompts_), left_padded(turns), [0, 1]))
+    batch_logits, batch_cache = run(steps_of(left_padded(contexts), left_padded(turns), [0, 1]))
     heads = model.config.num_key_value_heads
     for row in range(2):
-        alone = [(ids, torch.ones_like(ids)) for ids in (prompts_[row], turns[row])]
+        alone = [(ids, torch.ones_like(ids)) for ids in (contexts[row], turns[row])]
         alone_logits, alone_cache = run(steps_of(alone[0], alone[1], [row]))
         for got, expected in zip(batch_logits, alone_logits, strict=True):
             torch.testing.assert_close(got[row], expected[0], atol=1e-4, rtol=1e-4)
@@ -336,6 +336,21 @@ def test_a_padded_batch_keeps_and_answers_what_each_row_does_alone():
                 assert torch.equal(together.per_key["position"][start:end],
                                    single.per_key["position"][single.offsets[head] : single.offsets[head + 1]])
     assert max(held_per_head(layer)[1] for layer in batch_cache.layers) <= 80 + 8 + 6
+
+
+def test_a_single_padded_token_is_dropped_at_once_not_kept_as_a_token_later():
+    model = tiny_llama()
+    torch.manual_seed(9)
+    ids = torch.randint(1, model.config.vocab_size, (2, 21))
+    mask = torch.ones_like(ids)
+    mask[1, -1] = 0  # row 1's last token is padding, fed alone like a decoding step
+    cache = DynamicCache()
+    with torch.no_grad(), BudgetedPress(budget=80, interval=64, head_slack=8)(model):  # no compression due
+        model(ids[:, :20], attention_mask=mask[:, :20], past_key_values=cache)
+        model(ids[:, 20:], attention_mask=mask, position_ids=torch.tensor([[20], [20]]), past_key_values=cache)
+    for layer in cache.layers:
+        assert isinstance(layer, RaggedLayer) and layer.tail_length == 0
+        assert layer.context_lengths.tolist() == [[21, 21], [20, 20]]
 
 
 def test_a_row_above_its_budget_is_compressed_whatever_the_other_rows_hold():
@@ -378,7 +393,7 @@ def test_chunked_prefill_of_a_padded_batch_equals_ordinary_prefill_when_the_budg
     assert (layer.context_lengths[:, 0] + layer.tail_length).tolist() == [90, 55]  # every token, no padding
 
 
-def test_generate_over_a_padded_batch_of_needle_prompts_gives_each_row_what_it_gets_alone(model, tokenizer, prompts):
+def test_generate_over_a_padded_batch_of_needle_contextsgives_each_row_what_it_gets_alone(model, tokenizer, prompts):
     """The real model, three prompts of ~300/500/700 tokens left-padded, a budget below each."""
     batch, _ = generate(model, tokenizer, prompts, BudgetedPress(budget=128))
     eos = model.generation_config.eos_token_id

@@ -290,7 +290,7 @@ class BudgetedPress(_LeavesModelAsFound, BudgetedSettings, BasePress):
         mask, tail = kwargs.get("attention_mask"), layer.keys.shape[-2]
         padding = real_positions(mask, batch, new_tokens) if isinstance(mask, torch.Tensor) else None
         real = None if padding is None else torch.nn.functional.pad(padding, (tail - new_tokens, 0), value=True)
-        due = new_tokens > 1 or tail >= self.interval
+        due = real is not None or new_tokens > 1 or tail >= self.interval
         if not due:
             return output
         if self.compression_ratio is None:
