@@ -338,6 +338,20 @@ def test_a_padded_batch_keeps_and_answers_what_each_row_does_alone():
     assert max(held_per_head(layer)[1] for layer in batch_cache.layers) <= 80 + 8 + 6
 
 
+def test_a_ratio_budget_keeps_a_share_of_each_padded_row_s_own_tokens():
+    model = tiny_llama()
+    torch.manual_seed(10)
+    ids = torch.randint(1, model.config.vocab_size, (2, 300))
+    mask = torch.ones_like(ids)
+    mask[1, :100] = 0  # 200 tokens
+    cache, press = DynamicCache(), BudgetedPress(compression_ratio=0.6)
+    with torch.no_grad(), press(model):
+        prefill_in_chunks(model, ids, cache, chunk_size=300, attention_mask=mask)
+    assert [press.target(300), press.target(200)] == [120, 80]
+    for layer in cache.layers:
+        assert (layer.context_lengths.sum(dim=-1) / layer.heads).tolist() == [120, 80]
+
+
 def test_a_single_padded_token_is_dropped_at_once_not_kept_as_a_token_later():
     model = tiny_llama()
     torch.manual_seed(9)

@@ -288,17 +288,18 @@ class BudgetedPress(_LeavesModelAsFound, BudgetedSettings, BasePress):
         # so the tail before it holds none, and a sliding window hides old keys without their being padding.
         batch, new_tokens = hidden_states.shape[:2]
         mask, tail = kwargs.get("attention_mask"), layer.keys.shape[-2]
-        padding = real_positions(mask, batch, new_tokens) if isinstance(mask, torch.Tensor) else None
-        real = None if padding is None else torch.nn.functional.pad(padding, (tail - new_tokens, 0), value=True)
+        new_real = real_positions(mask, batch, new_tokens) if isinstance(mask, torch.Tensor) else None
+        real = None if new_real is None else torch.nn.functional.pad(new_real, (tail - new_tokens, 0), value=True)
         due = real is not None or new_tokens > 1 or tail >= self.interval
         if not due:
             return output
         if self.compression_ratio is None:
             budgets = [self.budget] * batch
         else:  # each row keeps a share of its own tokens
-            earlier = layer.per_stream["seen"].view(batch, -1)[:, 0] if isinstance(layer, RaggedLayer) else 0
-            tokens = earlier + (tail if real is None else real.sum(dim=1))
-            budgets = [self.target(int(n)) for n in torch.as_tensor(tokens).expand(batch).tolist()]
+            tokens = torch.full((batch,), tail) if real is None else real.sum(dim=1).cpu()
+            if isinstance(layer, RaggedLayer):  # and those compressed before
+                tokens += layer.per_stream["seen"].view(batch, -1)[:, 0].cpu()
+            budgets = [self.target(n) for n in tokens.tolist()]
         if real is not None or any(held > budget for held, budget in zip(held_per_row(layer), budgets, strict=True)):
             with torch.no_grad():  # eviction picks positions; nothing to differentiate
                 cache.layers[module.layer_idx] = compress_layer(
