@@ -5,14 +5,16 @@ import json
 import math
 import subprocess
 import sys
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
-from kvpress import KVPressTextGenerationPipeline, SnapKVPress
+from kvpress import KVPressTextGenerationPipeline, KVzipPress, SnapKVPress
 from transformers import DynamicCache
 
+from nestedkv.bench import runner
 from nestedkv.bench.methods import EAGER_PREFILL, METHODS, PEERS, make_press
 from nestedkv.bench.plan import EvalConfig
 from nestedkv.bench.replay import compress_replay, prefill_once, reuse_scores
@@ -96,6 +98,41 @@ def test_every_offline_peer_runs_through_the_runner_as_in_kvpresss_pipeline(mode
     assert records["ragged-adakv-snapkv"]["prediction"] == records["adakv-snapkv"]["prediction"]
     # KVzip re-reads the context: its prefill costs more than a replayed press's
     assert records["kvzip"]["prefill_seconds"] > records["knorm"]["prefill_seconds"]
+
+
+def test_expensive_ratio_free_peers_score_once_for_every_ratio(model, tokenizer, tmp_path, monkeypatch):
+    """ObservedAttention scores the attention weights of an eager prefill, KVzip makes the model re-read
+    the context: the runner does either once per sample and reuses the scores at every ratio, giving at
+    each the answer kvpress's pipeline gives with a fresh press."""
+    passes = []
+
+    def counting(name, function):
+        def counted(*args, **kwargs):
+            passes.append(name)
+            return function(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(runner, "prefill_compressed", counting("own prefill", runner.prefill_compressed))
+    monkeypatch.setattr(KVzipPress, "prepare", counting("re-reading", KVzipPress.prepare))
+    methods = ("observed-attention", "kvzip")
+    config = EvalConfig(
+        model="m", tasks=("niah_single_2",), lengths=(640,), ratios=(0.5, 0.9), methods=methods, samples=1, seed=7
+    )
+    assert run(config, model, tokenizer, ResultStore(tmp_path), progress=False) == 4
+    # one eager prefill for ObservedAttention; KVzip prefills at each ratio but re-reads the context once
+    assert Counter(passes) == {"own prefill": 3, "re-reading": 1}
+    sample = plan_samples(config, tokenizer)[0][1]
+    pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
+    monkeypatch.undo()
+    for result in ResultStore(tmp_path):
+        method = result["method"]
+        with eager_attention(model) if METHODS[method].prefill == EAGER_PREFILL else nullcontext():
+            expected = pipe(
+                sample.context, question=sample.question, answer_prefix=sample.answer_prefix,
+                press=make_press(method, result["ratio"]), max_new_tokens=sample.max_new_tokens,
+            )["answer"]
+        assert result["prediction"] == expected, (method, result["ratio"])
 
 
 def test_query_based_peers_see_the_models_own_attention(model):

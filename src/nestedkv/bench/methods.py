@@ -50,7 +50,9 @@ eager attention, for presses that score the attention weights themselves."""
 @dataclass(frozen=True)
 class Method:
     """``ratio_free_scores``: the press's scores do not depend on the ratio, so the runner may score
-    a sample once and reuse the scores for every ratio (worth it for expensive scorers).
+    a sample once and reuse the scores for every ratio (worth it for expensive scorers); with
+    ``EAGER_PREFILL``, one eager prefill per sample scores it and every ratio is replayed on the shared
+    prefill (the kept keys and values are then the shared prefill's, equal to an eager one's up to rounding).
     ``prefill``: one of ``REPLAY``, ``OWN_PREFILL``, ``EAGER_PREFILL``. ``download``: the press loads
     trained weights or statistics from the Hugging Face hub, so it runs only where the hub (or its
     cache) is reachable and is left out of the default method lists."""
@@ -136,7 +138,7 @@ METHODS: dict[str, Method] = {
         _peer("pyramidkv", "PyramidKV (kvpress)", lambda r: kvpress.PyramidKVPress(compression_ratio=r)),
         _peer("tova", "TOVA (kvpress)", lambda r: kvpress.TOVAPress(compression_ratio=r)),
         _peer("observed-attention", "H2O / ObservedAttention (kvpress, eager attention)",
-              lambda r: kvpress.ObservedAttentionPress(r), prefill=EAGER_PREFILL),
+              lambda r: kvpress.ObservedAttentionPress(r), prefill=EAGER_PREFILL, ratio_free_scores=True),
         _peer("expected-attention", "ExpectedAttention (kvpress)",
               lambda r: kvpress.ExpectedAttentionPress(compression_ratio=r), ratio_free_scores=True),
         _peer("adakv-expected-attention", "AdaKV + ExpectedAttention (kvpress, masked)",
@@ -174,7 +176,8 @@ METHODS: dict[str, Method] = {
         _peer("kvcompose", "KVCompose, structured (kvpress; re-feeds the context, eager attention)",
               lambda r: kvpress.KVComposePress(compression_ratio=r), prefill=OWN_PREFILL),
         _peer("kvzip", "KVzip (kvpress; re-reads the context to score it, masked)",
-              lambda r: _kvzip_with_gguf_tokenizer()(compression_ratio=r), prefill=OWN_PREFILL),
+              lambda r: _kvzip_with_gguf_tokenizer()(compression_ratio=r), prefill=OWN_PREFILL,
+              ratio_free_scores=True),
         # Peers that load trained weights or statistics from the hub (not in the offline tables).
         _peer("kvzap", "KVzap, MLP, DMS thresholding (kvpress; hub weights)",
               lambda r: kvpress.DMSPress(press=kvpress.KVzapPress(r, model_type="mlp")), download=True),

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from kvpress import BasePress
+from kvpress import BasePress, KVzipPress
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
@@ -130,11 +130,13 @@ def feed(
 
 
 def reuse_scores(press: BasePress, memo: dict[int, torch.Tensor]) -> BasePress:
-    """Make ``press`` (a ``ScorerPress``, or a press wrapping one in ``.press``) score each layer once per
-    ``memo``: later presses of the same method on the same prefill reuse the stored scores.
+    """Make ``press`` (a ``ScorerPress``, a press wrapping one in ``.press``, or ``KVzipPress``) score each
+    layer once per ``memo``: later presses of the same method on the same prefill reuse the stored scores.
 
     Only for methods whose scores do not depend on the ratio (``Method.ratio_free_scores``).
     """
+    if isinstance(press, KVzipPress):
+        return _reuse_kvzip_scores(press, memo)
     scorer = getattr(press, "press", press)
     compute = scorer.score
 
@@ -144,6 +146,27 @@ def reuse_scores(press: BasePress, memo: dict[int, torch.Tensor]) -> BasePress:
         return memo[module.layer_idx].clone()  # some presses (AdaKV) write into their scores
 
     scorer.score = score
+    return press
+
+
+def _reuse_kvzip_scores(press: KVzipPress, memo: dict[int, torch.Tensor]) -> KVzipPress:
+    """:func:`reuse_scores` for KVzip, which scores every layer at once after the prefill by making the
+    model re-read the context (its ``score_val``, ``(layers, 1, kv_heads, N)``), then evicts by ratio
+    (``compress_post``): with scores in ``memo``, a later press skips the re-reading."""
+    reread, evict = press._perform_kvzip_compression, press.compress_post
+
+    def score_or_reuse(model: PreTrainedModel, tokenizer) -> None:
+        if not memo:
+            return reread(model, tokenizer)
+        press.score_val = torch.stack([memo[layer] for layer in range(len(memo))]).clone()
+        return evict(model)
+
+    def store_then_evict(model: PreTrainedModel) -> None:
+        if not memo:  # before eviction, which raises the sinks' scores in place
+            memo.update(enumerate(press.score_val.clone()))
+        evict(model)
+
+    press._perform_kvzip_compression, press.compress_post = score_or_reuse, store_then_evict
     return press
 
 

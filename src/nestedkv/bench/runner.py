@@ -249,9 +249,16 @@ def _compressed_cache(
     torch.manual_seed(0)
     spec = method_spec(method)  # None: the uncompressed baseline
     mode = spec.prefill if spec else REPLAY
+    if spec and spec.ratio_free_scores:
+        press = reuse_scores(press, score_memo)
+        if mode == EAGER_PREFILL:
+            # The attention weights it scores exist only in an eager prefill: run one to score every
+            # layer, then replay those scores on the shared prefill, at this ratio and the next ones.
+            if not score_memo:
+                prefill_compressed(model, context_ids, press, eager=True)
+                prefill_seconds = 0.0  # the eager prefill is this method's prefill, timed since ``start``
+            mode = REPLAY
     if mode == REPLAY:
-        if spec and spec.ratio_free_scores:
-            press = reuse_scores(press, score_memo)
         cache = compress_replay(model, prefill, press)
         return cache, prefill_seconds + time.perf_counter() - start
     cache = prefill_compressed(model, context_ids, press, eager=mode == EAGER_PREFILL)
