@@ -101,9 +101,9 @@ def test_every_offline_peer_runs_through_the_runner_as_in_kvpresss_pipeline(mode
 
 
 def test_expensive_ratio_free_peers_score_once_for_every_ratio(model, tokenizer, tmp_path, monkeypatch):
-    """ObservedAttention scores the attention weights of an eager prefill, KVzip makes the model re-read
-    the context: the runner does either once per sample and reuses the scores at every ratio, giving at
-    each the answer kvpress's pipeline gives with a fresh press."""
+    """ObservedAttention and KVCompose score the attention weights of an eager prefill, KVzip makes the
+    model re-read the context: the runner does each once per sample and reuses the scores at every
+    ratio, giving at each the answer kvpress's pipeline gives with a fresh press."""
     passes = []
 
     def counting(name, function):
@@ -115,12 +115,12 @@ def test_expensive_ratio_free_peers_score_once_for_every_ratio(model, tokenizer,
 
     monkeypatch.setattr(runner, "prefill_compressed", counting("own prefill", runner.prefill_compressed))
     monkeypatch.setattr(KVzipPress, "prepare", counting("re-reading", KVzipPress.prepare))
-    methods = ("observed-attention", "kvzip")
+    methods = ("observed-attention", "kvcompose", "kvzip")
     config = EvalConfig(
         model="m", tasks=("niah_single_2",), lengths=(640,), ratios=(0.5, 0.9), methods=methods, samples=1, seed=7
     )
-    assert run(config, model, tokenizer, ResultStore(tmp_path), progress=False) == 4
-    # one eager prefill for ObservedAttention; KVzip prefills at each ratio but re-reads the context once
+    assert run(config, model, tokenizer, ResultStore(tmp_path), progress=False) == 6
+    # one prefill of its own per method (eager for ObservedAttention, re-reading the context for KVzip)
     assert Counter(passes) == {"own prefill": 3, "re-reading": 1}
     sample = plan_samples(config, tokenizer)[0][1]
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)

@@ -50,9 +50,9 @@ eager attention, for presses that score the attention weights themselves."""
 @dataclass(frozen=True)
 class Method:
     """``ratio_free_scores``: the press's scores do not depend on the ratio, so the runner may score
-    a sample once and reuse the scores for every ratio (worth it for expensive scorers); with
-    ``EAGER_PREFILL``, one eager prefill per sample scores it and every ratio is replayed on the shared
-    prefill (the kept keys and values are then the shared prefill's, equal to an eager one's up to rounding).
+    a sample once and reuse the scores for every ratio (worth it for expensive scorers); a method with
+    a prefill of its own then runs it once per sample to score, and every ratio is replayed on the shared
+    prefill (the kept keys and values are the shared prefill's: an eager prefill's up to rounding).
     ``prefill``: one of ``REPLAY``, ``OWN_PREFILL``, ``EAGER_PREFILL``. ``download``: the press loads
     trained weights or statistics from the Hugging Face hub, so it runs only where the hub (or its
     cache) is reachable and is left out of the default method lists."""
@@ -174,7 +174,8 @@ METHODS: dict[str, Method] = {
         _peer("merging-snapkv", "MergingPress + SnapKV: evicted values merged (kvpress)",
               lambda r: kvpress.MergingPress(kvpress.SnapKVPress(r))),
         _peer("kvcompose", "KVCompose, structured (kvpress; re-feeds the context, eager attention)",
-              lambda r: kvpress.KVComposePress(compression_ratio=r), prefill=OWN_PREFILL),
+              lambda r: kvpress.KVComposePress(compression_ratio=r), prefill=OWN_PREFILL,
+              ratio_free_scores=True),
         _peer("kvzip", "KVzip (kvpress; re-reads the context to score it, masked)",
               lambda r: _kvzip_with_gguf_tokenizer()(compression_ratio=r), prefill=OWN_PREFILL,
               ratio_free_scores=True),

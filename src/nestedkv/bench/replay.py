@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from kvpress import BasePress, KVzipPress
+from kvpress import BasePress, KVComposePress, KVzipPress
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
@@ -137,6 +137,8 @@ def reuse_scores(press: BasePress, memo: dict[int, torch.Tensor]) -> BasePress:
     """
     if isinstance(press, KVzipPress):
         return _reuse_kvzip_scores(press, memo)
+    if isinstance(press, KVComposePress):
+        return _reuse_kvcompose_scores(press, memo)
     scorer = getattr(press, "press", press)
     compute = scorer.score
 
@@ -152,21 +154,55 @@ def reuse_scores(press: BasePress, memo: dict[int, torch.Tensor]) -> BasePress:
 def _reuse_kvzip_scores(press: KVzipPress, memo: dict[int, torch.Tensor]) -> KVzipPress:
     """:func:`reuse_scores` for KVzip, which scores every layer at once after the prefill by making the
     model re-read the context (its ``score_val``, ``(layers, 1, kv_heads, N)``), then evicts by ratio
-    (``compress_post``): with scores in ``memo``, a later press skips the re-reading."""
-    reread, evict = press._perform_kvzip_compression, press.compress_post
+    (``compress_post``, which hides the evicted keys). Before ``memo`` is filled the press runs a prefill
+    of its own and stores its scores; after, it is for :func:`compress_replay`: it evicts by the stored
+    scores without re-reading."""
+    evict = press.compress_post
+    if not memo:
 
-    def score_or_reuse(model: PreTrainedModel, tokenizer) -> None:
-        if not memo:
-            return reread(model, tokenizer)
+        def store_then_evict(model: PreTrainedModel) -> None:
+            memo.update(enumerate(press.score_val.clone()))  # before eviction raises the sinks' scores in place
+            evict(model)
+
+        press.compress_post = store_then_evict
+        return press
+
+    def note_context(module: torch.nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
+        press._context_ids = kwargs["hidden_states"]  # KVzip compresses on exit only after a context went in
+        return output
+
+    def stored_scores_then_evict(model: PreTrainedModel, tokenizer: object) -> None:
         press.score_val = torch.stack([memo[layer] for layer in range(len(memo))]).clone()
-        return evict(model)
-
-    def store_then_evict(model: PreTrainedModel) -> None:
-        if not memo:  # before eviction, which raises the sinks' scores in place
-            memo.update(enumerate(press.score_val.clone()))
         evict(model)
 
-    press._perform_kvzip_compression, press.compress_post = score_or_reuse, store_then_evict
+    press.forward_hook, press._perform_kvzip_compression = note_context, stored_scores_then_evict
+    return press
+
+
+def _reuse_kvcompose_scores(press: KVComposePress, memo: dict[int, torch.Tensor]) -> KVComposePress:
+    """:func:`reuse_scores` for KVCompose, which scores every layer after an eager prefill and a re-read of
+    the context (its ``scores``, ``(layers, kv_heads, N)``), then keeps each layer's share by ratio.
+    Before ``memo`` is filled the press runs a prefill of its own and stores its scores; after, it is
+    for :func:`compress_replay`: it takes the cache from the replayed hooks and evicts by the stored scores."""
+    if not memo:
+        enhance = press.enhance_scores
+
+        def enhance_then_store() -> None:
+            enhance()
+            memo.update(enumerate(press.scores.clone()))
+
+        press.enhance_scores = enhance_then_store
+        return press
+
+    def take_cache(module: torch.nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
+        press._register_cache(kwargs["past_key_values"])
+        press.context_len = press.cache.layers[module.layer_idx].keys.shape[-2]
+        return output
+
+    def stored_scores() -> None:
+        press.scores = torch.stack([memo[layer] for layer in range(len(memo))]).clone()
+
+    press.forward_hook, press.compute_scores, press.enhance_scores = take_cache, stored_scores, lambda: None
     return press
 
 

@@ -250,14 +250,15 @@ def _compressed_cache(
     spec = method_spec(method)  # None: the uncompressed baseline
     mode = spec.prefill if spec else REPLAY
     if spec and spec.ratio_free_scores:
+        if mode != REPLAY and not score_memo:
+            # What it scores comes from a prefill of its own (eager attention weights, KVzip's re-reading
+            # of the context): run it once per sample to score every layer, then replay the scores on
+            # the shared prefill, at this ratio and the next ones.
+            prefill_compressed(model, context_ids, reuse_scores(press, score_memo), eager=mode == EAGER_PREFILL)
+            press = make_press(method, ratio)
+            prefill_seconds = 0.0  # this method's own prefill is its cost, timed since ``start``
         press = reuse_scores(press, score_memo)
-        if mode == EAGER_PREFILL:
-            # The attention weights it scores exist only in an eager prefill: run one to score every
-            # layer, then replay those scores on the shared prefill, at this ratio and the next ones.
-            if not score_memo:
-                prefill_compressed(model, context_ids, press, eager=True)
-                prefill_seconds = 0.0  # the eager prefill is this method's prefill, timed since ``start``
-            mode = REPLAY
+        mode = REPLAY
     if mode == REPLAY:
         cache = compress_replay(model, prefill, press)
         return cache, prefill_seconds + time.perf_counter() - start
