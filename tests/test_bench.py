@@ -18,7 +18,7 @@ from nestedkv.bench import runner
 from nestedkv.bench.methods import EAGER_PREFILL, METHODS, PEERS, make_press
 from nestedkv.bench.plan import EvalConfig
 from nestedkv.bench.replay import compress_replay, prefill_once, reuse_scores
-from nestedkv.bench.report import collect, prefill_costs, write_report
+from nestedkv.bench.report import Cell, collect, prefill_costs, write_report
 from nestedkv.bench.ruler import build_samples
 from nestedkv.bench.runner import plan_samples, run
 from nestedkv.bench.store import ResultStore, result_key
@@ -252,6 +252,14 @@ def test_report_tables_confidence_intervals_and_plots(tmp_path):
     assert "2 sample(s) per task" in text
     assert (tmp_path / "score_vs_ratio.png").stat().st_size > 1000
     assert (tmp_path / "task_heatmap.png").stat().st_size > 1000
+
+
+def test_one_sample_per_task_takes_the_interval_from_the_spread_across_tasks():
+    one_each = Cell({"a": [100.0], "b": [0.0], "c": [50.0]})
+    # no within-task spread: the three scores as draws from the task mix, 1.96 * s / sqrt(3) with s = 50
+    assert one_each.mean == 50.0 and one_each.ci95 == pytest.approx(1.96 * 50 / math.sqrt(3))
+    assert Cell({"a": [100.0, 0.0], "b": [50.0]}).ci95 is None  # some tasks once, others more: no interval
+    assert Cell({"a": [100.0]}).ci95 is None
 
 
 def test_shards_split_the_plan_evenly_and_share_one_store(model, tokenizer, tmp_path):

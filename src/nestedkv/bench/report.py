@@ -58,10 +58,17 @@ class Cell:
 
     @property
     def ci95(self) -> float | None:
-        if self.n < 2:
-            return None
-        variance = sum(stdev(values) ** 2 / len(values) for values in self.scores.values())
-        return 1.96 * math.sqrt(variance) / len(self.scores)
+        """Half-width of the 95 % interval of :attr:`mean` (normal approximation), from the per-task
+        sample variances. With one sample per task there is no spread within a task: the tasks' scores
+        are then taken as draws from the task mix, whose spread (between tasks too) gives a wider,
+        conservative interval. ``None`` when neither applies (one sample in all, or an interrupted run
+        that measured some tasks once and others more)."""
+        if self.n >= 2:
+            variance = sum(stdev(values) ** 2 / len(values) for values in self.scores.values())
+            return 1.96 * math.sqrt(variance) / len(self.scores)
+        if len(self.scores) >= 2 and self.total == len(self.scores):
+            return 1.96 * stdev(self.task_mean(task) for task in self.scores) / math.sqrt(len(self.scores))
+        return None
 
 
 def collect(records: Iterable[dict], field: str = "score") -> tuple[dict[tuple[str, float], Cell], list[str]]:
