@@ -130,10 +130,14 @@ def feed(
 
 
 def reuse_scores(press: BasePress, memo: dict[int, torch.Tensor]) -> BasePress:
-    """Make ``press`` (a ``ScorerPress``, a press wrapping one in ``.press``, or ``KVzipPress``) score each
-    layer once per ``memo``: later presses of the same method on the same prefill reuse the stored scores.
+    """Make ``press`` (a ``ScorerPress``, a press wrapping one in ``.press``, ``KVzipPress`` or
+    ``KVComposePress``) score each layer once per ``memo``: later presses of the same method on the same
+    prefill reuse the stored scores.
 
-    Only for methods whose scores do not depend on the ratio (``Method.ratio_free_scores``).
+    Only for methods whose scores do not depend on the ratio (``Method.ratio_free_scores``). KVzip and
+    KVCompose score in passes of their own over the context: with ``memo`` empty, the press runs them
+    (in a prefill of its own) and stores its scores; with ``memo`` filled, it is a press for
+    :func:`compress_replay` that evicts by the stored scores.
     """
     if isinstance(press, KVzipPress):
         return _reuse_kvzip_scores(press, memo)
@@ -154,9 +158,7 @@ def reuse_scores(press: BasePress, memo: dict[int, torch.Tensor]) -> BasePress:
 def _reuse_kvzip_scores(press: KVzipPress, memo: dict[int, torch.Tensor]) -> KVzipPress:
     """:func:`reuse_scores` for KVzip, which scores every layer at once after the prefill by making the
     model re-read the context (its ``score_val``, ``(layers, 1, kv_heads, N)``), then evicts by ratio
-    (``compress_post``, which hides the evicted keys). Before ``memo`` is filled the press runs a prefill
-    of its own and stores its scores; after, it is for :func:`compress_replay`: it evicts by the stored
-    scores without re-reading."""
+    (``compress_post``, which hides the evicted keys)."""
     evict = press.compress_post
     if not memo:
 
@@ -172,7 +174,7 @@ def _reuse_kvzip_scores(press: KVzipPress, memo: dict[int, torch.Tensor]) -> KVz
         return output
 
     def stored_scores_then_evict(model: PreTrainedModel, tokenizer: object) -> None:
-        press.score_val = torch.stack([memo[layer] for layer in range(len(memo))]).clone()
+        press.score_val = _stacked(memo)
         evict(model)
 
     press.forward_hook, press._perform_kvzip_compression = note_context, stored_scores_then_evict
@@ -180,10 +182,9 @@ def _reuse_kvzip_scores(press: KVzipPress, memo: dict[int, torch.Tensor]) -> KVz
 
 
 def _reuse_kvcompose_scores(press: KVComposePress, memo: dict[int, torch.Tensor]) -> KVComposePress:
-    """:func:`reuse_scores` for KVCompose, which scores every layer after an eager prefill and a re-read of
-    the context (its ``scores``, ``(layers, kv_heads, N)``), then keeps each layer's share by ratio.
-    Before ``memo`` is filled the press runs a prefill of its own and stores its scores; after, it is
-    for :func:`compress_replay`: it takes the cache from the replayed hooks and evicts by the stored scores."""
+    """:func:`reuse_scores` for KVCompose, which scores every layer after an eager prefill and a re-feed of
+    the context (its ``scores``, ``(layers, kv_heads, N)``), then keeps each layer's share by ratio; a
+    replayed press takes the cache to evict from the replayed hooks."""
     if not memo:
         enhance = press.enhance_scores
 
@@ -200,10 +201,15 @@ def _reuse_kvcompose_scores(press: KVComposePress, memo: dict[int, torch.Tensor]
         return output
 
     def stored_scores() -> None:
-        press.scores = torch.stack([memo[layer] for layer in range(len(memo))]).clone()
+        press.scores = _stacked(memo)
 
     press.forward_hook, press.compute_scores, press.enhance_scores = take_cache, stored_scores, lambda: None
     return press
+
+
+def _stacked(memo: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Every layer's stored scores as one new tensor ``(layers, ...)``: the presses write into theirs."""
+    return torch.stack([memo[layer] for layer in range(len(memo))])
 
 
 def ragged_rows(model: PreTrainedModel, cache: DynamicCache, context_length: int) -> list[RaggedLayer] | None:
