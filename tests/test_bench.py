@@ -201,19 +201,21 @@ def test_run_is_resumable_and_loses_no_finished_result(model, tokenizer, tmp_pat
         assert run(config, model, tokenizer, ResultStore(tmp_path), progress=False) == 0
 
 
-def test_answers_decoded_together_equal_answers_decoded_one_by_one(model, tokenizer, tmp_path):
+def test_answers_decoded_together_equal_answers_decoded_one_by_one(model, tokenizer, tmp_path, monkeypatch):
     methods = ("none", "nestedkv", "knorm", "adakv-snapkv")
     config = EvalConfig(model="smollm2-test", **{**SMALL, "tasks": ("niah_single_1",), "methods": methods})
     predictions = {}
-    for together in (True, False):
+    for together, batch_bytes in ((True, runner.DECODE_BATCH_BYTES), (False, None), ("capped", 0)):
+        monkeypatch.setattr(runner, "DECODE_BATCH_BYTES", batch_bytes)
         store = ResultStore(tmp_path / str(together))
-        run(config, model, tokenizer, store, progress=False, together=together)
+        run(config, model, tokenizer, store, progress=False, together=bool(together))
         predictions[together] = {result_key(r): (r["prediction"], r.get("decoded_together")) for r in store}
-    assert {key: answer for key, (answer, _) in predictions[True].items()} == {
-        key: answer for key, (answer, _) in predictions[False].items()
-    }
+    answers = {way: {key: answer for key, (answer, _) in found.items()} for way, found in predictions.items()}
+    assert answers[True] == answers[False] == answers["capped"]
     assert sorted(together for _, together in predictions[True].values()) == [7] * 7  # every ratio in one batch
     assert {together for _, together in predictions[False].values()} == {None}
+    # waiting caches over the byte cap are decoded at once: with a cap of 0, each answer alone
+    assert {together for _, together in predictions["capped"].values()} == {1}
 
 
 def record(task, method, ratio, index, score):

@@ -105,7 +105,8 @@ def run(
     if already loaded (:func:`load_samples`).
 
     ``together``: the answers of every method and ratio of a sample are decoded as one batch, each
-    compressed cache a row of one ragged cache (:func:`~nestedkv.bench.replay.greedy_answers`); a
+    compressed cache a row of one ragged cache (:func:`~nestedkv.bench.replay.greedy_answers`), or as
+    several when the waiting caches hold more than :data:`DECODE_BATCH_BYTES`; a
     cache that cannot be a ragged row is answered alone by kvpress's pipeline, as every cache is
     with ``together=False``. A sample's batched results are stored when its batch is decoded.
 
@@ -150,6 +151,28 @@ def run(
     remaining = sum(len(pending) for _, _, pending, *_ in todo)
     bar = tqdm(total=total, initial=total - remaining, disable=not progress, unit="answer", dynamic_ncols=True)
     added = 0
+
+    def answer_together(length: int | None, sample: Sample, waiting: list, question_ids: torch.Tensor,
+                        context_length: int) -> None:
+        """Decode the ``waiting`` answers of ``sample`` as one batch (each step reads the weights once for
+        all of them), store them, and empty ``waiting``."""
+        nonlocal added
+        bar.set_postfix_str(f"{length} {sample.task}#{sample.index} {len(waiting)} answers together")
+        start = time.perf_counter()
+        try:
+            answers = greedy_answers(model, [rows for *_, rows in waiting], question_ids, context_length,
+                                     sample.max_new_tokens)
+            outcomes = [_answered(sample, tokenizer.decode(answer, skip_special_tokens=True)) for answer in answers]
+        except (RuntimeError, ValueError, AssertionError) as error:
+            outcomes = [_failed(error)] * len(waiting)
+        share = (time.perf_counter() - start) / len(waiting)  # each answer's share of the batch
+        for (method, ratio, outcome, seconds, _), answered in zip(waiting, outcomes, strict=True):
+            outcome |= answered | {"decoded_together": len(waiting)}
+            store.add(record(length, sample, method, ratio, outcome, seconds + share))
+            added += 1
+            bar.update()
+        waiting.clear()
+
     try:
         for length, sample, pending, context_ids, question_ids in todo:
             bar.set_postfix_str(f"{length} {sample.task}#{sample.index} prefill")
@@ -181,6 +204,8 @@ def run(
                             rows = ragged_rows(model, cache, prefill.context_length) if together else None
                             if rows is not None:
                                 waiting.append((method, ratio, outcome, time.perf_counter() - start, rows))
+                                if sum(layer.nbytes for *_, rows in waiting for layer in rows) > DECODE_BATCH_BYTES:
+                                    answer_together(length, sample, waiting, question_ids, prefill.context_length)
                                 continue
                             prediction = pipe.generate_answer(
                                 question_ids.to(model.device), cache, prefill.context_length, sample.max_new_tokens
@@ -194,26 +219,17 @@ def run(
                 store.add(record(length, sample, method, ratio, outcome, time.perf_counter() - start))
                 added += 1
                 bar.update()
-            # One batch for every method and ratio: each step reads the weights once for all of them.
             if waiting:
-                bar.set_postfix_str(f"{length} {sample.task}#{sample.index} {len(waiting)} answers together")
-                start = time.perf_counter()
-                try:
-                    answers = greedy_answers(model, [rows for *_, rows in waiting], question_ids,
-                                             prefill.context_length, sample.max_new_tokens)
-                    outcomes = [_answered(sample, tokenizer.decode(answer, skip_special_tokens=True))
-                                for answer in answers]
-                except (RuntimeError, ValueError, AssertionError) as error:
-                    outcomes = [_failed(error)] * len(waiting)
-                share = (time.perf_counter() - start) / len(waiting)  # each answer's share of the batch
-                for (method, ratio, outcome, seconds, _), answered in zip(waiting, outcomes, strict=True):
-                    outcome |= answered | {"decoded_together": len(waiting)}
-                    store.add(record(length, sample, method, ratio, outcome, seconds + share))
-                    added += 1
-                    bar.update()
+                answer_together(length, sample, waiting, question_ids, prefill.context_length)
     finally:
         bar.close()  # an interrupted run's message starts on a line of its own
     return added
+
+
+DECODE_BATCH_BYTES = 2 * 2**30
+"""The compressed caches waiting to be decoded together are decoded once they hold more than this:
+stacking them into one batch copies them, and the 187 caches of one 4k sample of the leaderboard
+preset hold about 11 GB (that run was killed for memory on this 24 GiB machine before the cap)."""
 
 
 def _answered(sample: Sample, prediction: str) -> dict:
