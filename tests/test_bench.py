@@ -64,8 +64,8 @@ def test_prefill_once_gives_exactly_the_pipeline_answers(model, tokenizer):
 
 def test_every_offline_peer_runs_through_the_runner_as_in_kvpresss_pipeline(model, tokenizer, tmp_path, monkeypatch):
     """Each peer of the registry (and NestedKV, ragged and masked), at one ratio on a short context, gives
-    through the benchmark's runner (shared-prefill replay, or a prefill of its own for KVzip, KVCompose
-    and the eager ObservedAttention; every answer decoded in one batch with the others) the answer
+    through the benchmark's runner (shared-prefill replay; KVzip, KVCompose and the eager ObservedAttention
+    score in a prefill of their own, then replay; every answer decoded in one batch with the others) the answer
     kvpress's pipeline gives for the same press, decoding that cache alone."""
     # 12 answer tokens tell the presses apart; a collapsed one would otherwise babble for 128
     short_answers = lambda *args, **kwargs: [  # noqa: E731
