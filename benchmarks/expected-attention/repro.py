@@ -8,22 +8,23 @@ ExpectedAttention chooses, restores the answer. About a minute on one CPU thread
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/expected-attention/repro.py
 """
 
-import json
 import time
 from dataclasses import dataclass
-from importlib import resources
 
 import torch
 from kvpress import ExpectedAttentionPress, KVPressTextGenerationPipeline, ScorerPress
 from transformers.models.llama.modeling_llama import repeat_kv
 
-from nestedkv.models import load_model  # only loads the GGUF model: the same happens without nestedkv
+# nestedkv only reads the demo and loads the GGUF model, none of its presses is imported: the same
+# happens without nestedkv
+from nestedkv.cli import demo_sample
+from nestedkv.models import load_model
 
 start = time.time()
 torch.set_num_threads(1)
 model, tokenizer = load_model()
 pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
-demo = json.loads((resources.files("nestedkv") / "data" / "demo.json").read_text())
+demo = demo_sample()
 ids = pipe.preprocess(demo["context"], [demo["question"]], demo["answer_prefix"], 100_000)["context_ids"][0].tolist()
 needle = next(
     list(range(a, b)) for a in range(len(ids)) for b in range(a + 1, a + 10)

@@ -12,14 +12,13 @@ two minutes on one CPU thread:
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/observed-attention/repro.py
 """
 
-import json
 import time
 from dataclasses import dataclass
-from importlib import resources
 
 import torch
 from kvpress import KVPressTextGenerationPipeline, ObservedAttentionPress
 
+from nestedkv.cli import demo_sample
 from nestedkv.models import eager_attention, load_model  # loads the GGUF model and switches to eager attention
 
 RATIO = 0.25
@@ -27,7 +26,7 @@ start = time.time()
 torch.set_num_threads(1)
 model, tokenizer = load_model()
 pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
-demo = json.loads((resources.files("nestedkv") / "data" / "demo.json").read_text())
+demo = demo_sample()
 ids = pipe.preprocess(demo["context"], [demo["question"]], demo["answer_prefix"], 100_000)["context_ids"][0].tolist()
 needle = next(
     list(range(a, b)) for a in range(len(ids)) for b in range(a + 1, a + 10)

@@ -204,7 +204,7 @@ def run(
                             rows = ragged_rows(model, cache, prefill.context_length) if together else None
                             if rows is not None:
                                 waiting.append((method, ratio, outcome, time.perf_counter() - start, rows))
-                                if sum(layer.nbytes for *_, rows in waiting for layer in rows) > DECODE_BATCH_BYTES:
+                                if sum(layer.nbytes for *_, held in waiting for layer in held) > DECODE_BATCH_BYTES:
                                     answer_together(length, sample, waiting, question_ids, prefill.context_length)
                                 continue
                             prediction = pipe.generate_answer(
