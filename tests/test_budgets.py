@@ -1,12 +1,14 @@
 """Budget invariants, by hand and as properties (hypothesis)."""
 
+import itertools
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nestedkv.budgets import head_adaptive_keep, uniform_keep
 from nestedkv.scoring import nestedkv_score
-from nestedkv.settings import NestedKVConfig, compute_n_kept
+from nestedkv.settings import NestedKVConfig, compute_n_kept, layer_compression_ratio
 
 
 def test_head_adaptive_hand_case():
@@ -65,3 +67,19 @@ def test_nestedkv_scores_through_the_budget_keep_sinks(n, ratio, seed):
     keep = head_adaptive_keep(scores, compute_n_kept(n, ratio), 0.2)
     assert keep[..., :4].all()
     assert keep.sum() == 3 * compute_n_kept(n, ratio)
+
+
+@given(st.floats(0.5, 0.95), st.integers(2, 40), st.floats(-1, 1))
+def test_layer_shares_average_to_the_ratio_and_slope_with_the_layer_budget(ratio, layers, layer_budget):
+    shares = [1 - layer_compression_ratio(ratio, layer, layers, layer_budget) for layer in range(layers)]
+    assert abs(sum(shares) / layers - (1 - ratio)) < 1e-9  # r >= 0.5 and |layer_budget| <= 1: no layer is capped
+    assert abs(shares[0] - (1 - ratio) * (1 + layer_budget)) < 1e-9
+    assert abs(shares[-1] - (1 - ratio) * (1 - layer_budget)) < 1e-9
+    steps = [b - a for a, b in itertools.pairwise(shares)]
+    assert all(step <= 1e-12 for step in steps) if layer_budget >= 0 else all(step >= -1e-12 for step in steps)
+
+
+def test_layer_shares_keep_no_compression_and_cap_at_the_whole_context():
+    assert [layer_compression_ratio(0.0, layer, 4, 0.5) for layer in range(4)] == [0.0] * 4
+    assert layer_compression_ratio(0.25, 0, 4, 0.5) == 0.0  # 0.75 * 1.5 > 1: the whole layer is kept
+    assert layer_compression_ratio(0.9, 3, 7, 0.0) == 0.9

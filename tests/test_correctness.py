@@ -225,6 +225,24 @@ def test_per_layer_ratios_of_kvpress_reach_each_ragged_layer():
         greedy(tiny, input_ids, PerLayerCompressionPress(NestedKVPress(), [0.5, 1.0]))
 
 
+@pytest.mark.parametrize("storage, budget", [("ragged", "head-adaptive"), ("masked", "head-adaptive"),
+                                             ("masked", "uniform")])
+def test_layer_budget_compresses_each_layer_at_its_share(storage, budget):
+    """layer_budget=0.5 at r=0.5 over 2 layers keeps 1.5x and 0.5x the average share: the ratios 0.25 and 0.75
+    given to kvpress's PerLayerCompressionPress, answer for answer; the press's own ratio is left as it was."""
+    tiny, input_ids = tiny_llama(), torch.randint(0, 128, (1, 300))
+    press = NestedKVPress(0.5, layer_budget=0.5, storage=storage, budget=budget)
+    logits, cache = greedy(tiny, input_ids, press)
+    expected, expected_cache = greedy(tiny, input_ids, PerLayerCompressionPress(
+        NestedKVPress(storage=storage, budget=budget), [0.25, 0.75]))
+    torch.testing.assert_close(logits, expected, atol=0, rtol=0)
+    if storage == "ragged":
+        kept = [int(layer.context_lengths.sum()) for layer in cache.layers]
+        ratios = zip(cache.layers, (0.25, 0.75), strict=True)
+        assert kept == [layer.heads * compute_n_kept(300, ratio) for layer, ratio in ratios]
+    assert press.compression_ratio == 0.5
+
+
 @pytest.mark.parametrize("head_adaptive", [lambda: NestedKVPress(0.5), lambda: NestedKVPress(0.5, storage="masked"),
                                            lambda: HeadAdaptivePress(KeyDiffPress(0.5))],
                          ids=["nestedkv", "nestedkv-masked", "head-adaptive-keydiff"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from kvpress import BasePress, ComposedPress, KVPressTextGenerationPipeline, ScorerPress
@@ -26,7 +26,14 @@ from nestedkv.cache import RaggedLayer
 from nestedkv.cache.attention import visible_columns
 from nestedkv.models import attention_modules
 from nestedkv.scoring import nestedkv_score
-from nestedkv.settings import PAPER_SETTINGS, STORAGES, NestedKVSettings, check_keeps_sinks, compute_n_kept
+from nestedkv.settings import (
+    PAPER_SETTINGS,
+    STORAGES,
+    NestedKVSettings,
+    check_keeps_sinks,
+    compute_n_kept,
+    layer_compression_ratio,
+)
 from nestedkv.validation import check_choice, check_number, check_ratio
 
 # --- what a prefill hook sees -------------------------------------------------------------------
@@ -261,6 +268,8 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
     head-adaptive budget must come last.
     """
 
+    _average_ratio: float | None = field(default=None, init=False, repr=False)  # the ratio while a layer's is set
+
     @classmethod
     def paper(cls, compression_ratio: float = 0.0, **options) -> NestedKVPress:
         """NestedKV exactly as the paper gives it (:data:`~nestedkv.settings.PAPER_SETTINGS`: no recent
@@ -297,20 +306,40 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
         (:func:`~nestedkv.settings.check_keeps_sinks`)."""
         check_keeps_sinks(n, self.compression_ratio, self.n_sink)
 
+    @contextmanager
+    def _at_layer(self, module):
+        """``compression_ratio`` set to ``module``'s layer's share (``layer_budget``) while that layer is
+        compressed; the forward hook and ``compress`` (which kvpress's wrappers call directly) both enter
+        it, the first one to do so sets it."""
+        if self.layer_budget == 0 or self._average_ratio is not None:
+            yield
+            return
+        self._average_ratio = self.compression_ratio
+        self.compression_ratio = layer_compression_ratio(
+            self._average_ratio, module.layer_idx, module.config.num_hidden_layers, self.layer_budget
+        )
+        try:
+            yield
+        finally:
+            self.compression_ratio, self._average_ratio = self._average_ratio, None
+
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
-        if self.compression_ratio == 0:
-            return keys, values
-        self.check_budget(keys.shape[2])
-        return super().compress(module, hidden_states, keys, values, attentions, kwargs)
+        with self._at_layer(module):
+            if self.compression_ratio == 0:
+                return keys, values
+            self.check_budget(keys.shape[2])
+            return super().compress(module, hidden_states, keys, values, attentions, kwargs)
 
     def forward_hook(self, module, input, kwargs, output):
         if self.compression_ratio == 0 or _no_cache(kwargs) or not _prefilling(module, kwargs):
             return output
-        if self.budget == "uniform":
-            if not compressible(kwargs["past_key_values"].layers[module.layer_idx], "masked"):
-                return output
-            return super().forward_hook(module, input, kwargs, output)
-        return HeadAdaptivePress(self, self.alpha_safeguard, self.storage).forward_hook(module, input, kwargs, output)
+        with self._at_layer(module):
+            if self.budget == "uniform":
+                if not compressible(kwargs["past_key_values"].layers[module.layer_idx], "masked"):
+                    return output
+                return super().forward_hook(module, input, kwargs, output)
+            head_adaptive = HeadAdaptivePress(self, self.alpha_safeguard, self.storage)
+            return head_adaptive.forward_hook(module, input, kwargs, output)
 
 
 _remove_answer_from_cache = KVPressTextGenerationPipeline._remove_answer_from_cache

@@ -139,17 +139,34 @@ def check_keeps_sinks(n: int, compression_ratio: float, n_sink: int) -> None:
 @dataclass
 class NestedKVSettings(NestedKVConfig):
     """What :class:`~nestedkv.press.NestedKVPress` takes beyond the ratio: the score's switches, the
-    budget (one of :data:`BUDGETS`) with its safeguard, and the storage (one of :data:`STORAGES`)."""
+    budget (one of :data:`BUDGETS`) with its safeguard, the storage (one of :data:`STORAGES`), and how
+    budgets differ across layers (``layer_budget``, :func:`layer_compression_ratio`; 0: they do not)."""
 
     budget: str = "head-adaptive"
     alpha_safeguard: float = 0.20
     storage: str = "ragged"
+    layer_budget: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("budget", self.budget, BUDGETS)
         check_number("alpha_safeguard", self.alpha_safeguard, low=0, high=1)
         check_choice("storage", self.storage, STORAGES)
+        check_number("layer_budget", self.layer_budget, low=-1, high=1)
+
+
+def layer_compression_ratio(compression_ratio: float, layer: int, layers: int, layer_budget: float) -> float:
+    """The ratio of layer ``layer`` of ``layers`` when budgets differ across layers along a line.
+
+    Layer ``l`` keeps ``1 + layer_budget * (1 - 2 l / (layers - 1))`` times the average share ``1 - r``:
+    ``layer_budget`` > 0 gives the first layers more and the last ones less (PyramidKV's shape,
+    arXiv 2406.02069), < 0 the reverse, 0 the same everywhere (the paper's). The shares average to
+    ``1 - r`` unless a layer's would exceed the whole context, which it then keeps.
+    """
+    if layer_budget == 0 or layers == 1 or compression_ratio == 0:
+        return compression_ratio
+    kept = (1 - compression_ratio) * (1 + layer_budget * (1 - 2 * layer / (layers - 1)))
+    return max(1 - kept, 0.0)
 
 
 STREAM_RECENT = 64
