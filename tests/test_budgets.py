@@ -69,10 +69,10 @@ def test_nestedkv_scores_through_the_budget_keep_sinks(n, ratio, seed):
     assert keep.sum() == 3 * compute_n_kept(n, ratio)
 
 
-@given(st.floats(0.5, 0.95), st.integers(2, 40), st.floats(-1, 1))
+@given(st.floats(0.5, 0.95), st.integers(2, 40), st.floats(-0.99, 0.99))
 def test_layer_shares_average_to_the_ratio_and_slope_with_the_layer_budget(ratio, layers, layer_budget):
     shares = [1 - layer_compression_ratio(ratio, layer, layers, layer_budget) for layer in range(layers)]
-    assert abs(sum(shares) / layers - (1 - ratio)) < 1e-9  # r >= 0.5 and |layer_budget| <= 1: no layer is capped
+    assert abs(sum(shares) / layers - (1 - ratio)) < 1e-9  # r >= 0.5 and |layer_budget| < 1: no layer is capped
     assert abs(shares[0] - (1 - ratio) * (1 + layer_budget)) < 1e-9
     assert abs(shares[-1] - (1 - ratio) * (1 - layer_budget)) < 1e-9
     steps = [b - a for a, b in itertools.pairwise(shares)]

@@ -152,7 +152,7 @@ class NestedKVSettings(NestedKVConfig):
         check_choice("budget", self.budget, BUDGETS)
         check_number("alpha_safeguard", self.alpha_safeguard, low=0, high=1)
         check_choice("storage", self.storage, STORAGES)
-        check_number("layer_budget", self.layer_budget, low=-1, high=1)
+        check_number("layer_budget", self.layer_budget, low=-1, high=1, low_open=True, high_open=True)
 
 
 def layer_compression_ratio(compression_ratio: float, layer: int, layers: int, layer_budget: float) -> float:
