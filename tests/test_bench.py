@@ -94,6 +94,7 @@ def test_every_offline_peer_runs_through_the_runner_as_in_kvpresss_pipeline(mode
             )["answer"]
         assert records[method]["prediction"] == expected, method
         assert records[method]["prefill_seconds"] > 0
+        assert records[method]["uncompressed_prefill_seconds"] > 0
     # our HeadAdaptivePress with ragged storage keeps what kvpress's masked AdaKV keeps
     assert records["ragged-adakv-snapkv"]["prediction"] == records["adakv-snapkv"]["prediction"]
     # KVzip re-reads the context: its prefill costs more than a replayed press's
@@ -314,6 +315,10 @@ def test_prefill_cost_table_and_the_quality_vs_cost_plot(tmp_path):
     assert "| kvzip | 9.00× | 2 |" in text and "| nestedkv | 1.10× | 2 |" in text
     assert (tmp_path / "score_vs_cost.png").stat().st_size > 1000
     assert prefill_costs([record("a", "none", 0.0, 0, 100)]) == {}  # records without times: no table, no plot
+    # A method added later, on a machine twice as slow that day: divided by its own run's uncompressed prefill
+    later = [record("a", "tova", 0.5, i, 100) | {"prefill_seconds": 2.2 * t, "uncompressed_prefill_seconds": 2 * t}
+             for i, t in ((0, 1.0), (1, 2.0))]
+    assert prefill_costs(records + later)["tova"] == (pytest.approx(1.1), 2)
 
 
 def test_report_counts_tasks_measured_unequally(tmp_path):

@@ -345,14 +345,20 @@ def write_report(records: Iterable[dict], out: Path, heatmap_ratio: float | None
 def prefill_costs(records: list[dict]) -> dict[str, tuple[float, int]]:
     """What each method's cache costs to build from the context, as a multiple of the uncompressed
     prefill of the same sample: ``(median over samples of the most expensive ratio, samples)``
-    (ratio-free scorers pay their scoring at the first ratio only). Empty when no record has times."""
+    (ratio-free scorers pay their scoring at the first ratio only). Empty when no record has times.
+
+    The uncompressed prefill is the one timed in the same run as the record
+    (``uncompressed_prefill_seconds``), so that methods added to a store later, on a machine that is
+    faster or busier that day, are not compared with another day's baseline; records written before
+    that field existed fall back on the uncompressed record's time."""
     timed = [r for r in records if not is_error(r) and r.get("prefill_seconds")]
     baseline = {sample_key(r): r["prefill_seconds"] for r in timed if r["method"] == NO_COMPRESSION}
     worst: dict[str, dict[tuple, float]] = defaultdict(dict)
     for record in timed:
         sample = sample_key(record)
-        if record["method"] != NO_COMPRESSION and sample in baseline:
-            cost = record["prefill_seconds"] / baseline[sample]
+        uncompressed = record.get("uncompressed_prefill_seconds") or baseline.get(sample)
+        if record["method"] != NO_COMPRESSION and uncompressed:
+            cost = record["prefill_seconds"] / uncompressed
             worst[record["method"]][sample] = max(cost, worst[record["method"]].get(sample, 0.0))
     return {method: (median(costs.values()), len(costs)) for method, costs in worst.items()}
 

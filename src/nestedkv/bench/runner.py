@@ -191,7 +191,10 @@ def run(
                         cache, cache_seconds = _compressed_cache(
                             model, prefill, prefill_seconds, context_ids, method, ratio, score_memos[method]
                         )
+                        # The sample's uncompressed prefill in this same run: the cost ratio's denominator
+                        # (a store's uncompressed record may come from an earlier run on a faster machine).
                         outcome["prefill_seconds"] = round(cache_seconds, 3)
+                        outcome["uncompressed_prefill_seconds"] = round(prefill_seconds, 3)
                         if isinstance(sample, ContinuationSample):
                             if reference_logits is None:  # the uncompressed continuation, once per sample
                                 full = compress_replay(model, prefill, None)
