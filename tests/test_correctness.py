@@ -233,7 +233,7 @@ def test_layer_budget_compresses_each_layer_at_its_share(storage, budget):
     tiny, input_ids = tiny_llama(), torch.randint(0, 128, (1, 300))
     press = NestedKVPress(0.5, layer_budget=0.5, storage=storage, budget=budget)
     logits, cache = greedy(tiny, input_ids, press)
-    expected, expected_cache = greedy(tiny, input_ids, PerLayerCompressionPress(
+    expected, _ = greedy(tiny, input_ids, PerLayerCompressionPress(
         NestedKVPress(storage=storage, budget=budget), [0.25, 0.75]))
     torch.testing.assert_close(logits, expected, atol=0, rtol=0)
     if storage == "ragged":
