@@ -44,20 +44,40 @@ def test_left_padded_batch_gives_each_row_what_it_gets_alone(model, tokenizer, p
         assert until_eos(batch[row], eos) == until_eos(alone[0], eos), f"row {row}"
 
 
+def matched(keys: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """Which of ``keys (k, d)`` equal one of ``others (m, d)`` to 1e-4 (the same position's key, prefilled
+    alone or in a batch). ``-> bool (k,)``"""
+    if not len(keys) or not len(others):
+        return torch.zeros(len(keys), dtype=torch.bool)
+    return ((keys[:, None] - others[None]).abs().amax(-1) <= 1e-4).any(-1)
+
+
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_padded_rows_keep_what_they_keep_alone_and_never_a_pad(model, tokenizer, prompts, padding_side):
+    """A padded row keeps what it keeps alone, up to one near-tie per layer: its keys differ from the row
+    prefilled alone by float rounding (a batched matrix product blocks its sums differently; on an AVX2 CPU
+    that flipped one position between two heads of one layer), and it never keeps a padding position."""
     tokenizer.padding_side = padding_side
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     batch_cache = prefill(model, encoded, NestedKVPress(0.8))
+    full_cache = prefill(model, encoded, NestedKVPress(0.0))  # every key, the padding's too
     for row, text in enumerate(prompts):
         alone = prefill(model, tokenizer([text], return_tensors="pt", add_special_tokens=False), NestedKVPress(0.8))
         real = int(encoded["attention_mask"][row].sum())
-        for layer_batch, layer_alone in zip(batch_cache.layers, alone.layers, strict=True):
-            assert torch.equal(layer_batch.context_lengths[row], layer_alone.context_lengths[0])
-            assert int(layer_batch.context_lengths[row].sum()) == layer_batch.heads * compute_n_kept(real, 0.8)
-            heads = layer_batch.heads
-            start, end = layer_batch.offsets[row * heads], layer_batch.offsets[(row + 1) * heads]
-            torch.testing.assert_close(layer_batch.context_keys[start:end], layer_alone.context_keys, atol=1e-4, rtol=0)
+        pads = encoded["attention_mask"][row] == 0
+        for layer_batch, layer_alone, full in zip(batch_cache.layers, alone.layers, full_cache.layers, strict=True):
+            lengths, alone_lengths = layer_batch.context_lengths[row], layer_alone.context_lengths[0]
+            assert int(lengths.sum()) == layer_batch.heads * compute_n_kept(real, 0.8)
+            assert int((lengths - alone_lengths).abs().sum()) <= 2  # one position moved between two heads at most
+            unmatched = 0
+            for head in range(layer_batch.heads):
+                stream = row * layer_batch.heads + head
+                kept = layer_batch.context_keys[layer_batch.offsets[stream] : layer_batch.offsets[stream + 1]]
+                kept_alone = layer_alone.context_keys[layer_alone.offsets[head] : layer_alone.offsets[head + 1]]
+                extra = kept[~matched(kept, kept_alone)]  # kept in the batch only: a near-tie, never a pad
+                assert not matched(extra, full.keys[row, head, pads]).any()
+                unmatched += len(extra)
+            assert unmatched <= 1
 
 
 def prefill(model, encoded, press):
