@@ -13,9 +13,11 @@ head-adaptive budget keeps). Ways compared, one decoding step of one layer each:
 * ``one call``: each stream's kept keys followed by room for the tokens still to come, in one
   buffer; the new token's key and value are written in place (one ``index_copy_`` each) and one
   FlashAttention call reads every stream from its start (``cum_seq_k``) for its used length
-  (``seqused_k``), context and tail alike, no merge (``aten::_flash_attention_forward``).
+  (``seqused_k``), context and tail alike, no merge (``aten::_flash_attention_forward``);
+* ``split call``: the same buffer, each stream read as ``SPLITS`` equal parts, so that the GPU gets
+  enough sequences, and the parts merged by their log-sum-exps.
 
-The ``one call`` output is checked against ``ragged``'s (same kept keys, same tail). Eager times
+The ``one call`` and ``split call`` outputs are checked against ``ragged``'s (same kept keys, same tail). Eager times
 are wall-clock per call over ``CALLS`` calls; graph times replay one captured call ``CALLS``
 times (the used lengths stay fixed, so every replay is the same step). Usage:
 ``python benchmarks/cuda-h200/decode_attention.py`` on a machine with a GPU; prints a table.
@@ -98,9 +100,13 @@ def layer_ways(batch: int, n: int = 32768, ratio: float = 0.9) -> tuple[str, dic
     cum_seq_q = torch.arange(0, (streams + 1) * GROUP, GROUP, device=device, dtype=torch.int32)
     max_k = int(capacity.max())
 
-    def one_call() -> torch.Tensor:
+    def write_newest_token() -> None:
+        """A decoding step's write of the new token's key and value into each stream's room."""
         buffer_keys.index_copy_(0, write_rows, tail_keys[:, :, -1].reshape(streams, 1, HEAD_DIM))
         buffer_values.index_copy_(0, write_rows, tail_values[:, :, -1].reshape(streams, 1, HEAD_DIM))
+
+    def one_call() -> torch.Tensor:
+        write_newest_token()
         output = torch.ops.aten._flash_attention_forward(
             query.reshape(streams * GROUP, 1, HEAD_DIM), buffer_keys, buffer_values, cum_seq_q, cum_seq_k,
             GROUP, max_k, 0.0, False, False, scale=scale, seqused_k=used,
@@ -128,8 +134,7 @@ def layer_ways(batch: int, n: int = 32768, ratio: float = 0.9) -> tuple[str, dic
     max_part = int(part.max())
 
     def split_call() -> torch.Tensor:
-        buffer_keys.index_copy_(0, write_rows, tail_keys[:, :, -1].reshape(streams, 1, HEAD_DIM))
-        buffer_values.index_copy_(0, write_rows, tail_values[:, :, -1].reshape(streams, 1, HEAD_DIM))
+        write_newest_token()
         queries = query.reshape(streams, 1, GROUP, HEAD_DIM).expand(-1, SPLITS, -1, -1).reshape(-1, 1, HEAD_DIM)
         output, lse = torch.ops.aten._flash_attention_forward(
             queries, buffer_keys, buffer_values, cum_seq_q_parts, part_starts,
