@@ -27,7 +27,7 @@ from nestedkv.prompts import encode_prompt
 
 
 def test_prefill_once_gives_exactly_the_pipeline_answers(model, tokenizer):
-    sample = build_samples("niah_single_2", 1, tokenizer, 1024, seed=7)[0]
+    sample = build_samples("niah_single_2", 1, tokenizer, 640, seed=7)[0]
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
     context_ids, question_ids = encode_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix)
     prefill = prefill_once(model, context_ids)
@@ -74,7 +74,7 @@ def test_every_offline_peer_runs_through_the_runner_as_in_kvpresss_pipeline(mode
     monkeypatch.setattr("nestedkv.bench.runner.build_samples", short_answers)
     methods = (*PEERS, "nestedkv", "nestedkv-masked")
     config = EvalConfig(
-        model="m", tasks=("niah_single_2",), lengths=(640,), ratios=(0.75,), methods=methods, samples=1, seed=7
+        model="m", tasks=("niah_single_2",), lengths=(448,), ratios=(0.75,), methods=methods, samples=1, seed=7
     )
     assert run(config, model, tokenizer, ResultStore(tmp_path), progress=False) == len(methods)
     sample = plan_samples(config, tokenizer)[0][1]
@@ -118,7 +118,7 @@ def test_expensive_ratio_free_peers_score_once_for_every_ratio(model, tokenizer,
     monkeypatch.setattr(KVzipPress, "prepare", counting("re-reading", KVzipPress.prepare))
     methods = ("observed-attention", "kvcompose", "kvzip")
     config = EvalConfig(
-        model="m", tasks=("niah_single_2",), lengths=(640,), ratios=(0.5, 0.9), methods=methods, samples=1, seed=7
+        model="m", tasks=("niah_single_2",), lengths=(448,), ratios=(0.5, 0.9), methods=methods, samples=1, seed=7
     )
     assert run(config, model, tokenizer, ResultStore(tmp_path), progress=False) == 6
     # one prefill of its own per method (eager for ObservedAttention, re-reading the context for KVzip)
@@ -255,6 +255,12 @@ def test_report_tables_confidence_intervals_and_plots(tmp_path):
     assert "2 sample(s) per task" in text
     assert (tmp_path / "score_vs_ratio.png").stat().st_size > 1000
     assert (tmp_path / "task_heatmap.png").stat().st_size > 1000
+    # another method as the reference: every other is paired with it, NestedKV included
+    records += [record(task, "knorm", 0.5, i, 100) for task in "ab" for i in range(2)]
+    text = write_report(records, tmp_path / "against", against="knorm")
+    assert "knorm minus each method" in text and "| nestedkv | +75.0 ± 49.0 |" in text
+    with pytest.raises(ValueError, match="--against tova: no results for it in this store; measured: knorm, nestedkv"):
+        write_report(records, tmp_path / "against", against="tova")
 
 
 def test_one_sample_per_task_takes_the_interval_from_the_spread_across_tasks():

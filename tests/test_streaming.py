@@ -166,7 +166,7 @@ def test_chunked_prefill_equals_ordinary_prefill_when_the_budget_holds_everythin
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)
 
 
-def test_cache_stays_within_budget_through_a_1k_token_generation(model, demo_ids):
+def test_cache_stays_within_budget_through_a_long_generation(model, demo_ids):
     press = BudgetedPress(budget=128, interval=16, head_slack=16)
     cache, held, nbytes = DynamicCache(), [], []
 
@@ -177,19 +177,19 @@ def test_cache_stays_within_budget_through_a_1k_token_generation(model, demo_ids
 
     ids = demo_ids[:, :300]
     with torch.no_grad(), press(model):
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, min_new_tokens=1000,
-                             max_new_tokens=1000, do_sample=False, stopping_criteria=[watch])
-    assert out.shape[1] == 1300 and cache.get_seq_length() == 1299 and len(nbytes) == 1000
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, min_new_tokens=600,
+                             max_new_tokens=600, do_sample=False, stopping_criteria=[watch])
+    assert out.shape[1] == 900 and cache.get_seq_length() == 899 and len(nbytes) == 600
     assert max(held) <= press.budget + press.head_slack + press.interval
     layer, config = cache.layers[0], press.config
     streams, d = layer.heads * len(cache.layers), layer.keys.shape[-1]
     float_bytes = layer.keys.element_size()
     kv_bytes = 2 * d * float_bytes * (press.budget + press.interval)
     per_key_bytes = (8 + 4) * (press.budget + press.interval)  # position (int64), window anomaly (float32)
-    blocks = 1300 // 128 + 1
+    blocks = 900 // 128 + 1
     anchor_bytes = (config.window + 1 + blocks) * d * 4 + blocks * 8
     assert max(nbytes) <= streams * (kv_bytes + per_key_bytes + anchor_bytes)
-    assert max(nbytes[500:]) <= 1.02 * max(nbytes[:500])  # flat: it does not grow with the tokens generated
+    assert max(nbytes[300:]) <= 1.02 * max(nbytes[:300])  # flat: it does not grow with the tokens generated
 
 
 def test_multi_turn_needle_answered_from_a_budgeted_cache(model, tokenizer):

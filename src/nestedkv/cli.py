@@ -344,7 +344,7 @@ def _report(args: argparse.Namespace) -> None:
     if not store.is_file():
         raise ValueError(f"no results store at {store}: run `nestedkv eval --out {args.results}` first")
     out = check_output_dir(args.out or args.results, "--out")
-    print(write_report(ResultStore(args.results), out, args.heatmap_ratio))
+    print(write_report(ResultStore(args.results), out, args.heatmap_ratio, args.against))
     print(f"wrote {out / 'report.md'} and its plots (*.png) in {out}", file=sys.stderr)
 
 
@@ -506,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--results", default="results/quick", help="results directory (default: results/quick)")
     report.add_argument("--out", help="where to write report.md and the plots (default: the results directory)")
     report.add_argument("--heatmap-ratio", type=float, help="ratio of the heat map (default: 0.9, else the largest)")
+    report.add_argument(
+        "--against", metavar="METHOD",
+        help="pair every method with this one and draw it as ours (default: nestedkv, else nestedkv-paper)",
+    )
     report.set_defaults(run=_report)
     return parser
 

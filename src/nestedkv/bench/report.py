@@ -174,16 +174,21 @@ def _format(cell: Cell | None, sign: str = "", digits: int = 1) -> str:
 
 
 REFERENCES = ("nestedkv", "nestedkv-paper")
-"""The method every other is paired with and drawn against: the shipped NestedKV, else the paper's."""
+"""The method every other is paired with and drawn against unless the report names one (``against``):
+the shipped NestedKV, else the paper's."""
 
 
-def _reference(cells: dict[tuple[str, float], Cell]) -> str | None:
+def _reference(cells: dict[tuple[str, float], Cell], against: str | None = None) -> str | None:
+    if against is not None:
+        return against
     return next((ref for ref in REFERENCES if any(method == ref for method, _ in cells)), None)
 
 
-def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str], measure: Measure = SCORE) -> str:
-    """A mean table (method × ratio, with CI), NestedKV's paired differences to every other method,
-    and one per-task table per ratio (when there are several tasks)."""
+def markdown_tables(
+    cells: dict[tuple[str, float], Cell], tasks: list[str], measure: Measure = SCORE, against: str | None = None
+) -> str:
+    """A mean table (method × ratio, with CI), the paired differences of NestedKV (or of ``against``) to
+    every other method, and one per-task table per ratio (when there are several tasks)."""
     methods, ratios = _methods_and_ratios(cells)
     any_cell = next(iter(cells.values()))  # every cell holds the same samples (see collect)
     n = any_cell.samples_per_task
@@ -208,7 +213,7 @@ def markdown_tables(cells: dict[tuple[str, float], Cell], tasks: list[str], meas
             lines.append(f"| {method} (r=0) | " + " | ".join([format_cell(cells[method, 0.0])] * len(ratios)) + " |")
         else:
             lines.append(f"| {method} | " + " | ".join(format_cell(cells.get((method, r))) for r in ratios) + " |")
-    reference = _reference(cells)
+    reference = _reference(cells, against)
     if reference:
         better = "higher" if measure.higher_is_better else "higher, i.e. worse"
         lines += [
@@ -251,14 +256,14 @@ def _pyplot():
     return plt
 
 
-def plot_score_vs_ratio(cells: dict[tuple[str, float], Cell], path: Path) -> None:
+def plot_score_vs_ratio(cells: dict[tuple[str, float], Cell], path: Path, against: str | None = None) -> None:
     """Mean score against compression ratio in two panels: NestedKV against the other methods, and
     against its own ablations (``nestedkv-*``). NestedKV is drawn in both with its 95 % CI band, the
     baseline as a dashed line."""
     plt = _pyplot()
 
     methods, ratios = _methods_and_ratios(cells)
-    reference = _reference(cells)
+    reference = _reference(cells, against)
     others = [m for m in methods if m not in (NO_COMPRESSION, reference)]
     panels = [
         ("NestedKV and its peers", [m for m in others if not m.startswith("nestedkv-")]),
@@ -320,12 +325,18 @@ def plot_task_heatmap(
     plt.close(figure)
 
 
-def write_report(records: Iterable[dict], out: Path, heatmap_ratio: float | None = None) -> str:
+def write_report(
+    records: Iterable[dict], out: Path, heatmap_ratio: float | None = None, against: str | None = None
+) -> str:
     """Write ``report.md``, ``score_vs_ratio.png``, ``score_vs_cost.png`` (when the records carry
-    times) and ``task_heatmap.png`` into ``out``; return the Markdown."""
+    times) and ``task_heatmap.png`` into ``out``; return the Markdown. ``against``: the method every
+    other is paired with and drawn against (default: :data:`REFERENCES`)."""
     records = list(records)
+    measured = sorted({record["method"] for record in records} - {NO_COMPRESSION})
+    if against is not None and against not in measured:
+        raise ValueError(f"--against {against}: no results for it in this store; measured: {', '.join(measured)}")
     if records and all(record.get("benchmark") == DOCUMENTS for record in records):
-        return _write_documents_report(records, out)
+        return _write_documents_report(records, out, against)
     cells, tasks = collect(records)
     _, ratios = _methods_and_ratios(cells)
     if heatmap_ratio is None:
@@ -334,10 +345,11 @@ def write_report(records: Iterable[dict], out: Path, heatmap_ratio: float | None
         raise ValueError(f"no results at ratio {heatmap_ratio}; measured ratios: {ratios}")
     out.mkdir(parents=True, exist_ok=True)
     costs = prefill_costs(records)
-    text = markdown_tables(cells, tasks) + cost_markdown(costs) + errors_markdown(errors(records), cells)
+    text = markdown_tables(cells, tasks, against=against) + cost_markdown(costs)
+    text += errors_markdown(errors(records), cells)
     (out / "report.md").write_text(text, encoding="utf-8")
-    plot_score_vs_ratio(cells, out / "score_vs_ratio.png")
-    plot_quality_vs_cost(cells, costs, SCORE, out / "score_vs_cost.png")
+    plot_score_vs_ratio(cells, out / "score_vs_ratio.png", against)
+    plot_quality_vs_cost(cells, costs, SCORE, out / "score_vs_cost.png", against)
     plot_task_heatmap(cells, tasks, heatmap_ratio, out / "task_heatmap.png")
     return text
 
@@ -377,7 +389,8 @@ def cost_markdown(costs: dict[str, tuple[float, int]]) -> str:
 
 
 def plot_quality_vs_cost(
-    cells: dict[tuple[str, float], Cell], costs: dict[str, tuple[float, int]], measure: Measure, path: Path
+    cells: dict[tuple[str, float], Cell], costs: dict[str, tuple[float, int]], measure: Measure, path: Path,
+    against: str | None = None,
 ) -> None:
     """One panel per ratio: each method's mean ``measure`` against what building its cache cost
     (:func:`prefill_costs`, log scale), so that a method that re-reads the context is seen next to
@@ -390,7 +403,7 @@ def plot_quality_vs_cost(
 
     plt = _pyplot()
 
-    reference = _reference(cells)
+    reference = _reference(cells, against)
     figure, axes = plt.subplots(1, len(ratios), figsize=(4.5 * len(ratios), 4.5), squeeze=False)
     for panel, ratio in zip(axes[0], ratios, strict=True):
         here = {m: cells[m, ratio].mean for m in drawn if (m, ratio) in cells}
@@ -414,7 +427,7 @@ def plot_quality_vs_cost(
     plt.close(figure)
 
 
-def _write_documents_report(records: list[dict], out: Path) -> str:
+def _write_documents_report(records: list[dict], out: Path, against: str | None = None) -> str:
     """The documents benchmark's ``report.md``: per task, one table per measure; per task a
     score-vs-ratio plot (``score_vs_ratio_<task>.png``) and its headline measure against the cost
     of the cache (``<measure>_vs_cost_<task>.png``)."""
@@ -427,10 +440,11 @@ def _write_documents_report(records: list[dict], out: Path) -> str:
         cells_of = {measure.field: collect(task_records, measure.field) for measure in measures}
         for measure in measures:
             cells, tasks = cells_of[measure.field]
-            sections.append(f"## {task}: {measure.field}\n\n" + markdown_tables(cells, tasks, measure))
-        plot_score_vs_ratio(cells_of["score"][0], out / f"score_vs_ratio_{task}.png")
+            sections.append(f"## {task}: {measure.field}\n\n" + markdown_tables(cells, tasks, measure, against))
+        plot_score_vs_ratio(cells_of["score"][0], out / f"score_vs_ratio_{task}.png", against)
         headline = measures[-1]  # delta_nll for continuation, the score otherwise
-        plot_quality_vs_cost(cells_of[headline.field][0], costs, headline, out / f"{headline.field}_vs_cost_{task}.png")
+        plot_quality_vs_cost(cells_of[headline.field][0], costs, headline,
+                             out / f"{headline.field}_vs_cost_{task}.png", against)
     text = "\n".join(sections) + cost_markdown(costs) + errors_markdown(errors(records), collect(records)[0])
     (out / "report.md").write_text(text, encoding="utf-8")
     return text
