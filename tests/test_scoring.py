@@ -22,6 +22,7 @@ from nestedkv.scoring import (
     cosine_anomaly,
     default_block_size,
     discriminative_gap,
+    favour_large_values,
     favour_recent,
     minmax,
     mixing_weights,
@@ -184,6 +185,27 @@ def test_recency_ramp_on_a_hand_example():
     scores = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5])
     torch.testing.assert_close(favour_recent(scores, 1.0), torch.tensor([0.25, 0.375, 0.5, 0.625, 0.75]))
     assert torch.equal(favour_recent(scores, 0.0), scores)
+
+
+def test_value_norms_on_a_hand_example():
+    scores = torch.tensor([9.0, 0.2, 0.4, 0.6])  # position 0 is a sink: out of the value norms' range
+    norms = torch.tensor([100.0, 1.0, 3.0, 2.0])
+    torch.testing.assert_close(favour_large_values(scores, norms, 1.0, start=1), torch.tensor([5.0, 0.1, 0.7, 0.55]))
+    assert torch.equal(favour_large_values(scores, norms, 0.0, start=1), scores)
+
+
+def test_value_weight_blends_value_norms_into_the_key_score(monkeypatch):
+    torch.manual_seed(9)
+    keys, values = torch.randn(2, 3, 300, 16), torch.randn(2, 3, 300, 16) * torch.rand(2, 3, 300, 1)
+    config = NestedKVConfig(n_recent=8)
+    monkeypatch.setattr(scoring, "CPU_CHUNK_ELEMENTS", 300 * 16 * 2)  # two heads a chunk: values follow their keys
+    weighted = nestedkv_score(keys, dataclasses.replace(config, value_weight=0.5), values)
+    expected = (nestedkv_score(keys, config) + 0.5 * minmax(values.norm(dim=-1), config.n_sink)) / 1.5
+    torch.testing.assert_close(weighted[..., 4:-8], expected[..., 4:-8])
+    assert torch.equal(weighted[..., :4], nestedkv_score(keys, config)[..., :4])  # sinks and recent stay pinned
+    assert torch.equal(weighted[..., -8:], nestedkv_score(keys, config)[..., -8:])
+    with pytest.raises(ValueError, match="value_weight 0.5 needs values of the keys' shape"):
+        nestedkv_score(keys, dataclasses.replace(config, value_weight=0.5))
 
 
 def test_heads_scored_a_few_at_a_time_give_the_same_scores(monkeypatch):

@@ -213,6 +213,8 @@ def test_a_ratio_budget_keeps_a_share_of_the_tokens_seen_never_below_the_protect
         BudgetedPress(budget=256, compression_ratio=0.5)
     with pytest.raises(ValueError, match=r"compression_ratio must be in \[0, 1\)"):
         BudgetedPress(compression_ratio=1.0)
+    with pytest.raises(ValueError, match="BudgetedPress scores keys only: value_weight must be 0"):
+        BudgetedPress(config=NestedKVConfig(value_weight=0.5))
 
 
 def test_refusals(model, tokenizer):

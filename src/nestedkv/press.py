@@ -299,7 +299,8 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
                 "this cache holds head-adaptive budgets in masked storage and cannot be compressed again (kvpress's "
                 "DecodingPress would index evicted positions that no longer exist); use nestedkv.BudgetedPress"
             )
-        return nestedkv_score(keys.detach(), self)  # scores only pick positions: no gradient through them
+        # scores only pick positions: no gradient through them
+        return nestedkv_score(keys.detach(), self, values.detach())
 
     def check_budget(self, n: int) -> None:
         """Refuse a ratio that keeps fewer of ``n`` positions per head than the sinks

@@ -251,9 +251,15 @@ def surprise_gate(a: torch.Tensor, tau: float, kappa: float, start: int = 0) -> 
 # --- beyond the paper: a recency ramp, pooling over neighbours --------------------------------
 
 
+def lean_towards(scores: torch.Tensor, prior: torch.Tensor, weight: float) -> torch.Tensor:
+    """``(scores + weight * prior) / (1 + weight)``: scores and prior in [0, 1] give scores in [0, 1].
+    ``(..., N)`` and a prior broadcastable to it ``-> (..., N)``; weight 0 returns the scores as they are."""
+    return scores if weight == 0 else (scores + weight * prior) / (1 + weight)
+
+
 def favour_recent(scores: torch.Tensor, recency: float, places: torch.Tensor | None = None) -> torch.Tensor:
-    """``(scores + recency * place) / (1 + recency)``: a ramp from 0 at the first token to ``recency`` at
-    the last, rescaled so that scores in [0, 1] stay in [0, 1]. ``(..., N) -> (..., N)``.
+    """:func:`lean_towards` a ramp from 0 at the first token to 1 at the last, with weight ``recency``.
+    ``(..., N) -> (..., N)``.
 
     ``places`` (broadcastable to the scores, in [0, 1]) says where each scored key stands between the
     first token and the last; default ``i / (N - 1)``, the keys being every token. A stream that has
@@ -263,7 +269,18 @@ def favour_recent(scores: torch.Tensor, recency: float, places: torch.Tensor | N
         return scores
     if places is None:
         places = torch.linspace(0.0, 1.0, scores.shape[-1], dtype=scores.dtype, device=scores.device)
-    return (scores + recency * places) / (1 + recency)
+    return lean_towards(scores, places, recency)
+
+
+def favour_large_values(scores: torch.Tensor, value_norms: torch.Tensor, weight: float, start: int = 0) -> torch.Tensor:
+    """:func:`lean_towards` the min-max normalised value norms (over ``value_norms[..., start:]``), with
+    ``weight``. ``scores (..., N)``, ``value_norms (..., N) -> (..., N)``.
+
+    What evicting position i costs an attention output is its weight times its value; the key score
+    stands for the weight, the value norm for the rest (as value-aware token pruning weighs attention
+    by ``||v||``).
+    """
+    return scores if weight == 0 else lean_towards(scores, minmax(value_norms, start), weight)
 
 
 def pool_neighbours(
@@ -310,8 +327,13 @@ CPU_CHUNK_ELEMENTS = 2**18
 """Key elements (1 MiB in float32) scored at a time on CPU; see :func:`nestedkv_score`."""
 
 
-def nestedkv_score(keys: torch.Tensor, config: NestedKVConfig | None = None) -> torch.Tensor:
+def nestedkv_score(
+    keys: torch.Tensor, config: NestedKVConfig | None = None, values: torch.Tensor | None = None
+) -> torch.Tensor:
     """NestedKV score of every position. ``keys (..., N, d) -> scores (..., N)`` in float32.
+
+    ``values`` (same shape as the keys) are read only when ``config.value_weight > 0``
+    (:func:`favour_large_values`); the paper's score and the shipped one use the keys alone.
 
     Real scores lie in [0, 1]; the first ``n_sink`` positions score :data:`PINNED`, the last
     ``n_recent`` in (1, 2] (:func:`pin_protected`). Higher is kept first.
@@ -326,26 +348,35 @@ def nestedkv_score(keys: torch.Tensor, config: NestedKVConfig | None = None) -> 
     check_context_length(n, config)
     heads = keys.reshape(-1, n, d)
     step = max(1, CPU_CHUNK_ELEMENTS // (n * d) if keys.device.type == "cpu" else len(heads))
-    scores = [score_heads(chunk, config) for chunk in heads.split(step)]
+    chunks = heads.split(step)
+    if config.value_weight == 0:
+        value_norms = [None] * len(chunks)
+    elif values is None or values.shape[:-1] != keys.shape[:-1]:
+        raise ValueError(f"value_weight {config.value_weight} needs values of the keys' shape {tuple(keys.shape[:-1])}")
+    else:
+        value_norms = values.reshape(-1, n, values.shape[-1]).float().norm(dim=-1).split(step)
+    scores = [score_heads(chunk, config, norms) for chunk, norms in zip(chunks, value_norms, strict=True)]
     return (scores[0] if len(scores) == 1 else torch.cat(scores)).reshape(*lead, n)
 
 
-def score_heads(keys: torch.Tensor, config: NestedKVConfig) -> torch.Tensor:
-    """Steps 1 to 6 of the score on a stack of heads. ``keys (H, N, d) -> scores (H, N)``."""
+def score_heads(keys: torch.Tensor, config: NestedKVConfig, value_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Steps 1 to 6 of the score on a stack of heads. ``keys (H, N, d) -> scores (H, N)``; value_norms
+    ``(H, N)`` when ``config.value_weight > 0``."""
     k_hat = normalise_keys(keys, config.eps)  # step 1
     anchor = anchors(k_hat, config)  # step 2
-    return score_anomalies(scale_anomalies(k_hat, anchor, config), config)  # steps 3 to 6
+    return score_anomalies(scale_anomalies(k_hat, anchor, config), config, value_norms=value_norms)  # steps 3 to 6
 
 
 def score_anomalies(
-    anomalies: torch.Tensor, config: NestedKVConfig, positions: torch.Tensor | None = None, seen: int | None = None
+    anomalies: torch.Tensor, config: NestedKVConfig, positions: torch.Tensor | None = None, seen: int | None = None,
+    value_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Steps 3 (normalisation) to 6 from the raw cosine anomalies. ``(H, S, N) -> scores (H, N)``.
 
     Shared by the one-shot score and the streaming one (:mod:`nestedkv.streaming`), which keeps its
     anchors across compressions and hands over the anomalies of the positions it still holds, with
     those ``positions`` (``(N,)``) among the ``seen`` tokens (give both): the recency ramp and the pooling
-    follow them.
+    follow them. ``value_norms (H, N)``: the values' norms, read when ``config.value_weight > 0``.
     """
     start = config.n_sink
     normalise = minmax if config.normalisation == "minmax" else rank_normalise
@@ -362,6 +393,7 @@ def score_anomalies(
         score = (1 - gate) * blend + gate * winner
     places = None if positions is None else positions.to(score.dtype) / max(seen - 1, 1)
     score = favour_recent(score, config.recency, places)  # beyond the paper: 0 = off
+    score = favour_large_values(score, value_norms, config.value_weight, start)  # beyond the paper: 0 = off
     score = pool_neighbours(score, config.pool_size, config.pool, positions)  # beyond the paper: 1 = off
     return pin_protected(score, config.n_sink, config.n_recent)  # step 6
 

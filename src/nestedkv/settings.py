@@ -40,6 +40,8 @@ class NestedKVConfig:
     ``score = (a* + recency * i / (N - 1)) / (1 + recency)`` (0 in the paper). pool_size: each
     position's score becomes the ``pool`` (max or mean) of the scores of the ``pool_size`` positions
     centred on it (1 in the paper: no pooling), so that the neighbours of a salient key are kept with it.
+    value_weight: weight of the min-max normalised value norms, blended in as the ramp is,
+    ``score = (s + value_weight * v) / (1 + value_weight)`` (0 in the paper and shipped: keys only).
     """
 
     scales: tuple[str, ...] = SCALES
@@ -58,6 +60,7 @@ class NestedKVConfig:
     recency: float = 0.5
     pool_size: int = 1
     pool: str = "max"
+    value_weight: float = 0.0
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -94,6 +97,7 @@ class NestedKVConfig:
         if self.pool_size % 2 == 0:
             raise ValueError(f"pool_size must be odd (a window centred on each position), got {self.pool_size}")
         check_choice("pool", self.pool, POOLS)
+        check_number("value_weight", self.value_weight, low=0)
         check_number("eps", self.eps, low=0, low_open=True)
 
 
@@ -223,6 +227,8 @@ class BudgetedSettings:
         check_number("interval", self.interval, low=1, integer=True)
         check_number("head_slack", self.head_slack, low=0, integer=True)
         check_number("alpha_safeguard", self.alpha_safeguard, low=0, high=1)
+        if self.config.value_weight:
+            raise ValueError("BudgetedPress scores keys only: value_weight must be 0 (NestedKVPress takes it)")
         protected = self.protected
         if self.budget is not None and self.budget <= protected:
             raise ValueError(f"budget {self.budget} must be above the {protected} sink + recent positions always kept")
