@@ -7,9 +7,14 @@ command line checks a model's name, device, dtype and context window before torc
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
 import re
+import shutil
 import struct
+import sys
+import tempfile
 from collections.abc import Generator
 from contextlib import contextmanager
 from functools import partial
@@ -236,17 +241,23 @@ def load_model(
 
     ``name_or_path`` is ``None`` (the embedded default SmolLM2-135M-Instruct), a local model
     directory, a ``.gguf`` file, or a Hugging Face model id (needs network or a warm cache).
-    GGUF weights are de-quantised to ``dtype`` (float32 unless given). ``device`` puts the whole
-    model on one device; ``device_map`` (``"auto"`` or a module-to-device dict) lets accelerate place
-    its layers over several, and a compressed cache then keeps each layer's keys where that layer runs.
+    GGUF weights are de-quantised to ``dtype`` (float32 unless given); the first plain load of a GGUF
+    file keeps a float32 copy that later loads read in about a second (:data:`CACHE_ENV`). ``device``
+    puts the whole model on one device; ``device_map`` (``"auto"`` or a module-to-device dict) lets
+    accelerate place its layers over several, and a compressed cache then keeps each layer's keys where
+    that layer runs.
     """
     if device is not None and device_map is not None:
         raise ValueError("give device or device_map, not both")
     if device is not None:
         check_device(str(device))
     source, extra = _resolve(name_or_path)
+    converted = _converted_dir(Path(source) / extra["gguf_file"]) if "gguf_file" in extra else None
+    if converted is not None and converted.is_dir():
+        source, extra = str(converted), {}
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
+    import torch
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -264,6 +275,8 @@ def load_model(
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {error}") from error
     finally:
         hf_logging.enable_progress_bar()
+    if converted is not None and extra and device_map is None and model.dtype == torch.float32:
+        _save_converted(model, tokenizer, converted)
     if device is not None:
         model = model.to(device)
     model.eval()
@@ -275,6 +288,49 @@ def load_model(
     if max_positions and tokenizer.model_max_length > max_positions:
         tokenizer.model_max_length = max_positions
     return model, tokenizer
+
+
+CACHE_ENV = "NESTEDKV_CACHE_DIR"
+"""Environment variable naming where de-quantised GGUF models are kept (default
+``$XDG_CACHE_HOME/nestedkv``, else ``~/.cache/nestedkv``); set it empty to keep none."""
+
+
+def _converted_dir(gguf: Path) -> Path | None:
+    """Where the de-quantised float32 copy of ``gguf`` is kept, or ``None`` when the cache is off. The
+    name changes with the file (path, size, modification time) and the transformers version that
+    converted it, so a stale copy is never read."""
+    root = os.environ.get(CACHE_ENV)
+    if root is None:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nestedkv"
+    elif not root:
+        return None
+    import transformers
+
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    key = f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    return Path(root) / "converted" / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _save_converted(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, converted: Path) -> None:
+    """Keep a float32 copy of a model just de-quantised from GGUF (safetensors, read in about a second
+    where parsing and de-quantising the GGUF file takes tens of seconds). Written whole into a temporary
+    directory, then renamed, so a reader never sees half a copy; a cache that cannot be written is
+    skipped with a warning, never an error."""
+    try:
+        converted.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=converted.parent, prefix=".writing-"))
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            staging.rename(converted)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # another process renamed its copy first, or a failure
+    except OSError as error:
+        if converted.is_dir():  # another process kept its copy first
+            return
+        print(f"nestedkv: not keeping a converted copy of the model in {converted.parent} ({error}); set "
+              f"{CACHE_ENV} to a writable directory, or empty to silence this", file=sys.stderr)
 
 
 def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
