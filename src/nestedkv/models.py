@@ -325,7 +325,7 @@ def _save_converted(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             tokenizer.save_pretrained(staging)
             staging.rename(converted)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)  # another process renamed its copy first, or a failure
+            shutil.rmtree(staging, ignore_errors=True)  # left only when the rename failed
     except OSError as error:
         if converted.is_dir():  # another process kept its copy first
             return

@@ -248,7 +248,7 @@ def surprise_gate(a: torch.Tensor, tau: float, kappa: float, start: int = 0) -> 
     return torch.sigmoid(kappa * (centred - tau))
 
 
-# --- beyond the paper: a recency ramp, pooling over neighbours --------------------------------
+# --- beyond the paper: a recency ramp, value norms, pooling over neighbours --------------------------------
 
 
 def lean_towards(scores: torch.Tensor, prior: torch.Tensor, weight: float) -> torch.Tensor:
