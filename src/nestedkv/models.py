@@ -273,10 +273,11 @@ def load_model(
             )
     except (OSError, ValueError, KeyError, ImportError) as error:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {error}") from error
+    else:  # progress bars still off: writing the copy draws one too
+        if converted is not None and extra and device_map is None and model.dtype == torch.float32:
+            _save_converted(model, tokenizer, converted)
     finally:
         hf_logging.enable_progress_bar()
-    if converted is not None and extra and device_map is None and model.dtype == torch.float32:
-        _save_converted(model, tokenizer, converted)
     if device is not None:
         model = model.to(device)
     model.eval()
