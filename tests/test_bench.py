@@ -118,7 +118,7 @@ def test_expensive_ratio_free_peers_score_once_for_every_ratio(model, tokenizer,
     monkeypatch.setattr(KVzipPress, "prepare", counting("re-reading", KVzipPress.prepare))
     methods = ("observed-attention", "kvcompose", "kvzip")
     config = EvalConfig(
-        model="m", tasks=("niah_single_2",), lengths=(448,), ratios=(0.5, 0.9), methods=methods, samples=1, seed=7
+        model="m", tasks=("niah_single_2",), lengths=(640,), ratios=(0.5, 0.9), methods=methods, samples=1, seed=7
     )
     assert run(config, model, tokenizer, ResultStore(tmp_path), progress=False) == 6
     # one prefill of its own per method (eager for ObservedAttention, re-reading the context for KVzip)
