@@ -123,12 +123,15 @@ def check_against_dense(batch, heads, group, n, tail, window, dtype, seed, data,
 
 
 @pytest.mark.skipif(cpu_kernel.kernel() is None, reason="no C compiler builds the CPU kernel here")
+@pytest.mark.parametrize("d", [16, 64])
 @pytest.mark.parametrize("q_len", [1, 3, attention.CPU_KERNEL_TOKENS])
-def test_cpu_kernel_splits_long_heads_into_chunks_and_merges_them(q_len):
+def test_cpu_kernel_splits_long_heads_into_chunks_and_merges_them(q_len, d):
     """Heads longer than the kernel's chunk of keys (256), an empty head, one of a single key: the
-    chunks' partial softmaxes merged must equal the plain computation, and ragged_attention must use it."""
+    chunks' partial softmaxes merged must equal the plain computation, and ragged_attention must use it.
+    3 query rows per stream take the kernel's row-by-row loops, 9 and 384 its register tiles (with rows
+    and keys left over from whole tiles; d = 64 also takes its paired-row output tiles)."""
     generator = torch.Generator().manual_seed(q_len)
-    batch, heads, group, n, tail, d = 2, 3, 4, 900, q_len + 2, 16
+    batch, heads, group, n, tail = 2, 3, 3, 900, q_len + 2
     keys, values = (torch.randn(batch, heads, n, d, generator=generator) for _ in range(2))
     tail_keys, tail_values = (torch.randn(batch, heads, tail, d, generator=generator) for _ in range(2))
     query = torch.randn(batch, heads * group, q_len, d, generator=generator)

@@ -20,23 +20,111 @@
 #include <string.h>
 
 #define CHUNK 256
+/* From this many query rows per stream on (a multi-token feed, not a decoding step), a chunk's logits
+ * and outputs are computed in register tiles: the tiles' set-up pays off only when many rows share it. */
+#define MANY_ROWS 8
 
-/* keys begin..end of one stream's sequence (context, then tail) against its query rows.
- * part: per row, (d outputs, m, l). logits: scratch of rows * CHUNK floats. */
-static void attend_chunk(const float *q, const float *context, const float *tail_rows, int64_t n_context,
-                         const float *context_values, const float *tail_values, int64_t begin, int64_t end,
-                         const int64_t *visible, int64_t rows, int64_t dim, float *logits, float *part) {
-    const int64_t n = end - begin;
-    for (int64_t j = 0; j < n; j++) {
-        const int64_t i = begin + j;
-        const float *key = i < n_context ? context + i * dim : tail_rows + (i - n_context) * dim;
-        for (int64_t r = 0; r < rows; r++) {
-            const float *query = q + r * dim;
+/* 8 float lanes, loadable from any float address: GCC's and Clang's vector extension, compiled to the
+ * widest vector instructions of -march (scalar code where there are none). */
+typedef float lanes __attribute__((vector_size(32), aligned(4)));
+
+/* logits[r * n + j] = q_r . keys[j] for keys j = first..n - 1, one sum across dim per (row, key), four keys
+ * at a time. */
+static void logits_by_row(const float *q, const float *const *keys, int64_t first, int64_t n, int64_t rows,
+                          int64_t dim, float *logits) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *query = q + r * dim;
+        int64_t j = first;
+        for (; j + 4 <= n; j += 4) {
+            const float *k0 = keys[j], *k1 = keys[j + 1], *k2 = keys[j + 2], *k3 = keys[j + 3];
+            float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+            for (int64_t t = 0; t < dim; t++) d0 += query[t] * k0[t], d1 += query[t] * k1[t], d2 += query[t] * k2[t], d3 += query[t] * k3[t];
+            logits[r * n + j] = d0, logits[r * n + j + 1] = d1, logits[r * n + j + 2] = d2, logits[r * n + j + 3] = d3;
+        }
+        for (; j < n; j++) {
             float dot = 0.f;
-            for (int64_t t = 0; t < dim; t++) dot += query[t] * key[t];
+            for (int64_t t = 0; t < dim; t++) dot += query[t] * keys[j][t];
             logits[r * n + j] = dot;
         }
     }
+}
+
+/* The same logits in tiles of 4 rows x 8 keys: the 8 keys are first transposed into block (dim x 8), so
+ * every step is one multiply-add of 8 lanes per row and no sum runs across lanes. */
+static void logits_by_tile(const float *q, const float *const *keys, int64_t n, int64_t rows, int64_t dim,
+                           float *logits, float *block) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        for (int64_t t = 0; t < dim; t++)
+            for (int64_t k = 0; k < 8; k++) block[t * 8 + k] = keys[j + k][t];
+        int64_t r = 0;
+        for (; r + 4 <= rows; r += 4) {
+            const float *q0 = q + r * dim, *q1 = q0 + dim, *q2 = q1 + dim, *q3 = q2 + dim;
+            lanes a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            for (int64_t t = 0; t < dim; t++) {
+                const lanes k = *(const lanes *)(block + t * 8);
+                a0 += q0[t] * k, a1 += q1[t] * k, a2 += q2[t] * k, a3 += q3[t] * k;
+            }
+            *(lanes *)(logits + r * n + j) = a0, *(lanes *)(logits + (r + 1) * n + j) = a1;
+            *(lanes *)(logits + (r + 2) * n + j) = a2, *(lanes *)(logits + (r + 3) * n + j) = a3;
+        }
+        for (; r < rows; r++) {
+            lanes a = {0};
+            for (int64_t t = 0; t < dim; t++) a += q[r * dim + t] * *(const lanes *)(block + t * 8);
+            *(lanes *)(logits + r * n + j) = a;
+        }
+    }
+    logits_by_row(q, keys, j, n, rows, dim, logits); /* the last n % 8 keys */
+}
+
+/* out_r = sum_j weights[r * n + j] * values[j] (out_r at part + r * (dim + 2)): rows in pairs over tiles of
+ * 32 components when dim allows (the 8 accumulators stay in registers, each value loaded once per pair),
+ * otherwise one row at a time. */
+static void weighted_values(const float *weights, const float *const *values, int64_t n, int64_t rows,
+                            int64_t dim, int64_t first_pair_rows, float *part) {
+    int64_t r = 0;
+    if (dim % 32 == 0)
+        for (; r + 2 <= first_pair_rows; r += 2) {
+            const float *w0 = weights + r * n, *w1 = w0 + n;
+            float *o0 = part + r * (dim + 2), *o1 = o0 + dim + 2;
+            for (int64_t t = 0; t < dim; t += 32) {
+                lanes a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+                for (int64_t j = 0; j < n; j++) {
+                    const float *v = values[j] + t;
+                    const lanes v0 = *(const lanes *)v, v1 = *(const lanes *)(v + 8), v2 = *(const lanes *)(v + 16),
+                                v3 = *(const lanes *)(v + 24);
+                    a0 += w0[j] * v0, a1 += w0[j] * v1, a2 += w0[j] * v2, a3 += w0[j] * v3;
+                    b0 += w1[j] * v0, b1 += w1[j] * v1, b2 += w1[j] * v2, b3 += w1[j] * v3;
+                }
+                *(lanes *)(o0 + t) = a0, *(lanes *)(o0 + t + 8) = a1, *(lanes *)(o0 + t + 16) = a2, *(lanes *)(o0 + t + 24) = a3;
+                *(lanes *)(o1 + t) = b0, *(lanes *)(o1 + t + 8) = b1, *(lanes *)(o1 + t + 16) = b2, *(lanes *)(o1 + t + 24) = b3;
+            }
+        }
+    for (; r < rows; r++) {
+        float *out = part + r * (dim + 2);
+        memset(out, 0, dim * sizeof(float));
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t t = 0; t < dim; t++) out[t] += weights[r * n + j] * values[j][t];
+    }
+}
+
+/* keys begin..end of one stream's sequence (context, then tail) against its query rows.
+ * part: per row, (d outputs, m, l). logits: scratch of rows * CHUNK floats; block: of CHUNK * d floats. */
+static void attend_chunk(const float *q, const float *context, const float *tail_rows, int64_t n_context,
+                         const float *context_values, const float *tail_values, int64_t begin, int64_t end,
+                         const int64_t *visible, int64_t rows, int64_t dim, float *logits, float *block, float *part) {
+    const int64_t n = end - begin;
+    const float *keys[CHUNK], *values[CHUNK];
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t i = begin + j;
+        keys[j] = i < n_context ? context + i * dim : tail_rows + (i - n_context) * dim;
+        values[j] = i < n_context ? context_values + i * dim : tail_values + (i - n_context) * dim;
+    }
+    const int many = rows >= MANY_ROWS;
+    if (many)
+        logits_by_tile(q, keys, n, rows, dim, logits, block);
+    else
+        logits_by_row(q, keys, 0, n, rows, dim, logits);
     for (int64_t r = 0; r < rows; r++) {
         float *row = logits + r * n, *out = part + r * (dim + 2), top = -FLT_MAX, sum = 0.f;
         const int64_t seen = visible[r] - begin < n ? (visible[r] - begin > 0 ? visible[r] - begin : 0) : n;
@@ -46,19 +134,10 @@ static void attend_chunk(const float *q, const float *context, const float *tail
             sum += row[j];
         }
         for (int64_t j = seen; j < n; j++) row[j] = 0.f;
-        memset(out, 0, dim * sizeof(float));
         out[dim] = top;
         out[dim + 1] = sum;
     }
-    for (int64_t j = 0; j < n; j++) {
-        const int64_t i = begin + j;
-        const float *value = i < n_context ? context_values + i * dim : tail_values + (i - n_context) * dim;
-        for (int64_t r = 0; r < rows; r++) {
-            const float weight = logits[r * n + j];
-            float *out = part + r * (dim + 2);
-            for (int64_t t = 0; t < dim; t++) out[t] += weight * value[t];
-        }
-    }
+    weighted_values(logits, values, n, rows, dim, many ? rows : 0, part);
 }
 
 /* q: (S, rows, d), scaled; context_keys, context_values: (L, d); offsets: (S + 1,); tail_keys,
@@ -85,21 +164,22 @@ int ragged_attention_cpu(const float *q, const float *context_keys, const float 
      * each stream's partials; waking the threads twice costs as much as a short layer's work. */
 #pragma omp parallel num_threads(threads)
     {
-        float *logits = malloc(rows * CHUNK * sizeof(float));
+        float *logits = malloc(rows * CHUNK * sizeof(float)), *block = malloc(CHUNK * dim * sizeof(float));
         int64_t *visible = malloc(rows * sizeof(int64_t));
-        if (!logits || !visible) failed = 1;
+        if (!logits || !visible || !block) failed = 1;
 #pragma omp for schedule(dynamic)
         for (int64_t c = 0; c < chunks; c++) {
-            if (!logits || !visible) continue;
+            if (!logits || !visible || !block) continue;
             const int64_t s = owner[c], n_context = offsets[s + 1] - offsets[s];
             const int64_t begin = (c - first_chunk[s]) * CHUNK, length = n_context + tail;
             for (int64_t r = 0; r < rows; r++) visible[r] = n_context + tail - q_len + r % q_len + 1;
             attend_chunk(q + s * rows * dim, context_keys + offsets[s] * dim, tail_keys + s * tail * dim, n_context,
                          context_values + offsets[s] * dim, tail_values + s * tail * dim, begin,
-                         begin + CHUNK < length ? begin + CHUNK : length, visible, rows, dim, logits,
+                         begin + CHUNK < length ? begin + CHUNK : length, visible, rows, dim, logits, block,
                          parts + c * rows * (dim + 2));
         }
         free(logits);
+        free(block);
         free(visible);
 #pragma omp for
         for (int64_t s = 0; s < streams; s++) {
