@@ -161,23 +161,24 @@ def test_surprise_gate_hand_case():
 
 def test_score_range_sinks_recent_dtype_and_determinism():
     torch.manual_seed(1)
-    keys = torch.randn(1, 2, 600, 16, dtype=torch.bfloat16)
+    keys, values = torch.randn(2, 1, 2, 600, 16, dtype=torch.bfloat16)
     config = NestedKVConfig(n_sink=4, n_recent=8)
-    scores = nestedkv_score(keys, config)
+    scores = nestedkv_score(keys, config, values)
     assert scores.shape == (1, 2, 600) and scores.dtype == torch.float32
     assert (scores[..., :4] == PINNED).all()
     # the recent window: above every real score, the newest highest
     assert torch.equal(scores[..., -8:], (1 + torch.arange(1, 9) / 8).expand(1, 2, 8))
     middle = scores[..., 4:-8]
     assert middle.min() >= 0 and middle.max() <= 1
-    assert torch.equal(scores, nestedkv_score(keys, config))
+    assert torch.equal(scores, nestedkv_score(keys, config, values))
 
 
 def test_a_recent_window_larger_than_the_budget_keeps_its_newest_positions():
-    scores = nestedkv_score(torch.randn(1, 1, 40, 8), NestedKVConfig(n_sink=2, n_recent=30))
+    keys = torch.randn(1, 1, 40, 8)
+    scores = nestedkv_score(keys, NestedKVConfig(n_sink=2, n_recent=30), values=keys)
     assert scores[0, 0].topk(12).indices.sort().values.tolist() == [0, 1, *range(30, 40)]
     # a window longer than the context protects every position after the sinks, newest first
-    scores = nestedkv_score(torch.randn(1, 1, 40, 8), NestedKVConfig(n_sink=2, n_recent=100))
+    scores = nestedkv_score(keys, NestedKVConfig(n_sink=2, n_recent=100), values=keys)
     assert scores[0, 0].topk(5).indices.sort().values.tolist() == [0, 1, 37, 38, 39]
 
 
@@ -197,7 +198,7 @@ def test_value_norms_on_a_hand_example():
 def test_value_weight_blends_value_norms_into_the_key_score(monkeypatch):
     torch.manual_seed(9)
     keys, values = torch.randn(2, 3, 300, 16), torch.randn(2, 3, 300, 16) * torch.rand(2, 3, 300, 1)
-    config = NestedKVConfig(n_recent=8)
+    config = NestedKVConfig(n_recent=8, value_weight=0.0)  # the key score
     monkeypatch.setattr(scoring, "CPU_CHUNK_ELEMENTS", 300 * 16 * 2)  # two heads a chunk: values follow their keys
     weighted = nestedkv_score(keys, dataclasses.replace(config, value_weight=0.5), values)
     expected = (nestedkv_score(keys, config) + 0.5 * minmax(values.norm(dim=-1), config.n_sink)) / 1.5
@@ -210,11 +211,11 @@ def test_value_weight_blends_value_norms_into_the_key_score(monkeypatch):
 
 def test_heads_scored_a_few_at_a_time_give_the_same_scores(monkeypatch):
     torch.manual_seed(8)
-    keys = torch.randn(2, 3, 500, 16)
-    at_once = nestedkv_score(keys)  # 48k key elements: one chunk
+    keys, values = torch.randn(2, 2, 3, 500, 16)
+    at_once = nestedkv_score(keys, values=values)  # 48k key elements: one chunk
     monkeypatch.setattr(scoring, "CPU_CHUNK_ELEMENTS", 2 * 500 * 16)  # two heads per chunk: three chunks
-    assert torch.equal(nestedkv_score(keys), at_once)
-    assert torch.equal(nestedkv_score(keys[1, 2]), at_once[1, 2])  # one head, (N, d)
+    assert torch.equal(nestedkv_score(keys, values=values), at_once)
+    assert torch.equal(nestedkv_score(keys[1, 2], values=values[1, 2]), at_once[1, 2])  # one head, (N, d)
 
 
 def test_gate_off_is_the_blend_and_gate_max_is_the_winner():
@@ -223,7 +224,8 @@ def test_gate_off_is_the_blend_and_gate_max_is_the_winner():
     uniform_off = nestedkv_score(keys, NestedKVConfig(**PAPER_SETTINGS, gate="off", mixing="uniform", n_sink=0))
     always_max = nestedkv_score(keys, NestedKVConfig(**PAPER_SETTINGS, gate="max", n_sink=0))
     k_hat = normalise_keys(keys)
-    per_scale = minmax(scale_anomalies(k_hat, anchors(k_hat, NestedKVConfig()), NestedKVConfig()))  # (1, 1, S, N)
+    paper = NestedKVConfig(**PAPER_SETTINGS)
+    per_scale = minmax(scale_anomalies(k_hat, anchors(k_hat, paper), paper))  # (1, 1, S, N)
     torch.testing.assert_close(uniform_off, per_scale.mean(dim=-2))
     torch.testing.assert_close(always_max, per_scale.amax(dim=-2))
 
@@ -239,7 +241,7 @@ def test_global_scale_alone_ranks_as_keydiff():
 def test_zero_norm_keys_do_not_produce_nan():
     keys = torch.randn(1, 1, 300, 8)
     keys[..., 100:110, :] = 0
-    assert torch.isfinite(nestedkv_score(keys)[..., 4:]).all()
+    assert torch.isfinite(nestedkv_score(keys, values=keys)[..., 4:]).all()  # zero values too
 
 
 @pytest.mark.parametrize(
@@ -264,11 +266,14 @@ def test_bad_options_are_named(options, message):
 def test_context_shorter_than_sinks_is_refused_and_shorter_than_a_block_uses_two_half_blocks():
     with pytest.raises(ValueError, match="not longer than the 4 sink tokens"):
         nestedkv_score(torch.randn(1, 1, 4, 8))
-    keys = torch.randn(1, 1, 100, 8)
-    assert torch.equal(nestedkv_score(keys), nestedkv_score(keys, NestedKVConfig(block_size=50)))
-    assert torch.isfinite(nestedkv_score(torch.randn(1, 2, 5, 8))[..., 4:]).all()
+    keys, paper = torch.randn(1, 1, 100, 8), NestedKVConfig(**PAPER_SETTINGS)  # the paper's block: 128 from N // 32
+    half_blocks = NestedKVConfig(**{**PAPER_SETTINGS, "block_size": 50})
+    assert torch.equal(nestedkv_score(keys, paper), nestedkv_score(keys, half_blocks))
+    short = torch.randn(1, 2, 5, 8)
+    assert torch.isfinite(nestedkv_score(short, values=short)[..., 4:]).all()
     # without the block scale a short context is fine
-    assert nestedkv_score(torch.randn(1, 1, 100, 8), NestedKVConfig(scales=("global", "window"))).shape == (1, 1, 100)
+    keys_only = NestedKVConfig(scales=("global", "window"), value_weight=0.0)
+    assert nestedkv_score(torch.randn(1, 1, 100, 8), keys_only).shape == (1, 1, 100)
 
 
 def test_pooling_shares_a_score_with_the_neighbours_on_a_hand_example():
@@ -292,15 +297,16 @@ def test_pooling_over_held_positions_takes_the_held_keys_within_reach_of_each(po
     torch.testing.assert_close(pool_neighbours(scores, size, pool, positions), expected)
 
 
-def test_the_papers_settings_are_the_spec_s_and_the_shipped_default_differs_in_two():
+def test_the_papers_settings_are_the_spec_s_and_the_shipped_default_differs_in_four():
     paper, shipped = NestedKVConfig(**PAPER_SETTINGS), NestedKVConfig()
     assert (paper.scales, paper.mixing, paper.gate, paper.normalisation) == (SCALES, "adaptive", "soft", "minmax")
     assert (paper.n_sink, paper.n_recent, paper.window, paper.block_size) == (4, 0, 64, None)
     assert (paper.prior, paper.beta, paper.tau, paper.kappa) == ((0.4, 0.4, 0.2), 3.0, 0.6, 10.0)
     assert paper.gap_fraction == 0.1
-    assert (paper.recency, paper.pool_size) == (0.0, 1)
+    assert (paper.recency, paper.pool_size, paper.value_weight) == (0.0, 1, 0.0)
     differ = {f.name for f in dataclasses.fields(NestedKVConfig) if getattr(paper, f.name) != getattr(shipped, f.name)}
-    assert differ == {"n_recent", "recency"} and (shipped.n_recent, shipped.recency) == (64, 0.5)
+    assert differ == {"n_recent", "recency", "value_weight", "block_size"}
+    assert (shipped.n_recent, shipped.recency, shipped.value_weight, shipped.block_size) == (64, 0.5, 0.25, 64)
 
 
 def test_scales_are_canonically_ordered():
@@ -318,8 +324,9 @@ def test_cosine_anomaly_matches_torch_cosine():
 # --- the whole score against a reference implementation ------------------------------------------
 
 
-def reference_score(keys: torch.Tensor, config: NestedKVConfig) -> torch.Tensor:
-    """The NestedKV score as first written (``nestedkv.scoring`` at commit c797a0c), kept as an oracle for rewrites.
+def reference_score(keys: torch.Tensor, config: NestedKVConfig, values: torch.Tensor | None = None) -> torch.Tensor:
+    """The NestedKV score as first written (``nestedkv.scoring`` at commit c797a0c), kept as an oracle for rewrites,
+    with the later switches (recency, value norms, pooling) written out as the settings' docstring states them.
 
     Straightforward and slow: per-position anchors gathered from one padded prefix sum per anchor.
     """
@@ -381,6 +388,8 @@ def reference_score(keys: torch.Tensor, config: NestedKVConfig) -> torch.Tensor:
         gate = torch.ones_like(blend) if config.gate == "max" else gate
         score = (1 - gate) * blend + gate * a.amax(dim=-2)
     score = (score + config.recency * torch.arange(n) / max(n - 1, 1)) / (1 + config.recency)
+    if config.value_weight:
+        score = (score + config.value_weight * minmax_(values.float().norm(dim=-1))) / (1 + config.value_weight)
     if config.pool_size > 1:  # the window of each position, cut at the ends, one position at a time
         half = config.pool_size // 2
         reduce = (lambda x: x.amax(dim=-1)) if config.pool == "max" else (lambda x: x.mean(dim=-1))
@@ -410,6 +419,7 @@ SWITCHES = [
     {"pool_size": 5},
     {"pool_size": 3, "pool": "mean", "n_recent": 16},
     {"recency": 0.5, "n_recent": 700},  # a recent window longer than the shortest context
+    {"value_weight": 1.0, "n_recent": 0},
     PAPER_SETTINGS,  # the paper's method ({} above is the shipped default)
 ]
 
@@ -427,22 +437,30 @@ def assert_same_kept_positions(scores: torch.Tensor, expected: torch.Tensor) -> 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n", [130, 1000, 4097])
 def test_score_keeps_the_positions_of_the_reference_implementation(n, dtype):
-    generator = torch.Generator().manual_seed(n)
-    keys = (torch.randn(1, 3, n, 64, generator=generator) + 0.5 * torch.randn(64, generator=generator)).to(dtype)
+    """Pins the kept positions of the shipped default (``{}``), of the paper's method and of every switch on
+    fixed inputs to those of the reference."""
+    keys, values = random_keys_and_values(n, dtype)
     for switches in SWITCHES:
         config = NestedKVConfig(**switches)
-        assert_same_kept_positions(nestedkv_score(keys, config), reference_score(keys, config))
+        assert_same_kept_positions(nestedkv_score(keys, config, values), reference_score(keys, config, values))
+
+
+def random_keys_and_values(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``(1, 3, n, 64)`` sharing a direction, as real keys do, and values of varied norms, seeded by ``n``."""
+    generator = torch.Generator().manual_seed(n)
+    keys = torch.randn(1, 3, n, 64, generator=generator) + 0.5 * torch.randn(64, generator=generator)
+    values = torch.randn(1, 3, n, 64, generator=generator) * torch.rand(1, 3, n, 1, generator=generator)
+    return keys.to(dtype), values.to(dtype)
 
 
 def assert_same_score_in_another_summation_order(score, n: int) -> None:
     """``score(keys, config)``, computed with its prefix sums added in another order, against the reference:
     scores agree to float32 rounding, except that rank normalisation turns a near-tie the two orders break
     differently into a step of a rank (``1 / (n - 1)``) in a few scores; kept positions agree up to near-ties."""
-    generator = torch.Generator().manual_seed(n)
-    keys = (torch.randn(1, 3, n, 64, generator=generator) + 0.5 * torch.randn(64, generator=generator)).bfloat16()
+    keys, values = random_keys_and_values(n, torch.bfloat16)
     for switches in SWITCHES:
         config = NestedKVConfig(**switches)
-        scores, expected = score(keys, config), reference_score(keys, config)
+        scores, expected = score(keys, config, values), reference_score(keys, config, values)
         if config.normalisation == "rank":
             torch.testing.assert_close(scores, expected, rtol=0, atol=1 / (n - 1))
             assert ((scores - expected).abs() > 1e-5).float().mean() <= 0.01
@@ -472,7 +490,10 @@ def test_prefix_sums_rounded_once_give_the_reference_score_up_to_rank_steps(n, m
 @pytest.mark.parametrize("n", [130, 1000, 4097, 32768])
 def test_cuda_score_equals_the_reference_up_to_summation_order(n):
     """On CUDA the prefix sum runs along another axis (a parallel scan: another summation order)."""
-    assert_same_score_in_another_summation_order(lambda keys, config: nestedkv_score(keys.cuda(), config).cpu(), n)
+    def on_cuda(keys, config, values):
+        return nestedkv_score(keys.cuda(), config, values.cuda()).cpu()
+
+    assert_same_score_in_another_summation_order(on_cuda, n)
 
 
 def test_score_keeps_the_positions_of_the_reference_implementation_on_real_keys(model):
@@ -485,4 +506,6 @@ def test_score_keeps_the_positions_of_the_reference_implementation_on_real_keys(
     for layer in cache.layers:
         for switches in ({}, {"normalisation": "rank", "n_recent": 16}):
             config = NestedKVConfig(**switches)
-            assert_same_kept_positions(nestedkv_score(layer.keys, config), reference_score(layer.keys, config))
+            assert_same_kept_positions(
+                nestedkv_score(layer.keys, config, layer.values), reference_score(layer.keys, config, layer.values)
+            )

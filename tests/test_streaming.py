@@ -13,7 +13,7 @@ from nestedkv.cache import RaggedLayer
 from nestedkv.chat import Chat
 from nestedkv.cli import demo_sample
 from nestedkv.scoring import nestedkv_score, normalise_keys, pool_neighbours
-from nestedkv.settings import STREAM_POOL, NestedKVConfig
+from nestedkv.settings import STREAM_POOL, BudgetedSettings, NestedKVConfig
 from nestedkv.streaming import (
     BudgetedPress,
     compress_layer,
@@ -30,7 +30,7 @@ from nestedkv.streaming import (
 def test_streaming_score_before_any_eviction_is_the_one_shot_score(arrivals, switches):
     torch.manual_seed(0)
     keys = torch.randn(1, 3, sum(arrivals), 16) + torch.randn(1, 3, 1, 16)  # a shared direction, as real keys have
-    config = NestedKVConfig(block_size=128, **switches)
+    config = NestedKVConfig(block_size=128, value_weight=0.0, **switches)  # a stream scores keys only
     k_hat = normalise_keys(keys, config.eps)[0]
     memory, windows, seen = {}, [], 0
     for t in arrivals:
@@ -46,7 +46,7 @@ def test_streaming_score_before_any_eviction_is_the_one_shot_score(arrivals, swi
 def test_a_stream_ramps_and_pools_its_held_keys_by_their_positions_among_every_token_seen():
     torch.manual_seed(0)
     keys = torch.randn(1, 2, 300, 16) + torch.randn(1, 2, 1, 16)
-    flat, ramped = NestedKVConfig(block_size=128, recency=0.0), NestedKVConfig(block_size=128, recency=0.5)
+    flat, ramped = (NestedKVConfig(block_size=128, recency=r, value_weight=0.0) for r in (0.0, 0.5))  # keys only
     memory = {}
     window = remember(memory, normalise_keys(keys, flat.eps)[0], flat)
     positions = torch.cat([torch.arange(4), torch.randperm(232)[:60].sort().values + 4, torch.arange(236, 300)])
@@ -55,7 +55,7 @@ def test_a_stream_ramps_and_pools_its_held_keys_by_their_positions_among_every_t
     expected = (held_scores(held, memory, flat) + 0.5 * positions / 299) / 1.5
     torch.testing.assert_close(held_scores(held, memory, ramped)[:, scored], expected[:, scored])
     # pooling follows the held positions too: away from the pinned ends, the flat scores pooled by position
-    pooled = NestedKVConfig(block_size=128, recency=0.0, pool_size=5)
+    pooled = NestedKVConfig(block_size=128, recency=0.0, pool_size=5, value_weight=0.0)
     inner = slice(4 + 5, len(positions) - pooled.n_recent - 5)
     expected = pool_neighbours(held_scores(held, memory, flat), 5, "max", positions)
     torch.testing.assert_close(held_scores(held, memory, pooled)[:, inner], expected[:, inner])
@@ -237,7 +237,8 @@ def test_batch_operations_move_each_stream_s_memory_and_kept_keys_with_its_row()
     torch.manual_seed(4)
     layer = DynamicLayer()
     layer.update(torch.randn(3, 2, 30, 8), torch.randn(3, 2, 30, 8))
-    ragged = compress_layer(layer, budgets=[12] * 3, head_slack=4, alpha_safeguard=0.2, config=NestedKVConfig())
+    config = BudgetedSettings().config
+    ragged = compress_layer(layer, budgets=[12] * 3, head_slack=4, alpha_safeguard=0.2, config=config)
     before = {name: tensor.clone() for name, tensor in ragged.per_stream.items()}
     offsets, positions = ragged.offsets.tolist(), ragged.per_key["position"].clone()
     stream_positions = [positions[offsets[s] : offsets[s + 1]] for s in range(6)]

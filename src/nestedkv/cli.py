@@ -96,22 +96,26 @@ def _shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def _optional_int(text: str) -> int | None:
-    return None if text.lower() in ("none", "auto") else int(text)
+AUTO = "auto"  # --block-size auto: the paper's rule (block_size None), told apart from an option left unset
+
+
+def _block_size(text: str) -> int | str:
+    return AUTO if text.lower() in ("none", AUTO) else int(text)
 
 
 def add_press_options(parser: argparse.ArgumentParser) -> None:
     """One option per :class:`NestedKVPress` field (``--n-sink``, ``--scales global,block``…)."""
     group = parser.add_argument_group("NestedKV options (defaults: the shipped method, docs/tuning.md)")
     group.add_argument("--paper", action="store_true",
-                       help="the paper's method: no recent window, no recency ramp (other options still apply)")
+                       help="the paper's method: no recent window, no recency ramp, keys only, the paper's block "
+                       "sizes (other options still apply)")
     for field in _PRESS_FIELDS:
         default = field.default
         if isinstance(default, tuple):
             kind = _tuple_of(type(default[0]))
             shown = ",".join(map(str, default))
         elif field.name == "block_size":
-            kind, shown = _optional_int, "auto: clip(N//32, 128, 256)"
+            kind, shown = _block_size, f"{default} (auto: the paper's clip(N//32, 128, 256))"
         else:
             kind, shown = type(default), default
         group.add_argument(
@@ -133,7 +137,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def press_settings(args: argparse.Namespace) -> NestedKVSettings:
     """The NestedKV options given (unset: the shipped default, or the paper's with ``--paper``), checked."""
     options = {field.name: getattr(args, field.name) for field in _PRESS_FIELDS}
-    options = {name: value for name, value in options.items() if value is not None}
+    options = {name: None if value == AUTO else value for name, value in options.items() if value is not None}
     return NestedKVSettings(**({**PAPER_SETTINGS, **options} if args.paper else options))
 
 

@@ -4,7 +4,10 @@ NestedKV (Chen et al., "NestedKV: Nested Memory Routing for Long-Context KV Cach
 arXiv 2605.26678) scores every cached position of every KV head from the L2-normalised keys alone:
 each key is compared with three anchors at three time scales (global, block, sliding window), the
 three anomalies are mixed with head-adaptive weights, and a surprise gate routes positions where
-the scales disagree to the strongest single scale. Higher score = more worth keeping.
+the scales disagree to the strongest single scale. Higher score = more worth keeping. Beyond the
+paper (each off in its settings): a recency ramp, the values' norms and pooling over neighbours,
+applied in :func:`score_anomalies` before the protected positions are pinned; the shipped default
+uses the first two (``docs/tuning.md``).
 
 Shapes: ``keys`` is ``(..., N, d)`` (usually ``(batch, kv_heads, N, head_dim)``); scores are
 ``(..., N)``. Everything is computed in float32, costs O(N·d) per head, and never builds an N×N
@@ -333,7 +336,7 @@ def nestedkv_score(
     """NestedKV score of every position. ``keys (..., N, d) -> scores (..., N)`` in float32.
 
     ``values`` (same shape as the keys) are read only when ``config.value_weight > 0``
-    (:func:`favour_large_values`); the paper's score and the shipped one use the keys alone.
+    (:func:`favour_large_values`): the shipped default blends them in, the paper's score uses the keys alone.
 
     Real scores lie in [0, 1]; the first ``n_sink`` positions score :data:`PINNED`, the last
     ``n_recent`` in (1, 2] (:func:`pin_protected`). Higher is kept first.

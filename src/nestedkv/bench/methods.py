@@ -111,7 +111,8 @@ def _peer(name: str, description: str, make: Callable[[float], BasePress], **opt
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        _nestedkv("nestedkv", NESTEDKV, "NestedKV as shipped: the paper's + recent window + recency ramp (ragged)"),
+        _nestedkv("nestedkv", NESTEDKV,
+                  "NestedKV as shipped: the paper's + recent window, recency ramp, value norms, blocks of 64 (ragged)"),
         _nestedkv("nestedkv-paper", NESTEDKV, "NestedKV as in the paper (ragged storage)", **PAPER_SETTINGS),
         _nestedkv("nestedkv-masked", STORAGE, "NestedKV, kvpress's masked storage", storage="masked"),
         # Ablations of the paper's method (spec, "Ablation switches"): one component changed at a time.

@@ -416,23 +416,26 @@ def configurations(ratios: Sequence[float]) -> list[tuple[str, float]]:
 
 @dataclass(frozen=True)
 class ScoringTimes:
-    """Seconds to score one prefill's keys, all layers together (medians): NestedKV's shipped score
-    (:func:`~nestedkv.scoring.nestedkv_score`), the paper's (what the shipped switches cost) and
-    KeyDiff's (``KeyDiffPress.score``) on the same keys."""
+    """Seconds to score one prefill's cache, all layers together (medians): NestedKV's shipped score
+    (:func:`~nestedkv.scoring.nestedkv_score`, keys and value norms), the paper's (keys only: what the
+    shipped switches cost) and KeyDiff's (``KeyDiffPress.score``) on the same keys."""
 
     nestedkv_s: float
     keydiff_s: float
     paper_s: float
 
 
-def scoring_times(keys: Sequence[torch.Tensor], repeats: int, warmup: int) -> ScoringTimes:
-    """Time the three scorers over ``keys`` (one ``(B, H, N, d)`` tensor per layer), taking turns."""
+def scoring_times(
+    keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], repeats: int, warmup: int
+) -> ScoringTimes:
+    """Time the three scorers over ``keys`` and ``values`` (one ``(B, H, N, d)`` tensor each per layer),
+    taking turns."""
     keydiff = KeyDiffPress()
 
     def nestedkv(config: NestedKVConfig) -> Callable[[], None]:
         def score() -> None:
-            for layer_keys in keys:
-                nestedkv_score(layer_keys, config)
+            for layer_keys, layer_values in zip(keys, values, strict=True):
+                nestedkv_score(layer_keys, config, layer_values)
 
         return score
 
@@ -488,7 +491,7 @@ def scaling(
 ) -> list[ScalingRow]:
     """Scoring time and cache bytes against context length for a model of ``config``'s shape.
 
-    Scorers are timed on random keys ``(1, kv_heads, N, head_dim)`` of ``dtype``, all lengths and
+    Scorers are timed on random keys (and values) ``(1, kv_heads, N, head_dim)`` of ``dtype``, all lengths and
     both scorers taking turns in each round (:func:`interleaved_medians`). For lengths up to
     ``verify_max_length`` a random model of that shape then prefills N random tokens with NestedKV
     (ragged) at :data:`VERIFY_RATIO`, and the bytes held are measured.
@@ -497,9 +500,9 @@ def scaling(
     calls = {}
     for length in lengths:
         generator = torch.Generator().manual_seed(seed)
-        keys = torch.randn(1, config.num_key_value_heads, length, config.head_dim, generator=generator)
-        keys = keys.to(device=device, dtype=dtype)
-        calls[length, "nestedkv"] = partial(nestedkv_score, keys)
+        keys, values = torch.randn(2, 1, config.num_key_value_heads, length, config.head_dim, generator=generator)
+        keys, values = keys.to(device=device, dtype=dtype), values.to(device=device, dtype=dtype)
+        calls[length, "nestedkv"] = partial(nestedkv_score, keys, None, values)
         calls[length, "keydiff"] = partial(keydiff.score, None, None, keys, None, None, None)
     medians = interleaved_medians(calls, repeats, warmup, device)
     del calls
@@ -764,7 +767,9 @@ def run_bench(
     rows = measure_configurations(model, input_ids, configs, settings)
     progress("scoring time on the uncompressed keys")
     cache, _ = prefill(model, input_ids)
-    report["scoring"] = asdict(scoring_times([layer.keys for layer in cache.layers], settings.repeats, settings.warmup))
+    keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+    report["scoring"] = asdict(scoring_times(keys, values, settings.repeats, settings.warmup))
+    del keys, values
     del cache
     if settings.peak_memory:
         progress(f"memory: {len(rows)} configurations" + (" in fresh processes" if device.type == "cpu" else ""))
