@@ -10,8 +10,10 @@
  * spread over threads, each chunk leaves a partial softmax (its max logit m, its exp-sum l and its
  * unnormalised output), and the partials of a stream are merged by rescaling to the largest m. Two
  * threads then share the work whatever the number of streams, and every byte of the cache is read
- * once. Logits and accumulation are float32. Compiled with -ffast-math for the vectorised expf, so
- * no infinity is ever formed: a chunk none of whose keys a row may see leaves m = -FLT_MAX, l = 0.
+ * once. A call with many query rows per stream (a multi-token feed) works in register tiles of rows and
+ * keys, a decoding step (a few rows) row by row. Logits and accumulation are float32. Compiled with
+ * -ffast-math for the vectorised expf, so no infinity is ever formed: a chunk none of whose keys a row
+ * may see leaves m = -FLT_MAX, l = 0.
  */
 #include <float.h>
 #include <math.h>
@@ -77,14 +79,14 @@ static void logits_by_tile(const float *q, const float *const *keys, int64_t n, 
     logits_by_row(q, keys, j, n, rows, dim, logits); /* the last n % 8 keys */
 }
 
-/* out_r = sum_j weights[r * n + j] * values[j] (out_r at part + r * (dim + 2)): rows in pairs over tiles of
- * 32 components when dim allows (the 8 accumulators stay in registers, each value loaded once per pair),
- * otherwise one row at a time. */
+/* out_r = sum_j weights[r * n + j] * values[j] (out_r at part + r * (dim + 2)): the first paired_rows rows in
+ * pairs over tiles of 32 components when dim allows (the 8 accumulators stay in registers, each value loaded
+ * once per pair), the others one row at a time. */
 static void weighted_values(const float *weights, const float *const *values, int64_t n, int64_t rows,
-                            int64_t dim, int64_t first_pair_rows, float *part) {
+                            int64_t dim, int64_t paired_rows, float *part) {
     int64_t r = 0;
     if (dim % 32 == 0)
-        for (; r + 2 <= first_pair_rows; r += 2) {
+        for (; r + 2 <= paired_rows; r += 2) {
             const float *w0 = weights + r * n, *w1 = w0 + n;
             float *o0 = part + r * (dim + 2), *o1 = o0 + dim + 2;
             for (int64_t t = 0; t < dim; t += 32) {
