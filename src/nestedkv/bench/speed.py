@@ -769,8 +769,7 @@ def run_bench(
     cache, _ = prefill(model, input_ids)
     keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
     report["scoring"] = asdict(scoring_times(keys, values, settings.repeats, settings.warmup))
-    del keys, values
-    del cache
+    del keys, values, cache
     if settings.peak_memory:
         progress(f"memory: {len(rows)} configurations" + (" in fresh processes" if device.type == "cpu" else ""))
         memories = measure_memory(model, configs, length, settings.decode_tokens, settings.seed, settings.batch)

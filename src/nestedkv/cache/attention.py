@@ -46,14 +46,11 @@ except ImportError:  # torch < 2.10
 
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 
-# New tokens per call up to which the CPU kernel serves (beyond, the gathered path, which bounds its
-# logits): with its register tiles one layer call of 128-1024 new tokens ran 1.4-2.7x faster than the
-# gathered path (scripts/cpu_kernel_tokens.py, docs/benchmarks.md); the kernel's scratch grows with new
-# tokens x kept keys, hence a bound.
 CPU_KERNEL_TOKENS = 512
-"""The most new tokens per row the CPU kernel takes. It computes logits without BLAS: measured against
-the gathered path (one layer call, 3 KV heads of 1-4k kept keys, 2 threads), it is 1.5-4x faster up to
-256 new tokens and level at 512, where a prefill chunk's many queries start to pay for BLAS."""
+"""The most new tokens per row the CPU kernel takes (beyond, the gathered path, which bounds its logits).
+With its register tiles one layer call of 128-1024 new tokens ran 1.4-2.7x faster than the gathered path
+(``scripts/cpu_kernel_tokens.py``, docs/benchmarks.md); the bound stays because the kernel's scratch
+grows with new tokens x kept keys."""
 
 GATHERED_LOGITS = 2**22
 """Float32 logits (16 MiB) the gathered path forms at once; a longer chunk of queries goes in blocks."""
