@@ -40,8 +40,10 @@ static void logits_by_row(const float *q, const float *const *keys, int64_t firs
         for (; j + 4 <= n; j += 4) {
             const float *k0 = keys[j], *k1 = keys[j + 1], *k2 = keys[j + 2], *k3 = keys[j + 3];
             float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
-            for (int64_t t = 0; t < dim; t++) d0 += query[t] * k0[t], d1 += query[t] * k1[t], d2 += query[t] * k2[t], d3 += query[t] * k3[t];
-            logits[r * n + j] = d0, logits[r * n + j + 1] = d1, logits[r * n + j + 2] = d2, logits[r * n + j + 3] = d3;
+            for (int64_t t = 0; t < dim; t++)
+                d0 += query[t] * k0[t], d1 += query[t] * k1[t], d2 += query[t] * k2[t], d3 += query[t] * k3[t];
+            float *out = logits + r * n + j;
+            out[0] = d0, out[1] = d1, out[2] = d2, out[3] = d3;
         }
         for (; j < n; j++) {
             float dot = 0.f;
@@ -98,8 +100,10 @@ static void weighted_values(const float *weights, const float *const *values, in
                     a0 += w0[j] * v0, a1 += w0[j] * v1, a2 += w0[j] * v2, a3 += w0[j] * v3;
                     b0 += w1[j] * v0, b1 += w1[j] * v1, b2 += w1[j] * v2, b3 += w1[j] * v3;
                 }
-                *(lanes *)(o0 + t) = a0, *(lanes *)(o0 + t + 8) = a1, *(lanes *)(o0 + t + 16) = a2, *(lanes *)(o0 + t + 24) = a3;
-                *(lanes *)(o1 + t) = b0, *(lanes *)(o1 + t + 8) = b1, *(lanes *)(o1 + t + 16) = b2, *(lanes *)(o1 + t + 24) = b3;
+                *(lanes *)(o0 + t) = a0, *(lanes *)(o0 + t + 8) = a1;
+                *(lanes *)(o0 + t + 16) = a2, *(lanes *)(o0 + t + 24) = a3;
+                *(lanes *)(o1 + t) = b0, *(lanes *)(o1 + t + 8) = b1;
+                *(lanes *)(o1 + t + 16) = b2, *(lanes *)(o1 + t + 24) = b3;
             }
         }
     for (; r < rows; r++) {
@@ -166,12 +170,16 @@ int ragged_attention_cpu(const float *q, const float *context_keys, const float 
      * each stream's partials; waking the threads twice costs as much as a short layer's work. */
 #pragma omp parallel num_threads(threads)
     {
-        float *logits = malloc(rows * CHUNK * sizeof(float)), *block = malloc(CHUNK * dim * sizeof(float));
+        /* the transposed keys of the register tiles: a decoding step (a few rows) needs none */
+        const int tiled = rows >= MANY_ROWS;
+        float *logits = malloc(rows * CHUNK * sizeof(float));
+        float *block = tiled ? malloc(CHUNK * dim * sizeof(float)) : NULL;
         int64_t *visible = malloc(rows * sizeof(int64_t));
-        if (!logits || !visible || !block) failed = 1;
+        const int scratch = logits && visible && (block || !tiled);
+        if (!scratch) failed = 1;
 #pragma omp for schedule(dynamic)
         for (int64_t c = 0; c < chunks; c++) {
-            if (!logits || !visible || !block) continue;
+            if (!scratch) continue;
             const int64_t s = owner[c], n_context = offsets[s + 1] - offsets[s];
             const int64_t begin = (c - first_chunk[s]) * CHUNK, length = n_context + tail;
             for (int64_t r = 0; r < rows; r++) visible[r] = n_context + tail - q_len + r % q_len + 1;
