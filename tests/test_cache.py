@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nestedkv import scoring_cpu
 from nestedkv.cache import RaggedLayer, attention, cpu_kernel
 from nestedkv.cache.attention import ragged_attention, uses_cpu_kernel, uses_varlen_kernel
 
@@ -148,13 +149,14 @@ def test_cpu_kernel_splits_long_heads_into_chunks_and_merges_them(q_len, d):
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_kernel_can_be_switched_off(monkeypatch):
+@pytest.mark.parametrize("loader", [cpu_kernel.kernel, scoring_cpu.kernel], ids=["attention", "scoring"])
+def test_cpu_kernels_can_be_switched_off(loader, monkeypatch):
     monkeypatch.setenv("NESTEDKV_CPU_KERNEL", "0")
-    cpu_kernel.kernel.cache_clear()
+    loader.cache_clear()
     try:
-        assert cpu_kernel.kernel() is None
+        assert loader() is None
     finally:
-        cpu_kernel.kernel.cache_clear()
+        loader.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

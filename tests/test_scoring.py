@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from kvpress import KeyDiffPress
 from transformers import DynamicCache
 
-from nestedkv import scoring
+from nestedkv import scoring, scoring_cpu
 from nestedkv.budgets import head_adaptive_keep
 from nestedkv.scoring import (
     PINNED,
@@ -30,12 +30,24 @@ from nestedkv.scoring import (
     normalise_keys,
     pool_neighbours,
     rank_normalise,
+    raw_anomalies,
     scale_anomalies,
     scale_std,
     surprise_gate,
     window_means,
 )
 from nestedkv.settings import PAPER_SETTINGS, SCALES, NestedKVConfig
+
+
+@pytest.fixture(params=["fused kernel", "tensor functions"])
+def scoring_path(request, monkeypatch) -> str:
+    """Runs a test on both CPU paths of :func:`nestedkv_score`'s steps 1 to 3: the fused C kernel and the
+    tensor functions (what every other device, and a CPU without a C compiler, runs)."""
+    if request.param == "tensor functions":
+        monkeypatch.setattr(scoring_cpu, "kernel", lambda: None)
+    elif scoring_cpu.kernel() is None:
+        pytest.skip("no C compiler builds the CPU scoring kernel here")
+    return request.param
 
 
 def test_normalise_keys_unit_norm_float32_and_zero_key_stays_zero():
@@ -212,10 +224,37 @@ def test_value_weight_blends_value_norms_into_the_key_score(monkeypatch):
 def test_heads_scored_a_few_at_a_time_give_the_same_scores(monkeypatch):
     torch.manual_seed(8)
     keys, values = torch.randn(2, 2, 3, 500, 16)
+    fused = nestedkv_score(keys, values=values)
+    monkeypatch.setattr(scoring_cpu, "kernel", lambda: None)  # the tensor functions, by chunks of heads on CPU
     at_once = nestedkv_score(keys, values=values)  # 48k key elements: one chunk
     monkeypatch.setattr(scoring, "CPU_CHUNK_ELEMENTS", 2 * 500 * 16)  # two heads per chunk: three chunks
     assert torch.equal(nestedkv_score(keys, values=values), at_once)
     assert torch.equal(nestedkv_score(keys[1, 2], values=values[1, 2]), at_once[1, 2])  # one head, (N, d)
+    torch.testing.assert_close(fused, at_once, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(scoring_cpu.kernel() is None, reason="no C compiler builds the CPU scoring kernel here")
+@pytest.mark.parametrize(
+    ("n", "d", "switches"),
+    [
+        (2, 8, {"n_sink": 0}),  # two half blocks of one key
+        (100, 12, {"block_size": 30, "window": 7}),  # a merged trailing block; d not a multiple of any vector
+        (130, 64, {"window": 5000}),  # a window longer than the context
+        (1000, 64, {}),
+        (4097, 64, PAPER_SETTINGS),
+        (300, 128, {"scales": ("window", "global")}),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_cpu_anomalies_equal_the_tensor_functions(n, d, switches, dtype):
+    """The kernel's steps 1 to 3 against :func:`raw_anomalies`, zero keys included (their anomalies are 0)."""
+    generator = torch.Generator().manual_seed(n)
+    keys = (torch.randn(3, n, d, generator=generator) + torch.randn(d, generator=generator)).to(dtype)
+    keys[1, n // 2 :] = 0  # a head whose later keys are all zero
+    config = NestedKVConfig(**switches)
+    fused = scoring_cpu.raw_anomalies_cpu(keys, scoring.block_bounds_of(n, config), config.window, config.eps)
+    expected = raw_anomalies(keys, dataclasses.replace(config, scales=scoring_cpu.KERNEL_SCALES))
+    torch.testing.assert_close(fused, expected, rtol=0, atol=1e-6)
 
 
 def test_gate_off_is_the_blend_and_gate_max_is_the_winner():
@@ -424,9 +463,10 @@ SWITCHES = [
 ]
 
 
-def assert_same_kept_positions(scores: torch.Tensor, expected: torch.Tensor) -> None:
-    """Same scores up to float32 rounding, and the same positions kept by per-head top-k and by the layer budget."""
-    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-6)
+def assert_same_kept_positions(scores: torch.Tensor, expected: torch.Tensor, atol: float = 1e-6) -> None:
+    """Same scores up to float32 rounding (``atol``), and the same positions kept by per-head top-k and by the
+    layer budget."""
+    torch.testing.assert_close(scores, expected, rtol=0, atol=atol)
     n = scores.shape[-1]
     for n_kept in (n // 20, n // 4, n // 2):
         top = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values
@@ -436,13 +476,26 @@ def assert_same_kept_positions(scores: torch.Tensor, expected: torch.Tensor) -> 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n", [130, 1000, 4097])
-def test_score_keeps_the_positions_of_the_reference_implementation(n, dtype):
+def test_score_keeps_the_positions_of_the_reference_implementation(n, dtype, scoring_path):
     """Pins the kept positions of the shipped default (``{}``), of the paper's method and of every switch on
     fixed inputs to those of the reference."""
     keys, values = random_keys_and_values(n, dtype)
     for switches in SWITCHES:
         config = NestedKVConfig(**switches)
-        assert_same_kept_positions(nestedkv_score(keys, config, values), reference_score(keys, config, values))
+        assert_matches_reference(nestedkv_score(keys, config, values), reference_score(keys, config, values), config)
+
+
+def assert_matches_reference(scores: torch.Tensor, expected: torch.Tensor, config: NestedKVConfig) -> None:
+    """:func:`assert_same_kept_positions`. The fused kernel sums in double, another summation order than the
+    reference's float32 prefix sums: its min-max scores agree to 1e-5 (the reference's own rounding, which
+    min-max normalisation scales up) and keep the same positions; under rank normalisation near-ties become rank
+    steps (:func:`assert_close_up_to_rank_steps`)."""
+    if scoring_cpu.kernel() is None:
+        assert_same_kept_positions(scores, expected)
+    elif config.normalisation == "rank":
+        assert_close_up_to_rank_steps(scores, expected, config)
+    else:
+        assert_same_kept_positions(scores, expected, atol=1e-5)
 
 
 def random_keys_and_values(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -454,22 +507,28 @@ def random_keys_and_values(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, to
 
 
 def assert_same_score_in_another_summation_order(score, n: int) -> None:
-    """``score(keys, config)``, computed with its prefix sums added in another order, against the reference:
-    scores agree to float32 rounding, except that rank normalisation turns a near-tie the two orders break
-    differently into a step of a rank (``1 / (n - 1)``) in a few scores; kept positions agree up to near-ties."""
+    """``score(keys, config, values)``, computed with its sums added in another order, against the reference on
+    fixed inputs, for every switch (:func:`assert_close_up_to_rank_steps`)."""
     keys, values = random_keys_and_values(n, torch.bfloat16)
     for switches in SWITCHES:
         config = NestedKVConfig(**switches)
-        scores, expected = score(keys, config, values), reference_score(keys, config, values)
-        if config.normalisation == "rank":
-            torch.testing.assert_close(scores, expected, rtol=0, atol=1 / (n - 1))
-            assert ((scores - expected).abs() > 1e-5).float().mean() <= 0.01
-        else:
-            torch.testing.assert_close(scores, expected, rtol=0, atol=1e-5)
-        n_kept = n // 10
-        kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(n_kept, dim=-1).indices, True)
-        want = torch.zeros_like(kept).scatter_(-1, expected.topk(n_kept, dim=-1).indices, True)
-        assert (kept != want).sum() <= max(2, kept.numel() // 1000)
+        assert_close_up_to_rank_steps(score(keys, config, values), reference_score(keys, config, values), config)
+
+
+def assert_close_up_to_rank_steps(scores: torch.Tensor, expected: torch.Tensor, config: NestedKVConfig) -> None:
+    """Scores agree to float32 rounding, except that rank normalisation turns a near-tie two summation orders
+    break differently into a step of a rank (``1 / (n - 1)``) in a few scores; kept positions agree up to
+    near-ties."""
+    n = scores.shape[-1]
+    if config.normalisation == "rank":
+        torch.testing.assert_close(scores, expected, rtol=0, atol=1 / (n - 1))
+        assert ((scores - expected).abs() > 1e-5).float().mean() <= 0.01
+    else:
+        torch.testing.assert_close(scores, expected, rtol=0, atol=1e-5)
+    n_kept = n // 10
+    kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(n_kept, dim=-1).indices, True)
+    want = torch.zeros_like(kept).scatter_(-1, expected.topk(n_kept, dim=-1).indices, True)
+    assert (kept != want).sum() <= max(2, kept.numel() // 1000)
 
 
 @pytest.mark.parametrize("n", [1000, 4097])
@@ -483,6 +542,7 @@ def test_prefix_sums_rounded_once_give_the_reference_score_up_to_rank_steps(n, m
         return sequential(k_hat.double(), centre.double()).float()
 
     monkeypatch.setattr(scoring, "centred_prefix", rounded_once)
+    monkeypatch.setattr(scoring_cpu, "kernel", lambda: None)  # the tensor functions, whose prefix sum this is
     assert_same_score_in_another_summation_order(nestedkv_score, n)
 
 
@@ -496,7 +556,7 @@ def test_cuda_score_equals_the_reference_up_to_summation_order(n):
     assert_same_score_in_another_summation_order(on_cuda, n)
 
 
-def test_score_keeps_the_positions_of_the_reference_implementation_on_real_keys(model):
+def test_score_keeps_the_positions_of_the_reference_implementation_on_real_keys(model, scoring_path):
     """Keys of every layer of the real model after a short prefill of random tokens."""
     cache = DynamicCache()
     generator = torch.Generator().manual_seed(7)
@@ -506,6 +566,7 @@ def test_score_keeps_the_positions_of_the_reference_implementation_on_real_keys(
     for layer in cache.layers:
         for switches in ({}, {"normalisation": "rank", "n_recent": 16}):
             config = NestedKVConfig(**switches)
-            assert_same_kept_positions(
-                nestedkv_score(layer.keys, config, layer.values), reference_score(layer.keys, config, layer.values)
+            assert_matches_reference(
+                nestedkv_score(layer.keys, config, layer.values), reference_score(layer.keys, config, layer.values),
+                config,
             )

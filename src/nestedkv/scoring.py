@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from nestedkv import scoring_cpu
 from nestedkv.settings import MIXINGS, SCALES, NestedKVConfig, check_context_length
 from nestedkv.validation import check_choice
 
@@ -204,11 +205,12 @@ def discriminative_gap(a: torch.Tensor, fraction: float = 0.10, start: int = 0) 
 
     At least one entry is averaged on each side.
     """
-    # Two partial top-k selections: measured faster on CPU than one full sort serving both ends.
-    stats = a[..., start:]
+    # Two partial top-k selections, unsorted, from a contiguous copy: measured faster on CPU than one full
+    # sort serving both ends, and than sorted selections from the strided slice (about 2x).
+    stats = a[..., start:].contiguous()
     k = max(1, int(fraction * stats.shape[-1]))
-    top = stats.topk(k, dim=-1).values.mean(dim=-1)
-    bottom = stats.topk(k, dim=-1, largest=False).values.mean(dim=-1)
+    top = stats.topk(k, dim=-1, sorted=False).values.mean(dim=-1)
+    bottom = stats.topk(k, dim=-1, largest=False, sorted=False).values.mean(dim=-1)
     return top - bottom
 
 
@@ -327,7 +329,7 @@ def pool_neighbours(
 
 
 CPU_CHUNK_ELEMENTS = 2**18
-"""Key elements (1 MiB in float32) scored at a time on CPU; see :func:`nestedkv_score`."""
+"""Key elements (1 MiB in float32) taken at a time by the tensor path on CPU; see :func:`nestedkv_score`."""
 
 
 def nestedkv_score(
@@ -341,33 +343,36 @@ def nestedkv_score(
     Real scores lie in [0, 1]; the first ``n_sink`` positions score :data:`PINNED`, the last
     ``n_recent`` in (1, 2] (:func:`pin_protected`). Higher is kept first.
 
-    Heads are scored independently, so on CPU they go a few at a time (about
-    :data:`CPU_CHUNK_ELEMENTS` key elements): every step's ``(N, d)`` temporaries then stay in cache
-    and the allocator reuses them instead of mapping fresh pages for each (about 1.5x faster from
-    N = 2k on). The scores are the same bit for bit. On other devices all heads go at once.
+    Steps 1 to 3 (the ``(N, d)`` work) run on CPU in one fused pass per head
+    (:mod:`nestedkv.scoring_cpu`) where its kernel builds; otherwise as the tensor functions below, a few
+    heads at a time on CPU (about :data:`CPU_CHUNK_ELEMENTS` key elements, so that every step's temporaries
+    stay in cache), all at once elsewhere. Steps 3 to 6 then run on all heads at once.
     """
     config = config or NestedKVConfig()
     *lead, n, d = keys.shape
     check_context_length(n, config)
     heads = keys.reshape(-1, n, d)
-    step = max(1, CPU_CHUNK_ELEMENTS // (n * d) if keys.device.type == "cpu" else len(heads))
-    chunks = heads.split(step)
     if config.value_weight == 0:
-        value_norms = [None] * len(chunks)
+        value_norms = None
     elif values is None or values.shape[:-1] != keys.shape[:-1]:
         raise ValueError(f"value_weight {config.value_weight} needs values of the keys' shape {tuple(keys.shape[:-1])}")
     else:
-        value_norms = values.reshape(-1, n, values.shape[-1]).float().norm(dim=-1).split(step)
-    scores = [score_heads(chunk, config, norms) for chunk, norms in zip(chunks, value_norms, strict=True)]
-    return (scores[0] if len(scores) == 1 else torch.cat(scores)).reshape(*lead, n)
+        value_norms = values.reshape(-1, n, values.shape[-1]).float().norm(dim=-1)
+    if keys.device.type == "cpu" and scoring_cpu.kernel() is not None:
+        anomalies = scoring_cpu.raw_anomalies_cpu(heads, block_bounds_of(n, config), config.window, config.eps)
+        if config.scales != scoring_cpu.KERNEL_SCALES:
+            anomalies = anomalies[:, [scoring_cpu.KERNEL_SCALES.index(scale) for scale in config.scales]]
+    else:
+        step = max(1, CPU_CHUNK_ELEMENTS // (n * d) if keys.device.type == "cpu" else len(heads))
+        anomalies = torch.cat([raw_anomalies(chunk, config) for chunk in heads.split(step)])
+    return score_anomalies(anomalies, config, value_norms=value_norms).reshape(*lead, n)
 
 
-def score_heads(keys: torch.Tensor, config: NestedKVConfig, value_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """Steps 1 to 6 of the score on a stack of heads. ``keys (H, N, d) -> scores (H, N)``; value_norms
-    ``(H, N)`` when ``config.value_weight > 0``."""
+def raw_anomalies(keys: torch.Tensor, config: NestedKVConfig) -> torch.Tensor:
+    """Steps 1 to 3 of the score, before the normalisation: the cosine anomaly of every key at each configured
+    scale. ``keys (H, N, d) -> (H, S, N)``."""
     k_hat = normalise_keys(keys, config.eps)  # step 1
-    anchor = anchors(k_hat, config)  # step 2
-    return score_anomalies(scale_anomalies(k_hat, anchor, config), config, value_norms=value_norms)  # steps 3 to 6
+    return scale_anomalies(k_hat, anchors(k_hat, config), config)  # steps 2 and 3
 
 
 def score_anomalies(

@@ -60,6 +60,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaF
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
+from nestedkv import scoring_cpu
 from nestedkv.bench.methods import make_press
 from nestedkv.bench.plan import LONG_DECODING_RATIO, RANDOM_SHAPES, BenchSettings
 from nestedkv.bench.replay import Prefill, compress_replay, prefill
@@ -725,6 +726,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         # which path float32 ragged attention takes on the CPU (nestedkv.cache.attention)
         "cpu_ragged_attention": "C kernel" if cpu_kernel.kernel() is not None else "gathered",
+        # which path the score's steps 1 to 3 take on the CPU (nestedkv.scoring.nestedkv_score)
+        "cpu_scoring": "C kernel" if scoring_cpu.kernel() is not None else "tensor functions",
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -819,7 +822,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     machine, model, settings = report["machine"], report["model"], report["settings"]
     hardware = machine.get("gpu") or (
         f"{machine['cpu']}, {machine['torch_threads']} torch thread(s), "
-        f"ragged attention: {machine.get('cpu_ragged_attention', 'gathered')}"
+        f"ragged attention: {machine.get('cpu_ragged_attention', 'gathered')}, "
+        f"scoring: {machine.get('cpu_scoring', 'tensor functions')}"
     )
     length = settings["length"]
     lines = [

@@ -3,59 +3,33 @@
 PyTorch has no CPU kernel that reads per-head segments of a packed buffer in place; gathering them
 into a padded block costs a copy of the whole cache on every decoding step. ``ragged_attention_cpu.c``
 (beside this file) reads each stream's context and tail where they lie, split over threads by chunks
-of keys, in one call for every stream of a layer. It is compiled with the system's C compiler the first
-time a process needs it (about 0.2 s; ``-march=native``, so the binary is never shared between machines)
-and called through ``ctypes``. Where no compiler works, or ``NESTEDKV_CPU_KERNEL=0`` is set,
-:func:`kernel` is ``None`` and :mod:`nestedkv.cache.attention` uses its gathered path: same answers, slower.
+of keys, in one call for every stream of a layer; :func:`nestedkv.native.build` compiles it the first time a
+process needs it. Where it cannot be built, or ``NESTEDKV_CPU_KERNEL=0`` is set, :func:`kernel` is ``None``
+and :mod:`nestedkv.cache.attention` uses its gathered path: same answers, slower.
 """
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import functools
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("ragged_attention_cpu.c")
+from nestedkv.native import build
 
-# Tried in order: the fastest build this compiler accepts (vector instructions of this CPU, OpenMP
-# threads), down to a plain one. -ffast-math is for the compile step only: linking with it would set
-# flush-to-zero for the whole process (crtfastmath), so the link step is separate.
-_BUILDS = (
-    ("-O3", "-ffast-math", "-march=native", "-fopenmp"),
-    ("-O3", "-ffast-math", "-fopenmp"),
-    ("-O3", "-ffast-math"),
-)
+SOURCE = Path(__file__).with_name("ragged_attention_cpu.c")
 
 
 @functools.cache
 def kernel() -> ctypes.CDLL | None:
     """The compiled kernel, built once per process; ``None`` where it is disabled or cannot be built."""
-    if os.environ.get("NESTEDKV_CPU_KERNEL", "1") == "0":
-        return None
-    compiler = os.environ.get("CC", "cc")
-    directory = tempfile.mkdtemp(prefix="nestedkv-kernel-")
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    obj, library = os.path.join(directory, "kernel.o"), os.path.join(directory, "kernel.so")
-    for flags in _BUILDS:
-        openmp = [flag for flag in flags if flag == "-fopenmp"]
-        try:
-            subprocess.run([compiler, *flags, "-fPIC", "-c", str(SOURCE), "-o", obj], check=True, capture_output=True)
-            subprocess.run([compiler, "-shared", *openmp, obj, "-o", library, "-lm"], check=True, capture_output=True)
-            loaded = ctypes.CDLL(library)
-        except (OSError, subprocess.CalledProcessError):
-            continue
+    loaded = build(SOURCE)
+    if loaded is not None:
         pointer, size = ctypes.c_void_p, ctypes.c_int64
         loaded.ragged_attention_cpu.argtypes = [pointer] * 7 + [size] * 5 + [ctypes.c_int]
         loaded.ragged_attention_cpu.restype = ctypes.c_int
-        return loaded
-    return None
+    return loaded
 
 
 def ragged_attention_cpu(
