@@ -5,7 +5,7 @@
 most of the score's time on CPU. ``scoring_cpu.c`` (beside this file) normalises the keys, forms the
 global, block and sliding-window anchors with running sums in double, and writes the three cosine
 anomalies in one pass over each head, heads spread over threads. The tests hold it to
-:func:`nestedkv.scoring.scale_anomalies`. :func:`kernel` is ``None`` where no C compiler builds it or
+:func:`nestedkv.scoring.raw_anomalies`. :func:`kernel` is ``None`` where no C compiler builds it or
 ``NESTEDKV_CPU_KERNEL=0`` is set; :func:`nestedkv.scoring.nestedkv_score` then uses the tensor functions.
 """
 
