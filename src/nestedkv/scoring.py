@@ -343,10 +343,10 @@ def nestedkv_score(
     Real scores lie in [0, 1]; the first ``n_sink`` positions score :data:`PINNED`, the last
     ``n_recent`` in (1, 2] (:func:`pin_protected`). Higher is kept first.
 
-    Steps 1 to 3 (the ``(N, d)`` work) run on CPU in one fused pass per head
-    (:mod:`nestedkv.scoring_cpu`) where its kernel builds; otherwise as the tensor functions below, a few
-    heads at a time on CPU (about :data:`CPU_CHUNK_ELEMENTS` key elements, so that every step's temporaries
-    stay in cache), all at once elsewhere. Steps 3 to 6 then run on all heads at once.
+    Steps 1 to 3 (the ``(N, d)`` work) run on CPU in one fused pass per head (:mod:`nestedkv.scoring_cpu`)
+    where its kernel builds, outside ``torch.compile``; otherwise as the tensor functions below, a few heads
+    at a time on CPU (about :data:`CPU_CHUNK_ELEMENTS` key elements, so that every step's temporaries stay
+    in cache), all at once elsewhere. Steps 3 to 6 then run on all heads at once.
     """
     config = config or NestedKVConfig()
     *lead, n, d = keys.shape
@@ -358,7 +358,8 @@ def nestedkv_score(
         raise ValueError(f"value_weight {config.value_weight} needs values of the keys' shape {tuple(keys.shape[:-1])}")
     else:
         value_norms = values.reshape(-1, n, values.shape[-1]).float().norm(dim=-1)
-    if keys.device.type == "cpu" and scoring_cpu.kernel() is not None:
+    # torch.compile traces the tensor functions instead: the kernel reads raw pointers, which a trace has not
+    if keys.device.type == "cpu" and not torch.compiler.is_compiling() and scoring_cpu.kernel() is not None:
         anomalies = scoring_cpu.raw_anomalies_cpu(heads, block_bounds_of(n, config), config.window, config.eps)
         if config.scales != scoring_cpu.KERNEL_SCALES:
             anomalies = anomalies[:, [scoring_cpu.KERNEL_SCALES.index(scale) for scale in config.scales]]
