@@ -115,7 +115,8 @@ def check_against_dense(batch, heads, group, n, tail, window, dtype, seed, data,
     query_on = query.to(device)
     assert uses_varlen_kernel(query_on, layer) == (device == "cuda" and window is None)
     assert uses_cpu_kernel(query_on, layer) == (
-        device == "cpu" and dtype == torch.float32 and window is None and cpu_kernel.kernel() is not None
+        device == "cpu" and dtype in (torch.float32, torch.bfloat16) and window is None
+        and cpu_kernel.kernel() is not None
     )
     got = ragged_attention(query_on, layer, scaling, model_mask[:, None].to(device))
     want = dense_reference(query, keys, values, tail_keys, tail_values, keep, model_mask, scaling)
@@ -124,18 +125,20 @@ def check_against_dense(batch, heads, group, n, tail, window, dtype, seed, data,
 
 
 @pytest.mark.skipif(cpu_kernel.kernel() is None, reason="no C compiler builds the CPU kernel here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d", [16, 64])
 @pytest.mark.parametrize("q_len", [1, 3, attention.CPU_KERNEL_TOKENS])
-def test_cpu_kernel_splits_long_heads_into_chunks_and_merges_them(q_len, d):
+def test_cpu_kernel_splits_long_heads_into_chunks_and_merges_them(q_len, d, dtype):
     """Heads longer than the kernel's chunk of keys (256), an empty head, one of a single key: the
     chunks' partial softmaxes merged must equal the plain computation, and ragged_attention must use it.
     3 query rows per stream take the kernel's row-by-row loops, 9 and 384 its register tiles (with rows
-    and keys left over from whole tiles; d = 64 also takes its paired-row output tiles)."""
+    and keys left over from whole tiles; d = 64 also takes its paired-row output tiles). A bfloat16 cache is
+    read as such and computed in float32: only the output's rounding to bfloat16 differs from the reference."""
     generator = torch.Generator().manual_seed(q_len)
     batch, heads, group, n, tail = 2, 3, 3, 900, q_len + 2
-    keys, values = (torch.randn(batch, heads, n, d, generator=generator) for _ in range(2))
-    tail_keys, tail_values = (torch.randn(batch, heads, tail, d, generator=generator) for _ in range(2))
-    query = torch.randn(batch, heads * group, q_len, d, generator=generator)
+    keys, values = (torch.randn(batch, heads, n, d, generator=generator).to(dtype) for _ in range(2))
+    tail_keys, tail_values = (torch.randn(batch, heads, tail, d, generator=generator).to(dtype) for _ in range(2))
+    query = torch.randn(batch, heads * group, q_len, d, generator=generator).to(dtype)
     keep = torch.rand(batch, heads, n, generator=generator) < torch.tensor([0.9, 0.4, 0.0])[:, None]
     keep[0, 2], keep[1, 1], keep[1, 2, 5] = True, False, True  # row 1: one head keeps nothing, one a single key
     layer = ragged_layer(keys, values, keep, tail_keys, tail_values, keep_positions=False)
@@ -146,7 +149,9 @@ def test_cpu_kernel_splits_long_heads_into_chunks_and_merges_them(q_len, d):
         got = ragged_attention(query, layer, d**-0.5, mask[:, None] if q_len > 1 else None)
     assert called.call_count == 1
     want = dense_reference(query, keys, values, tail_keys, tail_values, keep, mask, d**-0.5)
-    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert got.dtype == dtype
+    rounding = 2**-7 if dtype == torch.bfloat16 else 1e-5  # bfloat16: the output's rounding (at most 2^-8 of it)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=rounding)
 
 
 @pytest.mark.parametrize("loader", [cpu_kernel.kernel, scoring_cpu.kernel], ids=["attention", "scoring"])
@@ -219,10 +224,16 @@ def test_logical_length_and_crop():
 
 @pytest.mark.skipif(cpu_kernel.kernel() is None, reason="no C compiler builds the CPU kernel here")
 def test_cpu_kernel_refuses_tensors_it_would_misread():
-    """The kernel reads raw float32 pointers: any other dtype is refused in one line, not read as garbage."""
+    """The kernel reads raw pointers, float32 or (all four of the cache's tensors) bfloat16: anything else is
+    refused in one line, not read as garbage."""
     q = torch.randn(2, 3, 8)
     keys, offsets, tail = torch.randn(10, 8), torch.tensor([0, 4, 10]), torch.randn(2, 1, 8)
-    with pytest.raises(ValueError, match="float32 CPU tensors only"):
-        cpu_kernel.ragged_attention_cpu(q, keys.bfloat16(), keys, offsets, tail, tail, 1)
+    refusal = "takes a float32 query and float32 or bfloat16 CPU keys and values"
+    with pytest.raises(ValueError, match=refusal):
+        cpu_kernel.ragged_attention_cpu(q, keys.bfloat16(), keys, offsets, tail, tail, 1)  # mixed
+    with pytest.raises(ValueError, match=refusal):
+        cpu_kernel.ragged_attention_cpu(q, keys.half(), keys.half(), offsets, tail.half(), tail.half(), 1)
+    with pytest.raises(ValueError, match=refusal):
+        cpu_kernel.ragged_attention_cpu(q.bfloat16(), keys, keys, offsets, tail, tail, 1)
     want = cpu_kernel.ragged_attention_cpu(q, keys, keys, offsets, tail, tail, 1)
     torch.testing.assert_close(cpu_kernel.ragged_attention_cpu(q, keys, keys, offsets.int(), tail, tail, 1), want)

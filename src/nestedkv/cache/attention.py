@@ -8,10 +8,10 @@ stream's packed context plus the dense tail, for all streams at once:
   query heads, its keys the rows ``offsets[s]:offsets[s + 1]`` of the packed buffer, read in place,
   and the dense tail ``(B, H, T, head_dim)`` is attended apart; the two partial softmaxes are
   merged by their log-sum-exps, as split-KV attention kernels do;
-* on the CPU in float32, when the mask hides nothing of the tail beyond causality (decoding, a new
+* on the CPU in float32 or bfloat16, when the mask hides nothing of the tail beyond causality (decoding, a new
   turn's prefill), a small C kernel (:mod:`nestedkv.cache.cpu_kernel`) reads each stream's context and
   tail in place, split over threads by chunks of keys, one call for every stream of the layer;
-* elsewhere (other dtypes on the CPU, padding among the new tokens, a layer that keeps key positions,
+* elsewhere (float16 on the CPU, padding among the new tokens, a layer that keeps key positions,
   inside ``torch.compile``, or where no C compiler works) the context is gathered into a
   ``(streams, longest, head_dim)`` block whose missing entries are masked (:func:`gathered_context`),
   the tail appended, and one batched product and one softmax serve every head (a chunk of many
@@ -45,6 +45,9 @@ except ImportError:  # torch < 2.10
     varlen_attn = None
 
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+"""Cache dtypes the CPU kernel reads (it computes in float32; bfloat16 widens exactly, float16 does not)."""
 
 CPU_KERNEL_TOKENS = 512
 """The most new tokens per row the CPU kernel takes (beyond, the gathered path, which bounds its logits).
@@ -153,10 +156,10 @@ def uses_varlen_kernel(query: torch.Tensor, layer: RaggedLayer) -> bool:
 def uses_cpu_kernel(query: torch.Tensor, layer: RaggedLayer) -> bool:
     """Whether :func:`ragged_attention` can read ``layer``'s context with the CPU kernel
     (:mod:`nestedkv.cache.cpu_kernel`), if the mask hides nothing of the tail beyond causality: on the CPU,
-    in float32, no per-key mask (sliding windows), nothing to differentiate, not inside ``torch.compile``
-    (which traces the gathered path into its graph), and a kernel this machine could build."""
+    in float32 or bfloat16, no per-key mask (sliding windows), nothing to differentiate, not inside
+    ``torch.compile`` (which traces the gathered path into its graph), and a kernel this machine could build."""
     return (
-        query.device.type == "cpu" and query.dtype == layer.context_keys.dtype == torch.float32
+        query.device.type == "cpu" and query.dtype == layer.context_keys.dtype in CPU_KERNEL_DTYPES
         and layer.positions is None and not (torch.is_grad_enabled() and query.requires_grad)
         and not torch.compiler.is_compiling() and cpu_kernel.kernel() is not None
     )

@@ -27,7 +27,7 @@ def kernel() -> ctypes.CDLL | None:
     loaded = build(SOURCE)
     if loaded is not None:
         pointer, size = ctypes.c_void_p, ctypes.c_int64
-        loaded.ragged_attention_cpu.argtypes = [pointer] * 7 + [size] * 5 + [ctypes.c_int]
+        loaded.ragged_attention_cpu.argtypes = [pointer] * 7 + [size] * 5 + [ctypes.c_int] * 2
         loaded.ragged_attention_cpu.restype = ctypes.c_int
     return loaded
 
@@ -39,23 +39,30 @@ def ragged_attention_cpu(
     """Attention of each stream's query rows over its packed context and, causally, its tail.
 
     q ``(S, R, d)`` float32, already scaled: stream ``s``'s ``R = group * q_len`` rows, row ``r`` being
-    new token ``r % q_len``; context_keys, context_values ``(L, d)`` float32, stream ``s`` at rows
-    ``offsets[s]:offsets[s + 1]`` (offsets int64 ``(S + 1,)``); tail_keys, tail_values ``(S, T, d)``
-    float32, whose last ``q_len`` entries are the new tokens. ``-> (S, R, d)`` float32. Requires
-    :func:`kernel` to be available.
+    new token ``r % q_len``; context_keys, context_values ``(L, d)``, stream ``s`` at rows
+    ``offsets[s]:offsets[s + 1]`` (offsets int64 ``(S + 1,)``); tail_keys, tail_values ``(S, T, d)``, whose
+    last ``q_len`` entries are the new tokens; the four in float32, or all four in bfloat16 (read as such,
+    computed in float32). ``-> (S, R, d)`` float32. Requires :func:`kernel` to be available.
     """
     streams, rows, dim = q.shape
     # The C side reads raw pointers: a wrong dtype would be read as garbage, not refused.
-    tensors = (q, context_keys, context_values, tail_keys, tail_values)
-    if any(tensor.dtype != torch.float32 or tensor.device.type != "cpu" for tensor in tensors):
-        raise ValueError("the CPU attention kernel takes float32 CPU tensors only; use the gathered path")
-    q, context_keys, context_values, tail_keys, tail_values = (tensor.contiguous() for tensor in tensors)
+    stored = (context_keys, context_values, tail_keys, tail_values)
+    if (
+        q.dtype != torch.float32 or {tensor.dtype for tensor in stored} not in ({torch.float32}, {torch.bfloat16})
+        or any(tensor.device.type != "cpu" for tensor in (q, *stored))
+    ):
+        raise ValueError(
+            "the CPU attention kernel takes a float32 query and float32 or bfloat16 CPU keys and values; "
+            "use the gathered path"
+        )
+    q, context_keys, context_values, tail_keys, tail_values = (tensor.contiguous() for tensor in (q, *stored))
     offsets = offsets.to(torch.int64).contiguous()
     output = q.new_empty(streams, rows, dim)
     status = kernel().ragged_attention_cpu(
         q.data_ptr(), context_keys.data_ptr(), context_values.data_ptr(), offsets.data_ptr(),
         tail_keys.data_ptr(), tail_values.data_ptr(), output.data_ptr(),
-        streams, rows, q_len, tail_keys.shape[1], dim, torch.get_num_threads(),
+        streams, rows, q_len, tail_keys.shape[1], dim, int(context_keys.dtype == torch.bfloat16),
+        torch.get_num_threads(),
     )
     if status != 0:
         raise MemoryError("the CPU attention kernel could not allocate its scratch memory")

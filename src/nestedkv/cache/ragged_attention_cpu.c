@@ -11,7 +11,9 @@
  * unnormalised output), and the partials of a stream are merged by rescaling to the largest m. Two
  * threads then share the work whatever the number of streams, and every byte of the cache is read
  * once. A call with many query rows per stream (a multi-token feed) works in register tiles of rows and
- * keys, a decoding step (a few rows) row by row. Logits and accumulation are float32. Compiled with
+ * keys, a decoding step (a few rows) row by row. Keys and values are stored in float32 or bfloat16 (a
+ * chunk's rows are then widened into float32 scratch first, exactly: bfloat16 is float32's upper half, and
+ * the cache is read at half the bytes). Logits and accumulation are float32. Compiled with
  * -ffast-math for the vectorised expf, so no infinity is ever formed: a chunk none of whose keys a row
  * may see leaves m = -FLT_MAX, l = 0.
  */
@@ -114,17 +116,34 @@ static void weighted_values(const float *weights, const float *const *values, in
     }
 }
 
-/* keys begin..end of one stream's sequence (context, then tail) against its query rows.
- * part: per row, (d outputs, m, l). logits: scratch of rows * CHUNK floats; block: of CHUNK * d floats. */
-static void attend_chunk(const float *q, const float *context, const float *tail_rows, int64_t n_context,
-                         const float *context_values, const float *tail_values, int64_t begin, int64_t end,
-                         const int64_t *visible, int64_t rows, int64_t dim, float *logits, float *block, float *part) {
+/* Row i of a sequence whose first n_context rows lie at context and the others at tail, as float32: the row
+ * itself, or (bfloat16 storage) its exact float32 copy written to converted. */
+static const float *row_of(const void *context, const void *tail, int64_t n_context, int64_t i, int64_t dim,
+                           int bf16, float *converted) {
+    const int64_t offset = (i < n_context ? i : i - n_context) * dim;
+    const void *base = i < n_context ? context : tail;
+    if (!bf16) return (const float *)base + offset;
+    const uint16_t *source = (const uint16_t *)base + offset;
+    for (int64_t t = 0; t < dim; t++) {
+        const uint32_t bits = (uint32_t)source[t] << 16; /* bfloat16 is float32's upper half */
+        memcpy(converted + t, &bits, sizeof(float));
+    }
+    return converted;
+}
+
+/* keys begin..end of one stream's sequence (context, then tail) against its query rows, stored in float32 or
+ * (bf16) bfloat16. part: per row, (d outputs, m, l). logits: scratch of rows * CHUNK floats; block: of
+ * CHUNK * d floats; converted: of 2 * CHUNK * d floats where bf16 (the chunk's keys and values in float32). */
+static void attend_chunk(const float *q, const void *context, const void *tail_rows, int64_t n_context,
+                         const void *context_values, const void *tail_values, int64_t begin, int64_t end,
+                         const int64_t *visible, int64_t rows, int64_t dim, int bf16, float *logits, float *block,
+                         float *converted, float *part) {
     const int64_t n = end - begin;
     const float *keys[CHUNK], *values[CHUNK];
     for (int64_t j = 0; j < n; j++) {
-        const int64_t i = begin + j;
-        keys[j] = i < n_context ? context + i * dim : tail_rows + (i - n_context) * dim;
-        values[j] = i < n_context ? context_values + i * dim : tail_values + (i - n_context) * dim;
+        keys[j] = row_of(context, tail_rows, n_context, begin + j, dim, bf16, converted + j * dim);
+        values[j] = row_of(context_values, tail_values, n_context, begin + j, dim, bf16,
+                           converted + (CHUNK + j) * dim);
     }
     const int many = rows >= MANY_ROWS;
     if (many)
@@ -146,11 +165,14 @@ static void attend_chunk(const float *q, const float *context, const float *tail
     weighted_values(logits, values, n, rows, dim, many ? rows : 0, part);
 }
 
-/* q: (S, rows, d), scaled; context_keys, context_values: (L, d); offsets: (S + 1,); tail_keys,
- * tail_values: (S, tail, d); out: (S, rows, d). Returns 0, or -1 when scratch memory ran out. */
-int ragged_attention_cpu(const float *q, const float *context_keys, const float *context_values,
-                         const int64_t *offsets, const float *tail_keys, const float *tail_values, float *out,
-                         int64_t streams, int64_t rows, int64_t q_len, int64_t tail, int64_t dim, int threads) {
+/* q: (S, rows, d) float32, scaled; context_keys, context_values: (L, d); offsets: (S + 1,); tail_keys,
+ * tail_values: (S, tail, d), all four float32, or bfloat16 where bf16 is set; out: (S, rows, d) float32.
+ * Returns 0, or -1 when scratch memory ran out. */
+int ragged_attention_cpu(const float *q, const void *context_keys, const void *context_values,
+                         const int64_t *offsets, const void *tail_keys, const void *tail_values, float *out,
+                         int64_t streams, int64_t rows, int64_t q_len, int64_t tail, int64_t dim, int bf16,
+                         int threads) {
+    const int64_t item = bf16 ? 2 : 4; /* bytes per stored element */
     int64_t *first_chunk = malloc((streams + 1) * sizeof(int64_t));
     if (!first_chunk) return -1;
     first_chunk[0] = 0;
@@ -175,7 +197,8 @@ int ragged_attention_cpu(const float *q, const float *context_keys, const float 
         float *logits = malloc(rows * CHUNK * sizeof(float));
         float *block = tiled ? malloc(CHUNK * dim * sizeof(float)) : NULL;
         int64_t *visible = malloc(rows * sizeof(int64_t));
-        const int scratch = logits && visible && (block || !tiled);
+        float *converted = bf16 ? malloc(2 * CHUNK * dim * sizeof(float)) : NULL;
+        const int scratch = logits && visible && (block || !tiled) && (converted || !bf16);
         if (!scratch) failed = 1;
 #pragma omp for schedule(dynamic)
         for (int64_t c = 0; c < chunks; c++) {
@@ -183,12 +206,14 @@ int ragged_attention_cpu(const float *q, const float *context_keys, const float 
             const int64_t s = owner[c], n_context = offsets[s + 1] - offsets[s];
             const int64_t begin = (c - first_chunk[s]) * CHUNK, length = n_context + tail;
             for (int64_t r = 0; r < rows; r++) visible[r] = n_context + tail - q_len + r % q_len + 1;
-            attend_chunk(q + s * rows * dim, context_keys + offsets[s] * dim, tail_keys + s * tail * dim, n_context,
-                         context_values + offsets[s] * dim, tail_values + s * tail * dim, begin,
-                         begin + CHUNK < length ? begin + CHUNK : length, visible, rows, dim, logits, block,
-                         parts + c * rows * (dim + 2));
+            const int64_t context_at = offsets[s] * dim * item, tail_at = s * tail * dim * item;
+            attend_chunk(q + s * rows * dim, (const char *)context_keys + context_at, (const char *)tail_keys + tail_at,
+                         n_context, (const char *)context_values + context_at, (const char *)tail_values + tail_at,
+                         begin, begin + CHUNK < length ? begin + CHUNK : length, visible, rows, dim, bf16, logits,
+                         block, converted, parts + c * rows * (dim + 2));
         }
         free(logits);
+        free(converted);
         free(block);
         free(visible);
 #pragma omp for
