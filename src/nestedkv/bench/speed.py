@@ -724,7 +724,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         **{name: _version(name) for name in ("torch", "transformers", "kvpress", "nestedkv")},
         "device": str(device),
-        # which path float32 ragged attention takes on the CPU (nestedkv.cache.attention)
+        # which path float32 and bfloat16 ragged attention takes on the CPU (nestedkv.cache.attention)
         "cpu_ragged_attention": "C kernel" if cpu_kernel.kernel() is not None else "gathered",
         # which path the score's steps 1 to 3 take on the CPU (nestedkv.scoring.nestedkv_score)
         "cpu_scoring": "C kernel" if scoring_cpu.kernel() is not None else "tensor functions",

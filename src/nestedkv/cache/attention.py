@@ -46,9 +46,6 @@ except ImportError:  # torch < 2.10
 
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 
-CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-"""Cache dtypes the CPU kernel reads (it computes in float32; bfloat16 widens exactly, float16 does not)."""
-
 CPU_KERNEL_TOKENS = 512
 """The most new tokens per row the CPU kernel takes (beyond, the gathered path, which bounds its logits).
 With its register tiles one layer call of 128-1024 new tokens ran 1.4-2.7x faster than the gathered path
@@ -159,7 +156,7 @@ def uses_cpu_kernel(query: torch.Tensor, layer: RaggedLayer) -> bool:
     in float32 or bfloat16, no per-key mask (sliding windows), nothing to differentiate, not inside
     ``torch.compile`` (which traces the gathered path into its graph), and a kernel this machine could build."""
     return (
-        query.device.type == "cpu" and query.dtype == layer.context_keys.dtype in CPU_KERNEL_DTYPES
+        query.device.type == "cpu" and query.dtype == layer.context_keys.dtype in cpu_kernel.DTYPES
         and layer.positions is None and not (torch.is_grad_enabled() and query.requires_grad)
         and not torch.compiler.is_compiling() and cpu_kernel.kernel() is not None
     )

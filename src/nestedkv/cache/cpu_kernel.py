@@ -20,6 +20,9 @@ from nestedkv.native import build
 
 SOURCE = Path(__file__).with_name("ragged_attention_cpu.c")
 
+DTYPES = (torch.float32, torch.bfloat16)
+"""Cache dtypes the kernel reads (it computes in float32; bfloat16 widens exactly, float16 does not)."""
+
 
 @functools.cache
 def kernel() -> ctypes.CDLL | None:
@@ -48,7 +51,7 @@ def ragged_attention_cpu(
     # The C side reads raw pointers: a wrong dtype would be read as garbage, not refused.
     stored = (context_keys, context_values, tail_keys, tail_values)
     if (
-        q.dtype != torch.float32 or {tensor.dtype for tensor in stored} not in ({torch.float32}, {torch.bfloat16})
+        q.dtype != torch.float32 or len({tensor.dtype for tensor in stored}) != 1 or stored[0].dtype not in DTYPES
         or any(tensor.device.type != "cpu" for tensor in (q, *stored))
     ):
         raise ValueError(
