@@ -3,7 +3,7 @@
 Each variant takes every layer's shipped NestedKV scores and the uncompressed keys and values of one
 prefill, and builds the compressed cache its own way; it is measured on the dev split's continuation
 samples (teacher-forced ΔNLL of the next 256 tokens against the uncompressed cache) before any press is
-built. Two families:
+built. Three families:
 
 - ``layer-shares`` (sixteenth session): the heads of *all* layers compete for the whole cache's budget
   (the scores stacked as ``(1, layers * heads, N)``, AdaKV's rule with safeguard ``alpha``) instead of
@@ -15,6 +15,8 @@ built. Two families:
   least ``threshold``). *Summary slots*: every block of ``block`` positions gives one slot holding the
   mean key (rescaled to the evicted keys' mean norm) and mean value of its evicted positions; the slots
   count against the budget, so the head keeps ``blocks`` fewer real positions. Both are linear in N.
+- ``value-signal`` (seventeenth session): the value term of the shipped score reads each value's distance
+  from the head's mean value instead of its norm.
 
     PYTHONPATH=src .venv/bin/python scripts/cache_variants_dev.py --family merge --samples 16 --length 2048
 
@@ -25,6 +27,7 @@ normal approximation over documents; negative = lower loss than shipped).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable
@@ -151,6 +154,17 @@ def with_slots(keys, values, scores, n_kept, block: int) -> list[RaggedLayer]:
             for k, v, s in zip(keys, values, scores, strict=True)]
 
 
+def centred_values(keys, values, scores, n_kept, weight: float) -> list[RaggedLayer]:
+    """Scores whose value term reads ``||v - mean(v)||`` (the head's mean over positions) instead of ``||v||``:
+    evicting a position whose value is the head's average output changes the output only by renormalising."""
+    config = dataclasses.replace(NestedKVConfig(), value_weight=weight)
+    layers = []
+    for k, v in zip(keys, values, strict=True):
+        s = nestedkv_score(k, config, v - v.mean(dim=-2, keepdim=True))
+        layers.append(RaggedLayer.from_keep(k, v, head_adaptive_keep(s, n_kept, SAFEGUARD)))
+    return layers
+
+
 FAMILIES: dict[str, dict[str, Variant]] = {
     "layer-shares": {
         "per layer (shipped)": per_layer,
@@ -164,6 +178,11 @@ FAMILIES: dict[str, dict[str, Variant]] = {
         "merge keys and values, cosine >= 0.8": partial(merged, threshold=0.8, merge_keys=True),
         "summary slot per 128": partial(with_slots, block=128),
         "summary slot per 256": partial(with_slots, block=256),
+    },
+    "value-signal": {
+        "shipped": per_layer,
+        "centred values, weight 0.25": partial(centred_values, weight=0.25),
+        "centred values, weight 0.5": partial(centred_values, weight=0.5),
     },
 }
 
