@@ -1,9 +1,9 @@
 """Dev experiments (issue 12): caches built differently from the shipped scores, against the shipped press.
 
-Each variant takes every layer's shipped NestedKV scores and the uncompressed keys and values of one
-prefill, and builds the compressed cache its own way; it is measured on the dev split's continuation
-samples (teacher-forced ΔNLL of the next 256 tokens against the uncompressed cache) before any press is
-built. Three families:
+Each variant takes every layer's shipped NestedKV scores (or scores the keys its own way) and the
+uncompressed keys and values of one prefill, and builds the compressed cache; it is measured on the dev
+split's continuation samples (teacher-forced ΔNLL of the next 256 tokens against the uncompressed cache)
+before any press is built. Three families:
 
 - ``layer-shares`` (sixteenth session): the heads of *all* layers compete for the whole cache's budget
   (the scores stacked as ``(1, layers * heads, N)``, AdaKV's rule with safeguard ``alpha``) instead of
