@@ -3,7 +3,7 @@
 Each variant takes every layer's shipped NestedKV scores (or scores the keys its own way) and the
 uncompressed keys and values of one prefill, and builds the compressed cache; it is measured on the dev
 split's continuation samples (teacher-forced ΔNLL of the next 256 tokens against the uncompressed cache)
-before any press is built. Three families:
+before any press is built. Four families:
 
 - ``layer-shares`` (sixteenth session): the heads of *all* layers compete for the whole cache's budget
   (the scores stacked as ``(1, layers * heads, N)``, AdaKV's rule with safeguard ``alpha``) instead of
@@ -17,6 +17,7 @@ before any press is built. Three families:
   count against the budget, so the head keeps ``blocks`` fewer real positions. Both are linear in N.
 - ``value-signal`` (seventeenth session): the value term of the shipped score reads each value's distance
   from the head's mean value instead of its norm.
+- ``ramp-shape`` (seventeenth session): the recency ramp as a power of the position, ``(i / (N - 1)) ** p``.
 
     PYTHONPATH=src .venv/bin/python scripts/cache_variants_dev.py --family merge --samples 16 --length 2048
 
@@ -42,7 +43,7 @@ from nestedkv.budgets import head_adaptive_keep
 from nestedkv.cache import RaggedLayer
 from nestedkv.models import load_model
 from nestedkv.press import NestedKVPress
-from nestedkv.scoring import nestedkv_score, normalise_keys
+from nestedkv.scoring import nestedkv_score, normalise_keys, raw_anomalies, score_anomalies
 from nestedkv.settings import NestedKVConfig, NestedKVSettings, compute_n_kept
 
 RATIOS = (0.75, 0.875, 0.9, 0.95)
@@ -165,6 +166,20 @@ def centred_values(keys, values, scores, n_kept, weight: float) -> list[RaggedLa
     return layers
 
 
+def ramp_shape(keys, values, scores, n_kept, power: float, recency: float) -> list[RaggedLayer]:
+    """The shipped score with the recency ramp ``(i / (N - 1)) ** power`` (weight ``recency``) instead of the
+    linear one: a power above 1 leans on the newest positions and leaves the early ones nearly level."""
+    config = dataclasses.replace(NestedKVConfig(), recency=recency)
+    layers = []
+    for k, v in zip(keys, values, strict=True):
+        n = k.shape[-2]
+        # score_anomalies reads a ramp place as position / (seen - 1): hand it the shaped places
+        places = torch.linspace(0.0, 1.0, n) ** power * (n - 1)
+        s = score_anomalies(raw_anomalies(k[0], config), config, places, n, value_norms=v[0].float().norm(dim=-1))
+        layers.append(RaggedLayer.from_keep(k, v, head_adaptive_keep(s[None], n_kept, SAFEGUARD)))
+    return layers
+
+
 FAMILIES: dict[str, dict[str, Variant]] = {
     "layer-shares": {
         "per layer (shipped)": per_layer,
@@ -183,6 +198,13 @@ FAMILIES: dict[str, dict[str, Variant]] = {
         "shipped": per_layer,
         "centred values, weight 0.25": partial(centred_values, weight=0.25),
         "centred values, weight 0.5": partial(centred_values, weight=0.5),
+    },
+    "ramp-shape": {
+        "shipped": per_layer,
+        "linear ramp through the tensor functions (control)": partial(ramp_shape, power=1.0, recency=0.5),
+        "ramp ** 2, weight 0.5": partial(ramp_shape, power=2.0, recency=0.5),
+        "ramp ** 0.5, weight 0.5": partial(ramp_shape, power=0.5, recency=0.5),
+        "ramp ** 2, weight 1": partial(ramp_shape, power=2.0, recency=1.0),
     },
 }
 
