@@ -155,29 +155,33 @@ def with_slots(keys, values, scores, n_kept, block: int) -> list[RaggedLayer]:
             for k, v, s in zip(keys, values, scores, strict=True)]
 
 
+def rescored(keys, values, n_kept, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[RaggedLayer]:
+    """Each layer keeps its best positions under its own ``score(k, v) -> (1, H, N)``, heads competing as in
+    the press."""
+    return [RaggedLayer.from_keep(k, v, head_adaptive_keep(score(k, v), n_kept, SAFEGUARD))
+            for k, v in zip(keys, values, strict=True)]
+
+
 def centred_values(keys, values, scores, n_kept, weight: float) -> list[RaggedLayer]:
     """Scores whose value term reads ``||v - mean(v)||`` (the head's mean over positions) instead of ``||v||``:
     evicting a position whose value is the head's average output changes the output only by renormalising."""
     config = dataclasses.replace(NestedKVConfig(), value_weight=weight)
-    layers = []
-    for k, v in zip(keys, values, strict=True):
-        s = nestedkv_score(k, config, v - v.mean(dim=-2, keepdim=True))
-        layers.append(RaggedLayer.from_keep(k, v, head_adaptive_keep(s, n_kept, SAFEGUARD)))
-    return layers
+    return rescored(keys, values, n_kept, lambda k, v: nestedkv_score(k, config, v - v.mean(dim=-2, keepdim=True)))
 
 
 def ramp_shape(keys, values, scores, n_kept, power: float, recency: float) -> list[RaggedLayer]:
     """The shipped score with the recency ramp ``(i / (N - 1)) ** power`` (weight ``recency``) instead of the
     linear one: a power above 1 leans on the newest positions and leaves the early ones nearly level."""
     config = dataclasses.replace(NestedKVConfig(), recency=recency)
-    layers = []
-    for k, v in zip(keys, values, strict=True):
+
+    def score(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n = k.shape[-2]
         # score_anomalies reads a ramp place as position / (seen - 1): hand it the shaped places
         places = torch.linspace(0.0, 1.0, n) ** power * (n - 1)
-        s = score_anomalies(raw_anomalies(k[0], config), config, places, n, value_norms=v[0].float().norm(dim=-1))
-        layers.append(RaggedLayer.from_keep(k, v, head_adaptive_keep(s[None], n_kept, SAFEGUARD)))
-    return layers
+        return score_anomalies(raw_anomalies(k[0], config), config, places, n,
+                               value_norms=v[0].float().norm(dim=-1))[None]
+
+    return rescored(keys, values, n_kept, score)
 
 
 FAMILIES: dict[str, dict[str, Variant]] = {
