@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import statistics
 import subprocess
 import sys
 from collections import Counter
@@ -18,7 +19,7 @@ from nestedkv.bench import runner
 from nestedkv.bench.methods import EAGER_PREFILL, METHODS, PEERS, make_press
 from nestedkv.bench.plan import EvalConfig
 from nestedkv.bench.replay import compress_replay, prefill_once, reuse_scores
-from nestedkv.bench.report import Cell, collect, prefill_costs, write_report
+from nestedkv.bench.report import Cell, collect, prefill_costs, t_quantile_95, welch_degrees_of_freedom, write_report
 from nestedkv.bench.ruler import build_samples
 from nestedkv.bench.runner import plan_samples, run
 from nestedkv.bench.store import ResultStore, result_key
@@ -244,31 +245,47 @@ def test_report_tables_confidence_intervals_and_plots(tmp_path):
     assert tasks == ["a", "b"]
     assert cells["none", 0.0].mean == 75.0
     assert cells["nestedkv", 0.5].mean == 25.0
-    # 1.96 * sqrt(s_a^2 / 2 + s_b^2 / 2) / 2 with s_a = 70.71, s_b = 0
-    assert cells["nestedkv", 0.5].ci95 == pytest.approx(1.96 * 50 / 2)
-    # paired: differences per sample are a (0, -100), b (-100, 0), so s_a = s_b = 70.71
+    # t * sqrt(s_a^2 / 2 + s_b^2 / 2) / 2 with s_a = 70.71, s_b = 0: all the spread is task a's, 1 degree of freedom
+    assert cells["nestedkv", 0.5].ci95 == pytest.approx(12.706 * 50 / 2, rel=1e-4)
+    # paired: differences per sample are a (0, -100), b (-100, 0), so s_a = s_b = 70.71 and 2 degrees of freedom
     paired = cells["nestedkv", 0.5].minus(cells["none", 0.0])
-    assert paired.mean == -50.0 and paired.ci95 == pytest.approx(1.96 * math.sqrt(5000) / 2)
+    assert paired.mean == -50.0 and paired.ci95 == pytest.approx(4.3027 * math.sqrt(5000) / 2, rel=1e-4)
     text = write_report(records, tmp_path)
-    assert "| nestedkv | 25.0 ± 49.0 |" in text
-    assert "| none | -50.0 ± 69.3 |" in text
+    assert "| nestedkv | 25.0 ± 317.7 |" in text
+    assert "| none | -50.0 ± 152.1 |" in text
     assert "2 sample(s) per task" in text
     assert (tmp_path / "score_vs_ratio.png").stat().st_size > 1000
     assert (tmp_path / "task_heatmap.png").stat().st_size > 1000
     # another method as the reference: every other is paired with it, NestedKV included
     records += [record(task, "knorm", 0.5, i, 100) for task in "ab" for i in range(2)]
     text = write_report(records, tmp_path / "against", against="knorm")
-    assert "knorm minus each method" in text and "| nestedkv | +75.0 ± 49.0 |" in text
+    assert "knorm minus each method" in text and "| nestedkv | +75.0 ± 317.7 |" in text
     with pytest.raises(ValueError, match="--against tova: no results for it in this store; measured: knorm, nestedkv"):
         write_report(records, tmp_path / "against", against="tova")
 
 
 def test_one_sample_per_task_takes_the_interval_from_the_spread_across_tasks():
     one_each = Cell({"a": [100.0], "b": [0.0], "c": [50.0]})
-    # no within-task spread: the three scores as draws from the task mix, 1.96 * s / sqrt(3) with s = 50
-    assert one_each.mean == 50.0 and one_each.ci95 == pytest.approx(1.96 * 50 / math.sqrt(3))
+    # no within-task spread: the three scores as draws from the task mix, t(2) * s / sqrt(3) with s = 50
+    assert one_each.mean == 50.0 and one_each.ci95 == pytest.approx(4.3027 * 50 / math.sqrt(3), rel=1e-4)
     assert Cell({"a": [100.0, 0.0], "b": [50.0]}).ci95 is None  # some tasks once, others more: no interval
     assert Cell({"a": [100.0]}).ci95 is None
+
+
+def test_intervals_use_students_t_with_welch_satterthwaite_degrees_of_freedom():
+    # two-sided 95 % quantiles from the printed tables
+    for df, quantile in [(1, 12.706), (2, 4.303), (3, 3.182), (7, 2.365), (10, 2.228), (30, 2.042), (120, 1.980)]:
+        assert t_quantile_95(df) == pytest.approx(quantile, abs=6e-4)
+    assert t_quantile_95(7.9) == t_quantile_95(7) and t_quantile_95(0.3) == t_quantile_95(1)  # rounded down
+    assert t_quantile_95(10**6) == pytest.approx(1.962, abs=1e-3)
+    # equal spreads and counts: the pooled sum of (n_t - 1); one task holding all the spread: its own n - 1
+    assert welch_degrees_of_freedom([4.0, 4.0], [5, 5]) == pytest.approx(8.0)
+    assert welch_degrees_of_freedom([4.0, 0.0], [5, 9]) == pytest.approx(4.0)
+    assert welch_degrees_of_freedom([0.0, 0.0], [5, 9]) == 12
+    # one task of 8 paired differences (the continuation benchmark): t(7), not the normal 1.96
+    differences = [0.01, -0.03, 0.02, -0.05, -0.01, -0.04, 0.00, -0.02]
+    expected = 2.3646 * statistics.stdev(differences) / math.sqrt(8)
+    assert Cell({"continuation": differences}).ci95 == pytest.approx(expected, rel=1e-4)
 
 
 def test_shards_split_the_plan_evenly_and_share_one_store(model, tokenizer, tmp_path):
@@ -407,7 +424,7 @@ def test_report_on_the_baseline_alone_says_so(tmp_path):
     records = [record(task, "none", 0.0, i, 100.0 * i) for task in "ab" for i in range(2)]
     records.append(error("a", "snapkv", 0.5, 0, "RuntimeError: boom"))
     text = write_report(records, tmp_path)
-    assert "| none (r=0) | 50.0 ± 69.3 |" in text
+    assert "| none (r=0) | 50.0 ± 152.1 |" in text  # t(2) = 4.303: Welch-Satterthwaite over two tasks of 2
     assert "Only the uncompressed baseline has results so far" in text and "No result yet for snapkv" in text
     assert (tmp_path / "score_vs_ratio.png").exists() and (tmp_path / "task_heatmap.png").exists()
     with pytest.raises(ValueError, match=r"every result in the store is an error \(the first: RuntimeError: boom\)"):

@@ -42,6 +42,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from nestedkv.bench.methods import split_arguments
 from nestedkv.bench.plan import RANDOM_SHAPES
 from nestedkv.bench.replay import feed
+from nestedkv.bench.report import t_quantile_95
 from nestedkv.bench.ruler import _NEEDLE, _distinct, _essay, _insert_at_depths, random_needle_item
 from nestedkv.bench.speed import _MemoryProbe, _release_freed_memory_at_once, machine_info, random_config, random_model
 from nestedkv.settings import BudgetedSettings, NestedKVConfig
@@ -189,12 +190,12 @@ def _label(row: dict) -> str:
 
 
 def _mean_and_ci(values: list[float], block: int = 64) -> tuple[float, float]:
-    """Mean and a 95 % half-width from the means of consecutive ``block``-token blocks (neighbouring
-    tokens' losses are correlated, blocks much less)."""
+    """Mean and a 95 % half-width (Student's t) from the means of consecutive ``block``-token blocks
+    (neighbouring tokens' losses are correlated, blocks much less)."""
     means = [sum(values[i : i + block]) / len(values[i : i + block]) for i in range(0, len(values), block)]
     centre = sum(means) / len(means)
     spread = (sum((m - centre) ** 2 for m in means) / (len(means) - 1)) ** 0.5 if len(means) > 1 else 0.0
-    return sum(values) / len(values), 1.96 * spread / len(means) ** 0.5
+    return sum(values) / len(values), t_quantile_95(len(means) - 1) * spread / len(means) ** 0.5
 
 
 def continuation_markdown(report: dict, plot: Path | None = None, baseline: dict | None = None) -> str:
