@@ -18,6 +18,10 @@ before any press is built. Four families:
 - ``value-signal`` (seventeenth session): the value term of the shipped score reads each value's distance
   from the head's mean value instead of its norm.
 - ``ramp-shape`` (seventeenth session): the recency ramp as a power of the position, ``(i / (N - 1)) ** p``.
+- ``separators`` (eighteenth session): a prior from the tokens themselves, in the spirit of SepLLM
+  (separator tokens gather what the segment before them says): the shipped score leans, as the
+  ramp does, towards positions whose token is punctuation or a line break (or a line break only).
+  The press sees no token ids, so shipping this would need the model's input ids in the press.
 
     PYTHONPATH=src .venv/bin/python scripts/cache_variants_dev.py --family merge --samples 16 --length 2048
 
@@ -45,7 +49,14 @@ from nestedkv.budgets import head_adaptive_keep
 from nestedkv.cache import RaggedLayer
 from nestedkv.models import load_model
 from nestedkv.press import NestedKVPress
-from nestedkv.scoring import nestedkv_score, normalise_keys, raw_anomalies, score_anomalies
+from nestedkv.scoring import (
+    lean_towards,
+    nestedkv_score,
+    normalise_keys,
+    pin_protected,
+    raw_anomalies,
+    score_anomalies,
+)
 from nestedkv.settings import NestedKVConfig, NestedKVSettings, compute_n_kept
 
 RATIOS = (0.75, 0.875, 0.9, 0.95)
@@ -186,6 +197,47 @@ def ramp_shape(keys, values, scores, n_kept, power: float, recency: float) -> li
     return rescored(keys, values, n_kept, score)
 
 
+def separator_mask(context_ids: torch.Tensor, tokenizer, newline_only: bool) -> torch.Tensor:
+    """Float ``(N,)``: 1 where the context's token holds a line break (or, unless ``newline_only``, is
+    punctuation that ends a clause: ``.,;:!?``), 0 elsewhere."""
+    texts = {i: tokenizer.decode([i]) for i in set(context_ids[0].tolist())}
+    ends = set(".,;:!?")
+
+    def is_separator(text: str) -> bool:
+        return "\n" in text or (not newline_only and text.strip() != "" and set(text.strip()) <= ends)
+
+    return torch.tensor([float(is_separator(texts[i])) for i in context_ids[0].tolist()])
+
+
+def lean_to_separators(keys, values, scores, n_kept, separators: torch.Tensor, weight: float) -> list[RaggedLayer]:
+    """The shipped score, before its recent window is pinned, leaning towards separator positions as
+    ``(s + weight * separator) / (1 + weight)``; sinks and the recent window are then pinned as the press pins them."""
+    config = NestedKVConfig()
+    unpinned = dataclasses.replace(config, n_recent=0)  # the window is the last step: pin it after the lean
+
+    def score(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        leaned = lean_towards(nestedkv_score(k, unpinned, v), separators, weight)
+        return pin_protected(leaned, config.n_sink, config.n_recent)
+
+    return rescored(keys, values, n_kept, score)
+
+
+def separator_variants(context_ids: torch.Tensor, tokenizer) -> dict[str, Variant]:
+    """The ``separators`` family for one sample (its masks depend on the tokens)."""
+    punctuation, newlines = (separator_mask(context_ids, tokenizer, only) for only in (False, True))
+    return {
+        "shipped": per_layer,
+        "separators, weight 0.25": partial(lean_to_separators, separators=punctuation, weight=0.25),
+        "separators, weight 0.5": partial(lean_to_separators, separators=punctuation, weight=0.5),
+        "line breaks, weight 0.5": partial(lean_to_separators, separators=newlines, weight=0.5),
+    }
+
+
+# Families whose variants depend on the sample's tokens: built for each sample.
+PER_SAMPLE_FAMILIES: dict[str, Callable[[torch.Tensor, object], dict[str, Variant]]] = {
+    "separators": separator_variants,
+}
+
 FAMILIES: dict[str, dict[str, Variant]] = {
     "layer-shares": {
         "per layer (shipped)": per_layer,
@@ -217,16 +269,17 @@ FAMILIES: dict[str, dict[str, Variant]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", choices=FAMILIES, default="merge")
+    parser.add_argument("--family", choices=[*FAMILIES, *PER_SAMPLE_FAMILIES], default="merge")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--length", type=int, default=2048)
     args = parser.parse_args()
-    variants = FAMILIES[args.family]
     model, tokenizer = load_model()
     samples = build_document_samples(CONTINUATION, args.samples, tokenizer, args.length, "dev")
     config = NestedKVConfig()
-    delta = {(name, r): [] for name in variants for r in RATIOS}
+    delta = {}
     for number, sample in enumerate(samples):
+        family = PER_SAMPLE_FAMILIES.get(args.family)
+        variants = family(sample.context_ids, tokenizer) if family else FAMILIES[args.family]
         with torch.no_grad():
             prefill = prefill_once(model, sample.context_ids)
             full = compress_replay(model, prefill, None)
@@ -244,7 +297,7 @@ def main() -> None:
                                    zip(cache.layers, press_cache.layers, strict=True))
                     logits = teacher_forced_logits(model, cache, targets, prefill)
                     result = greedy_agreement_and_nll(logits, reference, targets[0, 1:])
-                    delta[name, ratio].append(result["delta_nll"])
+                    delta.setdefault((name, ratio), []).append(result["delta_nll"])
         print(f"document {number + 1}/{len(samples)} done", flush=True)
     print(f"{len(samples)} dev documents, {args.length} tokens; mean ΔNLL (nats/token) and paired difference "
           f"from the shipped press")
