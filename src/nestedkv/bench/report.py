@@ -59,7 +59,8 @@ def t_quantile_95(df: float) -> float:
 
 def welch_degrees_of_freedom(variances: list[float], counts: list[int]) -> float:
     """Welch-Satterthwaite degrees of freedom of a sum of independent means with sample ``variances``
-    ``s_t^2`` of ``counts`` ``n_t`` (each >= 2) samples: ``(sum v_t)^2 / sum v_t^2 / (n_t - 1)``, ``v_t = s_t^2 / n_t``.
+    ``s_t^2`` of ``counts`` ``n_t`` (each >= 2) samples: ``(sum_t v_t)^2 / sum_t (v_t^2 / (n_t - 1))`` with
+    ``v_t = s_t^2 / n_t``.
     Where no mean varies, the pooled ``sum (n_t - 1)``."""
     spreads = [variance / count for variance, count in zip(variances, counts, strict=True)]
     denominator = sum(spread**2 / (count - 1) for spread, count in zip(spreads, counts, strict=True))
