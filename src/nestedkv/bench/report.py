@@ -243,8 +243,8 @@ def markdown_tables(
     digits = measure.digits
     format_cell = partial(_format, digits=digits)
     lines = [
-        f"Mean {measure.description.format(tasks=len(tasks))} ({measure.unit}, ± 95 % CI), {n} sample(s) per task, "
-        f"{any_cell.total} samples per cell; the same samples in every cell.",
+        f"Mean {measure.description.format(tasks=len(tasks))} ({measure.unit}, ± 95 % CI, Student's t), "
+        f"{n} sample(s) per task, {any_cell.total} samples per cell; the same samples in every cell.",
         "",
     ]
     if not ratios:  # nothing compressed has a score yet: the baseline alone, said so
