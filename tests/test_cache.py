@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from nestedkv import scoring_cpu
 from nestedkv.cache import RaggedLayer, attention, cpu_kernel
@@ -237,3 +238,26 @@ def test_cpu_kernel_refuses_tensors_it_would_misread():
         cpu_kernel.ragged_attention_cpu(q.bfloat16(), keys, keys, offsets, tail, tail, 1)
     want = cpu_kernel.ragged_attention_cpu(q, keys, keys, offsets, tail, tail, 1)
     torch.testing.assert_close(cpu_kernel.ragged_attention_cpu(q, keys, keys, offsets.int(), tail, tail, 1), want)
+
+
+@pytest.mark.parametrize("held", [5, 7, 9])  # fewer than layer 0 (PyramidKV), as many, more (KVCompose's rounding)
+def test_a_layer_holding_another_number_of_positions_than_layer_0_reads_a_mask_fitted_to_its_keys(held):
+    """transformers sizes the mask from layer 0's cache (7 positions + 2 new tokens here); a layer that holds
+    ``held`` positions attends to all of them and to the new tokens causally, as SDPA with that mask would."""
+    torch.manual_seed(0)
+    new, heads, kv_heads, dim = 2, 4, 2, 8
+    query = torch.randn(1, heads, new, dim)
+    key, value = torch.randn(1, kv_heads, held + new, dim), torch.randn(1, kv_heads, held + new, dim)
+    causal = torch.ones(new, new).tril().bool()
+    layer_0_mask = torch.cat([torch.ones(new, 7, dtype=torch.bool), causal], dim=1)[None, None]
+    module = type("Attention", (torch.nn.Module,), {})()
+    module.num_key_value_groups, module.is_causal, module.training = heads // kv_heads, True, False
+    output, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, layer_0_mask, dropout=0.0, scaling=0.5)
+    mask = torch.cat([torch.ones(new, held, dtype=torch.bool), causal], dim=1)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1), attn_mask=mask, scale=0.5
+    ).transpose(1, 2)
+    torch.testing.assert_close(output, expected)
+    additive = torch.zeros(layer_0_mask.shape).masked_fill(~layer_0_mask, float("-inf"))
+    output, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, additive, dropout=0.0, scaling=0.5)
+    torch.testing.assert_close(output, expected)

@@ -27,7 +27,8 @@ cannot overflow.
 It is reached through transformers' attention registry, wrapped once at import (like kvpress's
 own patch): when the key tensor handed to attention is the tail of a ragged layer, attention is
 computed from the ragged layer; any other call goes to the original function, with the attention
-mask cut to the layer's key length when layers hold different numbers of positions.
+mask fitted to the layer's key length when layers hold different numbers of positions
+(:func:`fit_mask_to_keys`).
 """
 
 from __future__ import annotations
@@ -251,16 +252,29 @@ def ragged_attention(
     return output.to(query.dtype).transpose(1, 2).contiguous()
 
 
+def fit_mask_to_keys(attention_mask: torch.Tensor, keys: int) -> torch.Tensor:
+    """A mask over ``K`` cache columns (``(B, 1, q, K)`` boolean or additive, or a ``(B, K)`` padding mask of
+    ones) for a layer that holds ``keys`` positions instead of ``K``.
+
+    transformers sizes the mask from layer 0's cache, but a press may keep a different number of context
+    positions in other layers: fewer (PyramidKV) or more (KVCompose, by a rounding). The new tokens' causal
+    part is the mask's last columns and the compressed context before it is fully visible to them, so the
+    mask loses columns at its start, or gains visible ones there. ``-> (..., keys)``.
+    """
+    extra = keys - attention_mask.shape[-1]
+    if extra <= 0:
+        return attention_mask[..., attention_mask.shape[-1] - keys :]
+    visible = 0.0 if attention_mask.is_floating_point() else 1  # additive masks add 0; others keep on true / 1
+    return torch.nn.functional.pad(attention_mask, (extra, 0), value=visible)
+
+
 def _reads_ragged_layers(attention):
     def wrapper(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         reference = getattr(key, "ragged_layer", None)
         layer = reference() if reference is not None else None
         if layer is None or layer.keys is not key:
-            if attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
-                # transformers sizes the mask from layer 0's cache; a press that keeps fewer positions in
-                # deeper layers (PyramidKV) needs its last columns: the compressed context is fully visible
-                # to the new tokens, whose causal part comes last.
-                attention_mask = attention_mask[..., -key.shape[-2] :]
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.shape[-1] != key.shape[-2]:
+                attention_mask = fit_mask_to_keys(attention_mask, key.shape[-2])
             return attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         if kwargs.get("sliding_window") is not None and layer.positions is None:
             raise ValueError("a sliding-window layer was compressed without its key positions; compress it again")
