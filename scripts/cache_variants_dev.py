@@ -210,16 +210,12 @@ def separator_mask(context_ids: torch.Tensor, tokenizer, newline_only: bool) -> 
 
 
 def lean_to_separators(keys, values, scores, n_kept, separators: torch.Tensor, weight: float) -> list[RaggedLayer]:
-    """The shipped score, before its recent window is pinned, leaning towards separator positions as
-    ``(s + weight * separator) / (1 + weight)``; sinks and the recent window are then pinned as the press pins them."""
+    """The shipped scores leaning towards separator positions as ``(s + weight * separator) / (1 + weight)``.
+    The lean moves the pinned recent window too, so it is pinned again as the press pins it (the sinks stay
+    at infinity): the real scores are leaned, the pins are the press's."""
     config = NestedKVConfig()
-    unpinned = dataclasses.replace(config, n_recent=0)  # the window is the last step: pin it after the lean
-
-    def score(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        leaned = lean_towards(nestedkv_score(k, unpinned, v), separators, weight)
-        return pin_protected(leaned, config.n_sink, config.n_recent)
-
-    return rescored(keys, values, n_kept, score)
+    leaned = [pin_protected(lean_towards(s, separators, weight), config.n_sink, config.n_recent) for s in scores]
+    return per_layer(keys, values, leaned, n_kept)
 
 
 def separator_variants(context_ids: torch.Tensor, tokenizer) -> dict[str, Variant]:
