@@ -261,3 +261,24 @@ def test_a_layer_holding_another_number_of_positions_than_layer_0_reads_a_mask_f
     additive = torch.zeros(layer_0_mask.shape).masked_fill(~layer_0_mask, float("-inf"))
     output, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, additive, dropout=0.0, scaling=0.5)
     torch.testing.assert_close(output, expected)
+
+
+@pytest.mark.parametrize("hidden", ["left padding", "sliding window"])
+@pytest.mark.parametrize("held", [5, 9])
+def test_a_mask_hiding_context_is_refused_where_the_layer_holds_another_number_of_positions(hidden, held):
+    """Columns of layer 0's context that the mask hides (a padded row's start, keys beyond a sliding window)
+    cannot be matched to another layer's kept keys: the wrapper refuses instead of cutting or widening."""
+    new, dim = 2, 8
+    query, key = torch.randn(2, 4, new, dim), torch.randn(2, 2, held + new, dim)
+    causal = torch.ones(new, new).tril().bool()
+    mask = torch.cat([torch.ones(new, 7, dtype=torch.bool), causal], dim=1).repeat(2, 1, 1, 1)
+    if hidden == "left padding":
+        mask[1, :, :, :3] = False
+    else:
+        mask[:, :, 1, 0] = False  # the second new token's window no longer reaches the first column
+    module = type("Attention", (torch.nn.Module,), {})()
+    module.num_key_value_groups, module.is_causal, module.training = 2, True, False
+    for layer_0_mask in (mask, torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)):
+        with pytest.raises(ValueError, match="hides some of the context"):
+            ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, key, layer_0_mask, dropout=0.0, scaling=0.5)
+

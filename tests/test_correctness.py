@@ -6,7 +6,15 @@ import warnings
 
 import pytest
 import torch
-from kvpress import CAMPress, ChunkPress, ComposedPress, KeyDiffPress, KnormPress, PerLayerCompressionPress
+from kvpress import (
+    CAMPress,
+    ChunkPress,
+    ComposedPress,
+    KeyDiffPress,
+    KnormPress,
+    PerLayerCompressionPress,
+    PyramidKVPress,
+)
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from nestedkv.bench.ruler import build_samples
@@ -223,6 +231,25 @@ def test_a_dense_cache_refuses_a_padded_batch(model, tokenizer, prompts, make_pr
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with pytest.raises(ValueError, match="cannot hold the different lengths of a padded batch"):
         prefill(model, encoded, make_press())
+
+
+def test_a_kvpress_press_keeping_fewer_positions_in_deeper_layers_refuses_a_padded_batch():
+    """kvpress's PyramidKV keeps fewer positions in deeper layers, and transformers sizes the attention mask from
+    layer 0: on a left-padded batch nothing says where a deeper layer's kept keys sit among the padding, so
+    ``generate`` stops with the attention wrapper's one-line refusal; one unpadded row decodes."""
+    torch.manual_seed(0)
+    tiny = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": 4}, num_key_value_heads=2)).eval()
+    ids = torch.randint(5, 128, (2, 80))
+    padding = torch.ones(2, 80, dtype=torch.long)
+    padding[1, :10] = 0
+    with pytest.raises(ValueError, match="compress one unpadded prompt at a time"):
+        with torch.no_grad(), PyramidKVPress(compression_ratio=0.5, window_size=4)(tiny):
+            tiny.generate(ids, attention_mask=padding, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), PyramidKVPress(compression_ratio=0.5, window_size=4)(tiny):
+        out = tiny.generate(ids[:1], max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    assert out.sequences.shape == (1, 83)
+    held = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    assert held[-1] < held[0]  # the unpadded row did reach the fitted-mask path
 
 
 def greedy(model, input_ids, press, max_new_tokens=12):

@@ -252,19 +252,29 @@ def ragged_attention(
     return output.to(query.dtype).transpose(1, 2).contiguous()
 
 
-def fit_mask_to_keys(attention_mask: torch.Tensor, keys: int) -> torch.Tensor:
+def fit_mask_to_keys(attention_mask: torch.Tensor, keys: int, new_tokens: int) -> torch.Tensor:
     """A mask over ``K`` cache columns (``(B, 1, q, K)`` boolean or additive, or a ``(B, K)`` padding mask of
     ones) for a layer that holds ``keys`` positions instead of ``K``.
 
     transformers sizes the mask from layer 0's cache, but a press may keep a different number of context
-    positions in other layers: fewer (PyramidKV) or more (KVCompose, by a rounding). The new tokens' causal
-    part is the mask's last columns and the compressed context before it is fully visible to them, so the
-    mask loses columns at its start, or gains visible ones there. ``-> (..., keys)``.
+    positions in other layers: fewer (PyramidKV) or more (KVCompose, by a rounding). The mask's last
+    ``new_tokens`` columns are this forward's tokens; when every column before them is visible (one unpadded
+    row, no sliding window), the layer's compressed context is fully visible too, so the mask loses columns at
+    its start, or gains visible ones there. A mask that hides some of those columns (left padding in a batch,
+    a sliding window) says nothing about which of this layer's kept keys it hid, and is refused (``ValueError``,
+    one host read, on this path only). ``-> (..., keys)``.
     """
+    visible = 0.0 if attention_mask.is_floating_point() else 1  # additive masks add 0; others keep on true / 1
+    earlier = attention_mask[..., : max(attention_mask.shape[-1] - new_tokens, 0)]
+    if not bool((earlier == visible).all()):
+        raise ValueError(
+            f"a layer holds {keys} positions but the attention mask covers {attention_mask.shape[-1]} and hides "
+            "some of the context (left padding or a sliding window), which cannot be matched to its kept keys; "
+            "compress one unpadded prompt at a time with this press, or use a NestedKV press (padding-aware)"
+        )
     extra = keys - attention_mask.shape[-1]
     if extra <= 0:
         return attention_mask[..., attention_mask.shape[-1] - keys :]
-    visible = 0.0 if attention_mask.is_floating_point() else 1  # additive masks add 0; others keep on true / 1
     return torch.nn.functional.pad(attention_mask, (extra, 0), value=visible)
 
 
@@ -274,7 +284,7 @@ def _reads_ragged_layers(attention):
         layer = reference() if reference is not None else None
         if layer is None or layer.keys is not key:
             if isinstance(attention_mask, torch.Tensor) and attention_mask.shape[-1] != key.shape[-2]:
-                attention_mask = fit_mask_to_keys(attention_mask, key.shape[-2])
+                attention_mask = fit_mask_to_keys(attention_mask, key.shape[-2], query.shape[-2])
             return attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         if kwargs.get("sliding_window") is not None and layer.positions is None:
             raise ValueError("a sliding-window layer was compressed without its key positions; compress it again")
