@@ -202,6 +202,9 @@ def test_row_selection_moves_the_packed_context_with_the_tail():
     assert torch.equal(layer.context_lengths, keep.sum(-1)[[0, 2]])
     layer.reorder_cache(torch.tensor([1, 1]))
     assert torch.equal(layer.context_keys, expected_context(keys, keep, [2, 2]))
+    layer.batch_select_indices(torch.tensor([False, True]))  # a row mask, as a dense layer takes it
+    assert layer.batch == 1 and layer.keys.shape[0] == 1
+    assert torch.equal(layer.context_keys, expected_context(keys, keep, [2]))
 
 
 def expected_context(keys, keep, rows):
@@ -282,3 +285,21 @@ def test_a_mask_hiding_context_is_refused_where_the_layer_holds_another_number_o
         with pytest.raises(ValueError, match="hides some of the context"):
             ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, key, layer_0_mask, dropout=0.0, scaling=0.5)
 
+
+
+@pytest.mark.parametrize("option", [{"softcap": 30.0}, {"s_aux": torch.zeros(4)}])
+def test_soft_capping_and_attention_sinks_are_refused_where_the_attention_would_apply_them(option):
+    """sdpa ignores them (the uncompressed model under sdpa too), so ragged attention there is the same answer;
+    flex and FlashAttention apply them, which ragged attention does not: refused."""
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 12, 8, generator=generator)
+    keep = torch.rand(1, 2, 12, generator=generator) < 0.5
+    layer = ragged_layer(keys, keys, keep, keys[:, :, :1], keys[:, :, :1], False)
+    query = torch.randn(1, 4, 1, 8, generator=generator)
+    module = type("Attention", (torch.nn.Module,), {})()
+    module.config = type("Config", (), {})()
+    arguments = (module, query, layer.keys, layer.values, None)
+    output, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](*arguments, scaling=0.5, **option)
+    torch.testing.assert_close(output, ragged_attention(query, layer, 0.5))
+    with pytest.raises(ValueError, match=f"ragged attention does not apply {next(iter(option))} \\(flex_attention"):
+        ALL_ATTENTION_FUNCTIONS["flex_attention"](*arguments, scaling=0.5, **option)

@@ -15,13 +15,24 @@ from kvpress import (
     PerLayerCompressionPress,
     PyramidKVPress,
 )
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    DynamicCache,
+    Llama4ForCausalLM,
+    Llama4TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 from nestedkv.bench.ruler import build_samples
 from nestedkv.cache import RaggedLayer
 from nestedkv.cache.attention import uses_varlen_kernel
 from nestedkv.press import HeadAdaptivePress, NestedKVPress
 from nestedkv.settings import compute_n_kept
+from nestedkv.streaming import BudgetedPress, prefill_in_chunks
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=4096)
@@ -231,6 +242,83 @@ def test_a_dense_cache_refuses_a_padded_batch(model, tokenizer, prompts, make_pr
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with pytest.raises(ValueError, match="cannot hold the different lengths of a padded batch"):
         prefill(model, encoded, make_press())
+
+
+def test_a_press_before_the_head_adaptive_one_on_a_padded_batch_is_refused_for_what_it_did():
+    tiny = tiny_llama()
+    ids = torch.randint(3, 128, (2, 120))
+    padding = torch.ones_like(ids)
+    padding[1, :40] = 0
+    with pytest.raises(ValueError, match="a press before the head-adaptive one shortened a padded batch"):
+        with torch.no_grad(), ComposedPress([KnormPress(0.5), NestedKVPress(0.5)])(tiny):
+            tiny(ids, attention_mask=padding, past_key_values=DynamicCache())
+
+
+def test_attention_chunks_llama_4_decode_from_ragged_storage_as_from_the_full_cache():
+    """Llama 4's chunked layers hide earlier chunks from later tokens: a ragged layer keeps its keys' positions so
+    the chunk mask applies to the kept keys, in a plain cache (kvpress's pipeline, ``Chat``) under both presses.
+    The decoding tokens' chunk lies in the protected recent positions, so the answer is the uncompressed one."""
+    torch.manual_seed(0)
+    config = Llama4TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+        attention_chunk_size=32, no_rope_layers=[1, 1], max_position_embeddings=4096,
+    )
+    config._attn_implementation = "sdpa"
+    tiny = Llama4ForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (1, 200))
+
+    def decode(press, prefill):
+        cache = DynamicCache()
+        with torch.no_grad(), warnings.catch_warnings(), press(tiny):
+            warnings.simplefilter("ignore")  # "model not tested" by kvpress
+            prefill(cache)
+            logits = [tiny(input_ids=torch.tensor([[step]]), past_key_values=cache).logits[0, -1] for step in (3, 4)]
+        return torch.stack(logits), cache
+
+    def at_once(cache):
+        tiny(input_ids=ids[:, :100], past_key_values=cache)
+
+    def in_chunks(cache):
+        prefill_in_chunks(tiny, ids, cache, chunk_size=50)
+
+    budgeted = BudgetedPress(budget=100, interval=16, head_slack=8)
+    for press, prefill in ((NestedKVPress(0.5, block_size=16), at_once), (budgeted, in_chunks)):
+        full, _ = decode(NestedKVPress(0.0), prefill)
+        got, cache = decode(press, prefill)
+        layer = cache.layers[0]
+        assert isinstance(layer, RaggedLayer) and layer.positions is not None
+        assert int(layer.context_lengths.sum()) < 0.6 * cache.get_seq_length() * layer.heads
+        torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_storage_is_refused_where_attention_would_not_read_it():
+    """Eager attention bypasses transformers' attention registry (the wrapper would never see the ragged layer);
+    multi-head latent attention's values are narrower than its keys. Both are refused at the first layer."""
+    tiny = tiny_llama()
+    tiny.config._attn_implementation = "eager"
+    ids = torch.randint(0, 128, (1, 120))
+    try:
+        with pytest.raises(ValueError, match="attn_implementation='eager' bypasses"):
+            with torch.no_grad(), BudgetedPress(budget=100, interval=16)(tiny):
+                prefill_in_chunks(tiny, ids, DynamicCache(), chunk_size=100)
+    finally:
+        tiny.config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    config = DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=2, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=4096,
+    )
+    config._attn_implementation = "sdpa"
+    latent = DeepseekV3ForCausalLM(config).eval()
+    cache = DynamicCache()
+    with pytest.raises(ValueError, match="values as wide as keys, this model's are 8 and 16"):
+        with torch.no_grad(), warnings.catch_warnings(), NestedKVPress(0.5)(latent):
+            warnings.simplefilter("ignore")
+            latent(ids, past_key_values=cache)
+    assert not any(isinstance(layer, RaggedLayer) for layer in cache.layers)
 
 
 def test_a_kvpress_press_keeping_fewer_positions_in_deeper_layers_refuses_a_padded_batch():

@@ -23,7 +23,7 @@ from kvpress import BasePress, ComposedPress, KVPressTextGenerationPipeline, Sco
 
 from nestedkv.budgets import head_adaptive_keep
 from nestedkv.cache import RaggedLayer
-from nestedkv.cache.attention import visible_columns
+from nestedkv.cache.attention import check_reads_ragged_layers, mask_can_hide_context, visible_columns
 from nestedkv.models import attention_modules
 from nestedkv.scoring import nestedkv_score
 from nestedkv.settings import (
@@ -71,14 +71,15 @@ def _row_inputs(kwargs: dict, row: int, columns: torch.Tensor, batch: int, n: in
     return row_kwargs
 
 
-def compressible(layer, storage: str) -> bool:
+def compressible(module, layer, storage: str) -> bool:
     """Whether a cache layer can be compressed; refuses, before anything is changed, what cannot be.
 
     A sliding-window cache layer (transformers builds them for Mistral, Gemma, ...) holds at most
     its window and drops older tokens by itself, shifting what is left, which kvpress's masks cannot
     follow: it stays uncompressed in every storage (as kvpress leaves Gemma 3's sliding layers), with
     a warning. A plain layer read through a sliding-window mask is compressed: a ragged layer keeps
-    its keys' positions so the mask still applies.
+    its keys' positions so the mask still applies. A ragged layer is refused where attention would not
+    read it (:func:`~nestedkv.cache.attention.check_reads_ragged_layers`).
     """
     kind = type(layer).__name__
     if "Static" in kind:
@@ -91,6 +92,8 @@ def compressible(layer, storage: str) -> bool:
     if getattr(layer, "is_sliding", False):
         warnings.warn("sliding-window cache layers stay uncompressed (they hold at most their window)", stacklevel=3)
         return False
+    if storage == "ragged":
+        check_reads_ragged_layers(module, layer.keys, layer.values)
     return True
 
 
@@ -201,7 +204,13 @@ class HeadAdaptivePress(_LeavesModelAsFound, BasePress):
         if module.config._attn_implementation == "eager":
             raise ValueError("head-adaptive budgets need attn_implementation='sdpa' (or another non-eager one)")
         batch, heads, n, _ = keys.shape
-        real = real_positions(kwargs.get("attention_mask"), batch, n)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.shape[-1] > n and real_positions(mask, batch, mask.shape[-1]) is not None:
+            raise ValueError(  # a press before this one (ComposedPress) dropped positions: the mask no longer lines up
+                "a press before the head-adaptive one shortened a padded batch's cache, so its padding cannot be "
+                "found; compress the rows one at a time, or use the head-adaptive press alone"
+            )
+        real = real_positions(mask, batch, n)
         if real is None:
             return self._row_keep(n, self.press.score(module, hidden_states, keys, values, attentions, kwargs))
         keep = torch.zeros(batch, heads, n, dtype=torch.bool, device=keys.device)
@@ -226,22 +235,15 @@ class HeadAdaptivePress(_LeavesModelAsFound, BasePress):
             return output
         hidden_states, cache = kwargs["hidden_states"], kwargs["past_key_values"]
         layer = cache.layers[module.layer_idx]
-        if not compressible(layer, self.storage):
+        if not compressible(module, layer, self.storage):
             return output
         if self.storage == "masked":
             return super().forward_hook(module, input, kwargs, output)
         keep = self.keep_mask(module, hidden_states, layer.keys, layer.values, output[1], kwargs)
         cache.layers[module.layer_idx] = RaggedLayer.from_keep(
-            layer.keys, layer.values, keep, keep_positions=_can_hide_context(module)
+            layer.keys, layer.values, keep, keep_positions=mask_can_hide_context(module)
         )
         return output
-
-
-def _can_hide_context(module) -> bool:
-    """Whether this attention layer's mask can hide earlier tokens from later ones (a sliding window),
-    so that a ragged layer must remember where each kept key was."""
-    window = getattr(module, "sliding_window", None) or getattr(module.config, "sliding_window", None)
-    return window is not None
 
 
 @dataclass
@@ -338,7 +340,7 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
             return output
         with self._at_layer(module):
             if self.budget == "uniform":
-                if not compressible(kwargs["past_key_values"].layers[module.layer_idx], "masked"):
+                if not compressible(module, kwargs["past_key_values"].layers[module.layer_idx], "masked"):
                     return output
                 return super().forward_hook(module, input, kwargs, output)
             head_adaptive = HeadAdaptivePress(self, self.alpha_safeguard, self.storage)

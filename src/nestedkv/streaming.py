@@ -48,7 +48,8 @@ from transformers.cache_utils import DynamicLayer
 
 from nestedkv.budgets import head_adaptive_keep
 from nestedkv.cache import RaggedLayer
-from nestedkv.press import _can_hide_context, _LeavesModelAsFound, _no_cache, compressible, real_positions
+from nestedkv.cache.attention import mask_can_hide_context
+from nestedkv.press import _LeavesModelAsFound, _no_cache, compressible, real_positions
 from nestedkv.scoring import cosine_anomaly, normalise_keys, score_anomalies
 from nestedkv.settings import BudgetedSettings, NestedKVConfig, check_context_length
 from nestedkv.validation import check_number
@@ -279,7 +280,7 @@ class BudgetedPress(_LeavesModelAsFound, BudgetedSettings, BasePress):
             return output
         cache, hidden_states = kwargs["past_key_values"], kwargs["hidden_states"]
         layer = cache.layers[module.layer_idx]
-        if not compressible(layer, "ragged"):
+        if not compressible(module, layer, "ragged"):
             return output
         if isinstance(layer, RaggedLayer) and "global_sum" not in layer.per_stream:
             raise ValueError("this cache was compressed by another press and cannot be kept within a budget; "
@@ -304,7 +305,7 @@ class BudgetedPress(_LeavesModelAsFound, BudgetedSettings, BasePress):
             with torch.no_grad():  # eviction picks positions; nothing to differentiate
                 cache.layers[module.layer_idx] = compress_layer(
                     layer, budgets, self.head_slack, self.alpha_safeguard, self.config,
-                    keep_positions=_can_hide_context(module), real=real,
+                    keep_positions=mask_can_hide_context(module), real=real,
                 )
         return output
 

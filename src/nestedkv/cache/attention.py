@@ -278,7 +278,36 @@ def fit_mask_to_keys(attention_mask: torch.Tensor, keys: int, new_tokens: int) -
     return torch.nn.functional.pad(attention_mask, (extra, 0), value=visible)
 
 
-def _reads_ragged_layers(attention):
+def mask_can_hide_context(module: torch.nn.Module) -> bool:
+    """Whether an attention layer's mask can hide earlier tokens from later ones (a sliding window, Llama 4's
+    attention chunks), so that a ragged layer must remember where each kept key was."""
+    config = getattr(module, "config", None)
+    return any(
+        getattr(owner, name, None) is not None
+        for owner in (module, config)
+        for name in ("sliding_window", "attention_chunk_size")
+    )
+
+
+def check_reads_ragged_layers(module: torch.nn.Module, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Refuses, before a layer's cache becomes ragged, an attention that would not read it as the uncompressed
+    cache: one that bypasses transformers' attention registry (``eager``, read only the tail) or values narrower
+    than keys (multi-head latent attention: the kernels take one head size). ``keys (B, H, N, d_k)``,
+    ``values (B, H, N, d_v)``."""
+    implementation = module.config._attn_implementation
+    if implementation not in ALL_ATTENTION_FUNCTIONS:
+        raise ValueError(
+            f"ragged storage is read through transformers' attention registry, which attn_implementation="
+            f"'{implementation}' bypasses; load the model with attn_implementation='sdpa', or use storage='masked'"
+        )
+    if keys.shape[-1] != values.shape[-1]:
+        raise ValueError(
+            f"ragged storage needs values as wide as keys, this model's are {values.shape[-1]} and "
+            f"{keys.shape[-1]} wide (multi-head latent attention); use NestedKVPress(..., storage='masked')"
+        )
+
+
+def _reads_ragged_layers(attention, name: str):
     def wrapper(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         reference = getattr(key, "ragged_layer", None)
         layer = reference() if reference is not None else None
@@ -286,8 +315,14 @@ def _reads_ragged_layers(attention):
             if isinstance(attention_mask, torch.Tensor) and attention_mask.shape[-1] != key.shape[-2]:
                 attention_mask = fit_mask_to_keys(attention_mask, key.shape[-2], query.shape[-2])
             return attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        if kwargs.get("sliding_window") is not None and layer.positions is None:
-            raise ValueError("a sliding-window layer was compressed without its key positions; compress it again")
+        if layer.positions is None and (kwargs.get("sliding_window") is not None or mask_can_hide_context(module)):
+            raise ValueError("a layer whose mask can hide context (a sliding window, attention chunks) was compressed "
+                             "without its key positions; compress it again")
+        # sdpa ignores soft-capping and attention sinks (so does the uncompressed model under it); others apply them
+        unread = [option for option in ("softcap", "s_aux") if kwargs.get(option) is not None]
+        if unread and name != "sdpa":
+            raise ValueError(f"ragged attention does not apply {' or '.join(unread)} ({name} attention would); "
+                             "load the model with attn_implementation='sdpa', or use storage='masked'")
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return ragged_attention(query, layer, scale, attention_mask), None
 
@@ -295,4 +330,4 @@ def _reads_ragged_layers(attention):
 
 
 for _name, _attention in list(ALL_ATTENTION_FUNCTIONS.items()):
-    ALL_ATTENTION_FUNCTIONS[_name] = _reads_ragged_layers(_attention)
+    ALL_ATTENTION_FUNCTIONS[_name] = _reads_ragged_layers(_attention, _name)

@@ -169,8 +169,11 @@ class RaggedLayer(DynamicLayer):
         """Make batch row ``i`` a copy of row ``rows[i]``, context and tail alike. ``rows: (B',)``.
 
         Serves beam search (``reorder_cache``), several sequences per prompt
-        (``batch_repeat_interleave``) and dropping finished rows (``batch_select_indices``).
+        (``batch_repeat_interleave``) and dropping finished rows (``batch_select_indices``, which may also
+        pass a boolean ``(B,)`` mask of the rows that stay, as a dense layer takes it).
         """
+        if rows.dtype == torch.bool:
+            rows = rows.nonzero().squeeze(-1)
         rows = rows.to(self.offsets.device)
         heads = torch.arange(self.heads, device=rows.device)
         streams = (rows[:, None] * self.heads + heads).flatten()
