@@ -22,8 +22,8 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from nestedkv.cache import RaggedLayer
+from nestedkv.cache.attention import mask_can_hide_context
 from nestedkv.models import attention_modules, eager_attention
-from nestedkv.press import _can_hide_context
 
 
 @torch.no_grad()
@@ -224,7 +224,7 @@ def ragged_rows(model: PreTrainedModel, cache: DynamicCache, context_length: int
             if masked is not None or not layer.stackable:
                 return None
             rows.append(layer)
-        elif type(layer) is DynamicLayer and not _can_hide_context(module):
+        elif type(layer) is DynamicLayer and not mask_can_hide_context(module):
             keep = torch.ones(layer.keys.shape[:3], dtype=torch.bool, device=layer.keys.device)
             if masked is not None:
                 keep[masked] = False

@@ -20,9 +20,9 @@ stream's packed context plus the dense tail, for all streams at once:
 It honours the attention mask transformers built for the layer, whose columns are cache positions
 (the layer reports its logical length): the last ``T`` columns mask the tail (padding, causality),
 and, where the layer keeps its keys' positions (sliding-window layers), the columns of those
-positions mask the context. Logits and softmax are in float32 whatever the model's dtype (inside
-the kernel on CUDA), with the scale applied to the queries before the product, so half precision
-cannot overflow.
+positions mask the context. Logits and softmax are in float32 whatever the model's dtype (float64 for
+a float64 model; inside the kernel on CUDA), with the scale applied to the queries before the product,
+so half precision cannot overflow.
 
 It is reached through transformers' attention registry, wrapped once at import (like kvpress's
 own patch): when the key tensor handed to attention is the tail of a ragged layer, attention is
@@ -77,9 +77,9 @@ def visible_columns(attention_mask: torch.Tensor | None, batch: int, q_len: int)
 
 
 def _masked_logits(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
-    """Logits of scaled float32 ``q (S, R, d)`` against ``keys (S, K, d)``, -inf where not ``visible``
-    (bool, broadcast to ``(S, R, K)``; ``None``: all visible). ``-> (S, R, K)`` float32."""
-    logits = q @ keys.float().transpose(1, 2)
+    """Logits of scaled ``q (S, R, d)`` (float32, or float64 for a float64 model) against ``keys (S, K, d)``,
+    -inf where not ``visible`` (bool, broadcast to ``(S, R, K)``; ``None``: all visible). ``-> (S, R, K)``."""
+    logits = q @ keys.to(q.dtype).transpose(1, 2)
     return logits if visible is None else logits.masked_fill(~visible, float("-inf"))
 
 
@@ -178,7 +178,7 @@ def ragged_attention(
     group, streams = query_heads // heads, batch * heads
     rows_per_stream = group * q_len
     grouped = query.reshape(streams, rows_per_stream, head_dim)  # stream s = (b, h) holds query heads h*group...
-    q = grouped.float() * scaling
+    q = grouped.to(torch.promote_types(query.dtype, torch.float32)) * scaling  # float64 stays float64
     visible = visible_columns(attention_mask, batch, q_len)
 
     device = query.device
@@ -208,7 +208,7 @@ def ragged_attention(
         context_out, context_lse = _varlen_context_attention(grouped, layer, scaling)
         tail_logits = _masked_logits(q, tail_keys, tail_visible)
         tail_lse = torch.logsumexp(tail_logits, dim=-1)
-        tail_out = _weights(tail_logits) @ tail_values.float()
+        tail_out = _weights(tail_logits) @ tail_values.to(q.dtype)
         # Merge the two partial softmaxes, each weighted by its share of the total exp-sum.
         top = torch.maximum(context_lse, tail_lse)
         top = top.masked_fill(top == float("-inf"), 0.0)
@@ -219,7 +219,7 @@ def ragged_attention(
         output = output.nan_to_num(0.0)
     else:  # one softmax over the gathered context followed by the tail
         keys, values, bias = gathered_context(layer, tail_keys, tail_values)
-        keys, values = keys.float().transpose(1, 2), values.float()
+        keys, values = keys.to(q.dtype).transpose(1, 2), values.to(q.dtype)
         hidden = None  # which (stream, query row, key) the mask hides, beyond the padding slots
         if tail_visible is not None:
             context_visible = (
@@ -231,7 +231,7 @@ def ragged_attention(
 
         def attend(q_rows: torch.Tensor, hidden_rows: torch.Tensor | None) -> torch.Tensor:
             """``(streams, R, d)`` outputs of ``R`` query rows, with what the mask hides from those rows."""
-            logits = torch.baddbmm(bias, q_rows, keys)
+            logits = torch.baddbmm(bias.to(q.dtype), q_rows, keys)
             if hidden_rows is not None:
                 logits = logits.masked_fill(hidden_rows, float("-inf"))
             return _weights(logits, may_see_nothing=visible is not None) @ values
