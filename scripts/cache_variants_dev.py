@@ -3,7 +3,7 @@
 Each variant takes every layer's shipped NestedKV scores (or scores the keys its own way) and the
 uncompressed keys and values of one prefill, and builds the compressed cache; it is measured on the dev
 split's continuation samples (teacher-forced ΔNLL of the next 256 tokens against the uncompressed cache)
-before any press is built. Four families:
+before any press is built. Families:
 
 - ``layer-shares`` (sixteenth session): the heads of *all* layers compete for the whole cache's budget
   (the scores stacked as ``(1, layers * heads, N)``, AdaKV's rule with safeguard ``alpha``) instead of
@@ -22,6 +22,9 @@ before any press is built. Four families:
   (separator tokens gather what the segment before them says): the shipped score leans, as the
   ramp does, towards positions whose token is punctuation or a line break (or a line break only).
   The press sees no token ids, so shipping this would need the model's input ids in the press.
+- ``pre-rope`` (nineteenth session): the keys scored as they were before RoPE turned each by its
+  position's angles (the cache holds rotated keys; the inverse rotation is one elementwise pass), so
+  that a key's anomaly against its block and window means reads its content, not where it sits.
 
     PYTHONPATH=src .venv/bin/python scripts/cache_variants_dev.py --family merge --samples 16 --length 2048
 
@@ -40,6 +43,7 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+from transformers.models.llama.modeling_llama import rotate_half
 
 from nestedkv.bench.documents import CONTINUATION, build_document_samples, greedy_agreement_and_nll
 from nestedkv.bench.replay import compress_replay, prefill_once
@@ -229,9 +233,37 @@ def separator_variants(context_ids: torch.Tensor, tokenizer) -> dict[str, Varian
     }
 
 
-# Families whose variants depend on the sample's tokens: built for each sample.
-PER_SAMPLE_FAMILIES: dict[str, Callable[[torch.Tensor, object], dict[str, Variant]]] = {
-    "separators": separator_variants,
+def unrotated(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``keys (1, H, N, d)`` turned back by their positions' RoPE angles (``cos, sin (N, d)``, as the model's
+    rotary embedding gives them): ``k = k' cos - rotate_half(k') sin`` undoes ``k' = k cos + rotate_half(k) sin``."""
+    return keys * cos - rotate_half(keys) * sin
+
+
+def pre_rope_scores(keys, values, scores, n_kept, cos, sin, mix: float) -> list[RaggedLayer]:
+    """Each layer's keys scored before RoPE, ``mix`` of that score and ``1 - mix`` of the shipped one."""
+    config = NestedKVConfig()
+    n = keys[0].shape[-2]
+    mixed = [mix * nestedkv_score(unrotated(k, cos[:n], sin[:n]), config, v) + (1 - mix) * s
+             for k, v, s in zip(keys, values, scores, strict=True)]
+    return per_layer(keys, values, mixed, n_kept)
+
+
+def pre_rope_variants(context_ids: torch.Tensor, tokenizer, model) -> dict[str, Variant]:
+    """The ``pre-rope`` family for one sample: the model's RoPE angles at its positions."""
+    n = context_ids.shape[1]
+    probe = torch.zeros(1, n, model.config.hidden_size)
+    cos, sin = (t[0] for t in model.model.rotary_emb(probe, torch.arange(n)[None]))
+    return {
+        "shipped": per_layer,
+        "pre-RoPE keys": partial(pre_rope_scores, cos=cos, sin=sin, mix=1.0),
+        "half pre-RoPE, half shipped": partial(pre_rope_scores, cos=cos, sin=sin, mix=0.5),
+    }
+
+
+# Families whose variants depend on the sample (its tokens, its positions): built for each sample.
+PER_SAMPLE_FAMILIES: dict[str, Callable[[torch.Tensor, object, object], dict[str, Variant]]] = {
+    "separators": lambda context_ids, tokenizer, model: separator_variants(context_ids, tokenizer),
+    "pre-rope": pre_rope_variants,
 }
 
 FAMILIES: dict[str, dict[str, Variant]] = {
@@ -275,7 +307,7 @@ def main() -> None:
     delta = {}
     for number, sample in enumerate(samples):
         family = PER_SAMPLE_FAMILIES.get(args.family)
-        variants = family(sample.context_ids, tokenizer) if family else FAMILIES[args.family]
+        variants = family(sample.context_ids, tokenizer, model) if family else FAMILIES[args.family]
         with torch.no_grad():
             prefill = prefill_once(model, sample.context_ids)
             full = compress_replay(model, prefill, None)
