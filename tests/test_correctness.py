@@ -19,12 +19,18 @@ from transformers import (
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
     DynamicCache,
+    Gemma3nForCausalLM,
+    Gemma3nTextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
     Llama4ForCausalLM,
     Llama4TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    NemotronConfig,
+    NemotronForCausalLM,
 )
 
 from nestedkv.bench.ruler import build_samples
@@ -319,6 +325,64 @@ def test_ragged_storage_is_refused_where_attention_would_not_read_it():
             warnings.simplefilter("ignore")
             latent(ids, past_key_values=cache)
     assert not any(isinstance(layer, RaggedLayer) for layer in cache.layers)
+
+
+def test_a_model_whose_attention_bypasses_the_registry_is_refused_not_misread():
+    """Nemotron's and DiffLlama's SDPA classes call SDPA themselves: a ragged layer would hand them its tail only
+    (the compressed context silently dropped) and kvpress's head-wise masks would never apply (nothing evicted).
+    Every head-adaptive storage and BudgetedPress refuse at the first layer; the uniform budget (a dense cache
+    any attention reads) runs."""
+    torch.manual_seed(0)
+    config = NemotronConfig(**TINY, num_key_value_heads=2, head_dim=16)
+    config._attn_implementation = "sdpa"
+    nemotron = NemotronForCausalLM(config).eval()
+    ids = torch.randint(1, 128, (1, 120))
+    presses = [NestedKVPress(0.5), NestedKVPress(0.5, storage="masked"), BudgetedPress(budget=100, interval=16)]
+    for press in presses:
+        cache = DynamicCache()
+        with pytest.raises(ValueError, match="NemotronSdpaAttention computes attention itself"):
+            with torch.no_grad(), warnings.catch_warnings(), press(nemotron):
+                warnings.simplefilter("ignore")  # "model not tested" by kvpress
+                nemotron(ids, past_key_values=cache)
+        assert not any(isinstance(layer, RaggedLayer) for layer in cache.layers)
+    cache = DynamicCache()
+    with torch.no_grad(), warnings.catch_warnings(), NestedKVPress(0.5, budget="uniform")(nemotron):
+        warnings.simplefilter("ignore")
+        nemotron(ids, past_key_values=cache)
+    assert cache.get_seq_length() == compute_n_kept(120, 0.5)
+
+
+def test_models_the_presses_cannot_hook_are_refused_in_one_line():
+    """GPT-2 has no model.model.layers; Gemma 3n's last layers read an earlier layer's keys and values (no cache
+    layer of their own); flex attention fails under kvpress's attention patch. Each stops with a ValueError."""
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4)).eval()
+    with pytest.raises(ValueError, match="GPT2LMHeadModel is not a decoder whose every layer has self-attention"):
+        with NestedKVPress(0.5)(gpt2):
+            pass
+    torch.manual_seed(0)
+    config = Gemma3nTextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=[128] * 4, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=48, layer_types=["sliding_attention", "full_attention"] * 2,
+        num_kv_shared_layers=2, vocab_size_per_layer_input=128, hidden_size_per_layer_input=16, laurel_rank=8,
+        altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4,
+    )
+    config._attn_implementation = "sdpa"
+    gemma3n = Gemma3nForCausalLM(config).eval()
+    ids = torch.randint(1, 128, (1, 120))
+    for press in (NestedKVPress(0.5), NestedKVPress(0.5, storage="masked"), BudgetedPress(budget=100, interval=16)):
+        cache = DynamicCache()
+        with pytest.raises(ValueError, match="no key-value layer of its own for every attention layer"):
+            with torch.no_grad(), warnings.catch_warnings(), press(gemma3n):
+                warnings.simplefilter("ignore")
+                gemma3n(ids, past_key_values=cache)
+        assert not any(isinstance(layer, RaggedLayer) for layer in cache.layers)
+    tiny = tiny_llama()
+    tiny.config._attn_implementation = "flex_attention"
+    try:
+        with pytest.raises(ValueError, match="flex attention does not run under kvpress"), torch.no_grad():
+            tiny(ids)
+    finally:
+        tiny.config._attn_implementation = "sdpa"
 
 
 def test_a_kvpress_press_keeping_fewer_positions_in_deeper_layers_refuses_a_padded_batch():

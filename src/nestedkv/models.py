@@ -335,9 +335,18 @@ def _save_converted(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 
 def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
-    """The self-attention module of every decoder layer (text models and multimodal wrappers)."""
-    decoder = model.model.language_model if hasattr(model.model, "language_model") else model.model
-    return [layer.self_attn for layer in decoder.layers]
+    """The self-attention module of every decoder layer (text models and multimodal wrappers). Refuses (one line)
+    a model laid out otherwise (GPT-2, GPT-NeoX, Falcon) or with layers that hold no attention (hybrids of
+    attention and state-space or linear-attention layers: Jamba, Qwen3-Next), as kvpress's presses need it."""
+    decoder = getattr(model, "model", None)
+    decoder = getattr(decoder, "language_model", decoder)
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise ValueError(
+            f"{type(model).__name__} is not a decoder whose every layer has self-attention at "
+            "model.model.layers[i].self_attn (Llama, Mistral, Qwen, Gemma, ...); the presses do not support it"
+        )
+    return [layer.self_attn for layer in layers]
 
 
 @contextmanager

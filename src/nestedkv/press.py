@@ -23,7 +23,13 @@ from kvpress import BasePress, ComposedPress, KVPressTextGenerationPipeline, Sco
 
 from nestedkv.budgets import head_adaptive_keep
 from nestedkv.cache import RaggedLayer
-from nestedkv.cache.attention import check_reads_ragged_layers, mask_can_hide_context, visible_columns
+from nestedkv.cache.attention import (
+    attention_went_through_registry,
+    check_attention_through_registry,
+    check_reads_ragged_layers,
+    mask_can_hide_context,
+    visible_columns,
+)
 from nestedkv.models import attention_modules
 from nestedkv.scoring import nestedkv_score
 from nestedkv.settings import (
@@ -93,7 +99,7 @@ def compressible(module, layer, storage: str) -> bool:
         warnings.warn("sliding-window cache layers stay uncompressed (they hold at most their window)", stacklevel=3)
         return False
     if storage == "ragged":
-        check_reads_ragged_layers(module, layer.keys, layer.values)
+        check_reads_ragged_layers(layer.keys, layer.values)
     return True
 
 
@@ -104,8 +110,19 @@ def _prefilling(module, kwargs: dict) -> bool:
 
     The layer holds this forward's tokens after anything before them: exactly these in a first forward,
     fewer when a press before this one (``ComposedPress``) has already compressed them, more otherwise."""
-    layer = kwargs["past_key_values"].layers[module.layer_idx]
-    return layer.get_seq_length() <= kwargs["hidden_states"].shape[1]
+    return cache_layer(module, kwargs["past_key_values"]).get_seq_length() <= kwargs["hidden_states"].shape[1]
+
+
+def cache_layer(module, cache):
+    """The cache layer of ``module``'s decoder layer. Refuses (one line) a cache without layers of its own per
+    decoder layer: Gemma 3n's last layers read an earlier layer's keys and values (refused at its first layer,
+    before anything is compressed), hybrid caches of state-space models hold no such list."""
+    if getattr(module.config, "num_kv_shared_layers", 0) or module.layer_idx >= len(getattr(cache, "layers", ())):
+        raise ValueError(
+            f"the model's cache ({type(cache).__name__}) has no key-value layer of its own for every attention layer "
+            "(layers sharing another's keys and values, as in Gemma 3n, or a hybrid state-space cache); not supported"
+        )
+    return cache.layers[module.layer_idx]
 
 
 def _no_cache(kwargs: dict) -> bool:
@@ -201,8 +218,6 @@ class HeadAdaptivePress(_LeavesModelAsFound, BasePress):
 
         In a padded batch each row is scored alone, from its real positions, with its own budget.
         """
-        if module.config._attn_implementation == "eager":
-            raise ValueError("head-adaptive budgets need attn_implementation='sdpa' (or another non-eager one)")
         batch, heads, n, _ = keys.shape
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.shape[-1] > n and real_positions(mask, batch, mask.shape[-1]) is not None:
@@ -231,12 +246,14 @@ class HeadAdaptivePress(_LeavesModelAsFound, BasePress):
         return keys, values
 
     def forward_hook(self, module, input, kwargs, output):
+        served = attention_went_through_registry(module)
         if self.compression_ratio == 0 or _no_cache(kwargs) or not _prefilling(module, kwargs):
             return output
         hidden_states, cache = kwargs["hidden_states"], kwargs["past_key_values"]
         layer = cache.layers[module.layer_idx]
         if not compressible(module, layer, self.storage):
             return output
+        check_attention_through_registry(module, served)
         if self.storage == "masked":
             return super().forward_hook(module, input, kwargs, output)
         keep = self.keep_mask(module, hidden_states, layer.keys, layer.values, output[1], kwargs)
@@ -340,7 +357,7 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
             return output
         with self._at_layer(module):
             if self.budget == "uniform":
-                if not compressible(module, kwargs["past_key_values"].layers[module.layer_idx], "masked"):
+                if not compressible(module, cache_layer(module, kwargs["past_key_values"]), "masked"):
                     return output
                 return super().forward_hook(module, input, kwargs, output)
             head_adaptive = HeadAdaptivePress(self, self.alpha_safeguard, self.storage)

@@ -48,8 +48,12 @@ from transformers.cache_utils import DynamicLayer
 
 from nestedkv.budgets import head_adaptive_keep
 from nestedkv.cache import RaggedLayer
-from nestedkv.cache.attention import mask_can_hide_context
-from nestedkv.press import _LeavesModelAsFound, _no_cache, compressible, real_positions
+from nestedkv.cache.attention import (
+    attention_went_through_registry,
+    check_attention_through_registry,
+    mask_can_hide_context,
+)
+from nestedkv.press import _LeavesModelAsFound, _no_cache, cache_layer, compressible, real_positions
 from nestedkv.scoring import cosine_anomaly, normalise_keys, score_anomalies
 from nestedkv.settings import BudgetedSettings, NestedKVConfig, check_context_length
 from nestedkv.validation import check_number
@@ -276,12 +280,14 @@ class BudgetedPress(_LeavesModelAsFound, BudgetedSettings, BasePress):
     """
 
     def forward_hook(self, module, input, kwargs, output):
+        served = attention_went_through_registry(module)
         if _no_cache(kwargs):
             return output
         cache, hidden_states = kwargs["past_key_values"], kwargs["hidden_states"]
-        layer = cache.layers[module.layer_idx]
+        layer = cache_layer(module, cache)
         if not compressible(module, layer, "ragged"):
             return output
+        check_attention_through_registry(module, served)
         if isinstance(layer, RaggedLayer) and "global_sum" not in layer.per_stream:
             raise ValueError("this cache was compressed by another press and cannot be kept within a budget; "
                              "start from a new cache")

@@ -22,7 +22,11 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from nestedkv.cache import RaggedLayer
-from nestedkv.cache.attention import mask_can_hide_context
+from nestedkv.cache.attention import (
+    attention_went_through_registry,
+    mask_can_hide_context,
+    record_attention_through_registry,
+)
 from nestedkv.models import attention_modules, eager_attention
 
 
@@ -50,15 +54,19 @@ class Prefill:
     values: list[torch.Tensor]
     hook_kwargs: list[dict] = field(repr=False)
     attentions: list[torch.Tensor | None] = field(repr=False)
+    through_registry: bool = True
+    """Whether every layer's attention went through transformers' attention registry (what the presses that read
+    ragged layers or apply head-wise masks check; a replay answers as the prefill did)."""
 
 
 @torch.no_grad()
 def prefill_once(model: PreTrainedModel, context_ids: torch.Tensor) -> Prefill:
     """Prefill ``context_ids (1, N)`` without compression, capturing every attention layer's inputs."""
-    captured: list[tuple[dict, torch.Tensor | None]] = []
+    captured: list[tuple[dict, torch.Tensor | None, bool]] = []
 
     def capture(module, args, kwargs, output):
-        captured.append(({k: v for k, v in kwargs.items() if k != "past_key_values"}, output[1]))
+        kwargs = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+        captured.append((kwargs, output[1], attention_went_through_registry(module)))
 
     hooks = [module.register_forward_hook(capture, with_kwargs=True) for module in attention_modules(model)]
     try:
@@ -70,8 +78,9 @@ def prefill_once(model: PreTrainedModel, context_ids: torch.Tensor) -> Prefill:
         context_length=context_ids.shape[1],
         keys=[layer.keys for layer in cache.layers],
         values=[layer.values for layer in cache.layers],
-        hook_kwargs=[kwargs for kwargs, _ in captured],
-        attentions=[attentions for _, attentions in captured],
+        hook_kwargs=[kwargs for kwargs, _, _ in captured],
+        attentions=[attentions for _, attentions, _ in captured],
+        through_registry=all(served for _, _, served in captured),
     )
 
 
@@ -96,6 +105,8 @@ def compress_replay(model: PreTrainedModel, prefill: Prefill, press: BasePress |
         return cache
     with press(model):
         for module, kwargs, attentions in zip(modules, prefill.hook_kwargs, prefill.attentions, strict=True):
+            if prefill.through_registry:
+                record_attention_through_registry(module)
             press.forward_hook(module, (), {**kwargs, "past_key_values": cache}, (None, attentions))
     return cache
 

@@ -33,6 +33,8 @@ mask fitted to the layer's key length when layers hold different numbers of posi
 
 from __future__ import annotations
 
+import weakref
+
 import kvpress  # noqa: F401  (kvpress patches attention at import; ours must wrap around it)
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -289,17 +291,9 @@ def mask_can_hide_context(module: torch.nn.Module) -> bool:
     )
 
 
-def check_reads_ragged_layers(module: torch.nn.Module, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Refuses, before a layer's cache becomes ragged, an attention that would not read it as the uncompressed
-    cache: one that bypasses transformers' attention registry (``eager``, read only the tail) or values narrower
-    than keys (multi-head latent attention: the kernels take one head size). ``keys (B, H, N, d_k)``,
-    ``values (B, H, N, d_v)``."""
-    implementation = module.config._attn_implementation
-    if implementation not in ALL_ATTENTION_FUNCTIONS:
-        raise ValueError(
-            f"ragged storage is read through transformers' attention registry, which attn_implementation="
-            f"'{implementation}' bypasses; load the model with attn_implementation='sdpa', or use storage='masked'"
-        )
+def check_reads_ragged_layers(keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Refuses, before a layer's cache becomes ragged, values narrower than keys (multi-head latent attention:
+    the kernels take one head size). ``keys (B, H, N, d_k)``, ``values (B, H, N, d_v)``."""
     if keys.shape[-1] != values.shape[-1]:
         raise ValueError(
             f"ragged storage needs values as wide as keys, this model's are {values.shape[-1]} and "
@@ -307,8 +301,53 @@ def check_reads_ragged_layers(module: torch.nn.Module, keys: torch.Tensor, value
         )
 
 
+_SERVED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+"""Attention modules whose last attention went through the registry (this module's wrapper)."""
+
+
+def record_attention_through_registry(module: torch.nn.Module) -> None:
+    """Note that ``module`` computed its attention through the registry (the wrapper does, and a benchmark's
+    replay of a recorded prefill for the presses' hooks)."""
+    if not torch.compiler.is_compiling():
+        _SERVED.add(module)
+
+
+def attention_went_through_registry(module: torch.nn.Module) -> bool:
+    """Whether ``module`` computed its attention through transformers' attention registry since this was last
+    asked (a press's hook asks after each forward, so each forward answers for itself). Inside ``torch.compile``
+    nothing is recorded, and the answer is yes: the layers were checked when they were compressed."""
+    if torch.compiler.is_compiling():
+        return True
+    served = module in _SERVED
+    _SERVED.discard(module)
+    return served
+
+
+def check_attention_through_registry(module: torch.nn.Module, served: bool) -> None:
+    """Refuses (one line) a layer whose attention did not go through transformers' attention registry
+    (``served``, from :func:`attention_went_through_registry`): eager attention, or a model whose attention
+    class calls SDPA itself (Nemotron, DiffLlama). A ragged layer is read, and kvpress's head-wise masks are
+    applied, only there: elsewhere the compressed context would be dropped or the eviction ignored, silently."""
+    if served:
+        return
+    implementation = module.config._attn_implementation
+    if implementation not in ALL_ATTENTION_FUNCTIONS:
+        raise ValueError(
+            "head-adaptive budgets and ragged storage are read through transformers' attention registry, which "
+            f"attn_implementation='{implementation}' bypasses; load the model with attn_implementation='sdpa'"
+        )
+    raise ValueError(
+        f"{type(module).__name__} computes attention itself, outside transformers' attention registry, through "
+        "which head-adaptive budgets and ragged storage are read; use NestedKVPress(..., budget='uniform')"
+    )
+
+
 def _reads_ragged_layers(attention, name: str):
     def wrapper(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if name == "flex_attention":  # kvpress's patch passes dropout where flex takes the scale: a TypeError
+            raise ValueError("flex attention does not run under kvpress 0.5.5's attention patch; load the model "
+                             "with attn_implementation='sdpa'")
+        record_attention_through_registry(module)
         reference = getattr(key, "ragged_layer", None)
         layer = reference() if reference is not None else None
         if layer is None or layer.keys is not key:
