@@ -84,8 +84,8 @@ def compressible(module, layer, storage: str) -> bool:
     its window and drops older tokens by itself, shifting what is left, which kvpress's masks cannot
     follow: it stays uncompressed in every storage (as kvpress leaves Gemma 3's sliding layers), with
     a warning. A plain layer read through a sliding-window mask is compressed: a ragged layer keeps
-    its keys' positions so the mask still applies. A ragged layer is refused where attention would not
-    read it (:func:`~nestedkv.cache.attention.check_reads_ragged_layers`).
+    its keys' positions so the mask still applies. Ragged storage is refused for values narrower than
+    keys (:func:`~nestedkv.cache.attention.check_reads_ragged_layers`).
     """
     kind = type(layer).__name__
     if "Static" in kind:
