@@ -98,8 +98,6 @@ def test_every_offline_peer_runs_through_the_runner_as_in_kvpresss_pipeline(mode
         assert records[method]["uncompressed_prefill_seconds"] > 0
     # our HeadAdaptivePress with ragged storage keeps what kvpress's masked AdaKV keeps
     assert records["ragged-adakv-snapkv"]["prediction"] == records["adakv-snapkv"]["prediction"]
-    # KVzip re-reads the context: its prefill costs more than a replayed press's
-    assert records["kvzip"]["prefill_seconds"] > records["knorm"]["prefill_seconds"]
 
 
 def test_expensive_ratio_free_peers_score_once_for_every_ratio(model, tokenizer, tmp_path, monkeypatch):

@@ -290,7 +290,7 @@ def test_a_mask_hiding_context_is_refused_where_the_layer_holds_another_number_o
 @pytest.mark.parametrize("option", [{"softcap": 30.0}, {"s_aux": torch.zeros(4)}])
 def test_soft_capping_and_attention_sinks_are_refused_where_the_attention_would_apply_them(option):
     """sdpa ignores them (the uncompressed model under sdpa too), so ragged attention there is the same answer;
-    flex and FlashAttention apply them, which ragged attention does not: refused."""
+    FlashAttention applies them, which ragged attention does not: refused."""
     generator = torch.Generator().manual_seed(0)
     keys = torch.randn(1, 2, 12, 8, generator=generator)
     keep = torch.rand(1, 2, 12, generator=generator) < 0.5
@@ -301,5 +301,5 @@ def test_soft_capping_and_attention_sinks_are_refused_where_the_attention_would_
     arguments = (module, query, layer.keys, layer.values, None)
     output, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](*arguments, scaling=0.5, **option)
     torch.testing.assert_close(output, ragged_attention(query, layer, 0.5))
-    with pytest.raises(ValueError, match=f"ragged attention does not apply {next(iter(option))} \\(flex_attention"):
-        ALL_ATTENTION_FUNCTIONS["flex_attention"](*arguments, scaling=0.5, **option)
+    with pytest.raises(ValueError, match=f"ragged attention does not apply {next(iter(option))} \\(flash_attention_2"):
+        ALL_ATTENTION_FUNCTIONS["flash_attention_2"](*arguments, scaling=0.5, **option)
