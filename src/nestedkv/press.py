@@ -77,7 +77,7 @@ def _row_inputs(kwargs: dict, row: int, columns: torch.Tensor, batch: int, n: in
     return row_kwargs
 
 
-def compressible(module, layer, storage: str) -> bool:
+def compressible(layer, storage: str) -> bool:
     """Whether a cache layer can be compressed; refuses, before anything is changed, what cannot be.
 
     A sliding-window cache layer (transformers builds them for Mistral, Gemma, ...) holds at most
@@ -251,7 +251,7 @@ class HeadAdaptivePress(_LeavesModelAsFound, BasePress):
             return output
         hidden_states, cache = kwargs["hidden_states"], kwargs["past_key_values"]
         layer = cache.layers[module.layer_idx]
-        if not compressible(module, layer, self.storage):
+        if not compressible(layer, self.storage):
             return output
         check_attention_through_registry(module, served)
         if self.storage == "masked":
@@ -357,7 +357,7 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
             return output
         with self._at_layer(module):
             if self.budget == "uniform":
-                if not compressible(module, cache_layer(module, kwargs["past_key_values"]), "masked"):
+                if not compressible(cache_layer(module, kwargs["past_key_values"]), "masked"):
                     return output
                 return super().forward_hook(module, input, kwargs, output)
             head_adaptive = HeadAdaptivePress(self, self.alpha_safeguard, self.storage)

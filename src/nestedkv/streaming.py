@@ -285,7 +285,7 @@ class BudgetedPress(_LeavesModelAsFound, BudgetedSettings, BasePress):
             return output
         cache, hidden_states = kwargs["past_key_values"], kwargs["hidden_states"]
         layer = cache_layer(module, cache)
-        if not compressible(module, layer, "ragged"):
+        if not compressible(layer, "ragged"):
             return output
         check_attention_through_registry(module, served)
         if isinstance(layer, RaggedLayer) and "global_sum" not in layer.per_stream:
