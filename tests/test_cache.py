@@ -243,6 +243,15 @@ def test_cpu_kernel_refuses_tensors_it_would_misread():
     torch.testing.assert_close(cpu_kernel.ragged_attention_cpu(q, keys, keys, offsets.int(), tail, tail, 1), want)
 
 
+def attention_module(groups: int) -> torch.nn.Module:
+    """What transformers' attention functions read of an attention layer: its query groups, causality, mode
+    and config (which holds no sliding window)."""
+    module = type("Attention", (torch.nn.Module,), {})()
+    module.num_key_value_groups, module.is_causal, module.training = groups, True, False
+    module.config = type("Config", (), {})()
+    return module
+
+
 @pytest.mark.parametrize("held", [5, 7, 9])  # fewer than layer 0 (PyramidKV), as many, more (KVCompose's rounding)
 def test_a_layer_holding_another_number_of_positions_than_layer_0_reads_a_mask_fitted_to_its_keys(held):
     """transformers sizes the mask from layer 0's cache (7 positions + 2 new tokens here); a layer that holds
@@ -253,8 +262,7 @@ def test_a_layer_holding_another_number_of_positions_than_layer_0_reads_a_mask_f
     key, value = torch.randn(1, kv_heads, held + new, dim), torch.randn(1, kv_heads, held + new, dim)
     causal = torch.ones(new, new).tril().bool()
     layer_0_mask = torch.cat([torch.ones(new, 7, dtype=torch.bool), causal], dim=1)[None, None]
-    module = type("Attention", (torch.nn.Module,), {})()
-    module.num_key_value_groups, module.is_causal, module.training = heads // kv_heads, True, False
+    module = attention_module(heads // kv_heads)
     output, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, layer_0_mask, dropout=0.0, scaling=0.5)
     mask = torch.cat([torch.ones(new, held, dtype=torch.bool), causal], dim=1)
     expected = torch.nn.functional.scaled_dot_product_attention(
@@ -279,12 +287,10 @@ def test_a_mask_hiding_context_is_refused_where_the_layer_holds_another_number_o
         mask[1, :, :, :3] = False
     else:
         mask[:, :, 1, 0] = False  # the second new token's window no longer reaches the first column
-    module = type("Attention", (torch.nn.Module,), {})()
-    module.num_key_value_groups, module.is_causal, module.training = 2, True, False
+    module = attention_module(2)
     for layer_0_mask in (mask, torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)):
         with pytest.raises(ValueError, match="hides some of the context"):
             ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, key, layer_0_mask, dropout=0.0, scaling=0.5)
-
 
 
 @pytest.mark.parametrize("option", [{"softcap": 30.0}, {"s_aux": torch.zeros(4)}])
@@ -296,9 +302,7 @@ def test_soft_capping_and_attention_sinks_are_refused_where_the_attention_would_
     keep = torch.rand(1, 2, 12, generator=generator) < 0.5
     layer = ragged_layer(keys, keys, keep, keys[:, :, :1], keys[:, :, :1], False)
     query = torch.randn(1, 4, 1, 8, generator=generator)
-    module = type("Attention", (torch.nn.Module,), {})()
-    module.config = type("Config", (), {})()
-    arguments = (module, query, layer.keys, layer.values, None)
+    arguments = (attention_module(2), query, layer.keys, layer.values, None)
     output, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](*arguments, scaling=0.5, **option)
     torch.testing.assert_close(output, ragged_attention(query, layer, 0.5))
     with pytest.raises(ValueError, match=f"ragged attention does not apply {next(iter(option))} \\(flash_attention_2"):
