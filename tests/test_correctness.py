@@ -298,6 +298,17 @@ def test_attention_chunks_llama_4_decode_from_ragged_storage_as_from_the_full_ca
         torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
 
 
+def refused_before_any_layer_changes(model, ids, presses, message):
+    """Each press stops the prefill of ``ids`` with ``message`` and leaves no layer of the cache ragged."""
+    for press in presses:
+        cache = DynamicCache()
+        with pytest.raises(ValueError, match=message):
+            with torch.no_grad(), warnings.catch_warnings(), press(model):
+                warnings.simplefilter("ignore")  # "model not tested" by kvpress
+                model(ids, past_key_values=cache)
+        assert not any(isinstance(layer, RaggedLayer) for layer in cache.layers)
+
+
 def test_ragged_storage_is_refused_where_attention_would_not_read_it():
     """Eager attention bypasses transformers' attention registry (the wrapper would never see the ragged layer);
     multi-head latent attention's values are narrower than its keys. Both are refused at the first layer."""
@@ -319,12 +330,8 @@ def test_ragged_storage_is_refused_where_attention_would_not_read_it():
     )
     config._attn_implementation = "sdpa"
     latent = DeepseekV3ForCausalLM(config).eval()
-    cache = DynamicCache()
-    with pytest.raises(ValueError, match="values as wide as keys, this model's are 8 and 16"):
-        with torch.no_grad(), warnings.catch_warnings(), NestedKVPress(0.5)(latent):
-            warnings.simplefilter("ignore")
-            latent(ids, past_key_values=cache)
-    assert not any(isinstance(layer, RaggedLayer) for layer in cache.layers)
+    message = "values as wide as keys, this model's are 8 and 16"
+    refused_before_any_layer_changes(latent, ids, [NestedKVPress(0.5)], message)
 
 
 def test_a_model_whose_attention_bypasses_the_registry_is_refused_not_misread():
@@ -338,13 +345,7 @@ def test_a_model_whose_attention_bypasses_the_registry_is_refused_not_misread():
     nemotron = NemotronForCausalLM(config).eval()
     ids = torch.randint(1, 128, (1, 120))
     presses = [NestedKVPress(0.5), NestedKVPress(0.5, storage="masked"), BudgetedPress(budget=100, interval=16)]
-    for press in presses:
-        cache = DynamicCache()
-        with pytest.raises(ValueError, match="NemotronSdpaAttention computes attention itself"):
-            with torch.no_grad(), warnings.catch_warnings(), press(nemotron):
-                warnings.simplefilter("ignore")  # "model not tested" by kvpress
-                nemotron(ids, past_key_values=cache)
-        assert not any(isinstance(layer, RaggedLayer) for layer in cache.layers)
+    refused_before_any_layer_changes(nemotron, ids, presses, "NemotronSdpaAttention computes attention itself")
     cache = DynamicCache()
     with torch.no_grad(), warnings.catch_warnings(), NestedKVPress(0.5, budget="uniform")(nemotron):
         warnings.simplefilter("ignore")
@@ -369,13 +370,8 @@ def test_models_the_presses_cannot_hook_are_refused_in_one_line():
     config._attn_implementation = "sdpa"
     gemma3n = Gemma3nForCausalLM(config).eval()
     ids = torch.randint(1, 128, (1, 120))
-    for press in (NestedKVPress(0.5), NestedKVPress(0.5, storage="masked"), BudgetedPress(budget=100, interval=16)):
-        cache = DynamicCache()
-        with pytest.raises(ValueError, match="no key-value layer of its own for every attention layer"):
-            with torch.no_grad(), warnings.catch_warnings(), press(gemma3n):
-                warnings.simplefilter("ignore")
-                gemma3n(ids, past_key_values=cache)
-        assert not any(isinstance(layer, RaggedLayer) for layer in cache.layers)
+    presses = [NestedKVPress(0.5), NestedKVPress(0.5, storage="masked"), BudgetedPress(budget=100, interval=16)]
+    refused_before_any_layer_changes(gemma3n, ids, presses, "no key-value layer of its own for every attention layer")
     tiny = tiny_llama()
     tiny.config._attn_implementation = "flex_attention"
     try:
