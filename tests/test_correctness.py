@@ -298,8 +298,11 @@ def test_attention_chunks_llama_4_decode_from_ragged_storage_as_from_the_full_ca
         torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
 
 
-def refused_before_any_layer_changes(model, ids, presses, message):
-    """Each press stops the prefill of ``ids`` with ``message`` and leaves no layer of the cache ragged."""
+def refused_before_any_layer_changes(model, ids, message, presses=None):
+    """Each press (by default every press that reads through the registry: both head-adaptive storages and
+    ``BudgetedPress``) stops the prefill of ``ids`` with ``message`` and leaves no layer of the cache ragged."""
+    if presses is None:
+        presses = [NestedKVPress(0.5), NestedKVPress(0.5, storage="masked"), BudgetedPress(budget=100, interval=16)]
     for press in presses:
         cache = DynamicCache()
         with pytest.raises(ValueError, match=message):
@@ -331,7 +334,7 @@ def test_ragged_storage_is_refused_where_attention_would_not_read_it():
     config._attn_implementation = "sdpa"
     latent = DeepseekV3ForCausalLM(config).eval()
     message = "values as wide as keys, this model's are 8 and 16"
-    refused_before_any_layer_changes(latent, ids, [NestedKVPress(0.5)], message)
+    refused_before_any_layer_changes(latent, ids, message, presses=[NestedKVPress(0.5)])
 
 
 def test_a_model_whose_attention_bypasses_the_registry_is_refused_not_misread():
@@ -344,8 +347,7 @@ def test_a_model_whose_attention_bypasses_the_registry_is_refused_not_misread():
     config._attn_implementation = "sdpa"
     nemotron = NemotronForCausalLM(config).eval()
     ids = torch.randint(1, 128, (1, 120))
-    presses = [NestedKVPress(0.5), NestedKVPress(0.5, storage="masked"), BudgetedPress(budget=100, interval=16)]
-    refused_before_any_layer_changes(nemotron, ids, presses, "NemotronSdpaAttention computes attention itself")
+    refused_before_any_layer_changes(nemotron, ids, "NemotronSdpaAttention computes attention itself")
     cache = DynamicCache()
     with torch.no_grad(), warnings.catch_warnings(), NestedKVPress(0.5, budget="uniform")(nemotron):
         warnings.simplefilter("ignore")
@@ -370,8 +372,7 @@ def test_models_the_presses_cannot_hook_are_refused_in_one_line():
     config._attn_implementation = "sdpa"
     gemma3n = Gemma3nForCausalLM(config).eval()
     ids = torch.randint(1, 128, (1, 120))
-    presses = [NestedKVPress(0.5), NestedKVPress(0.5, storage="masked"), BudgetedPress(budget=100, interval=16)]
-    refused_before_any_layer_changes(gemma3n, ids, presses, "no key-value layer of its own for every attention layer")
+    refused_before_any_layer_changes(gemma3n, ids, "no key-value layer of its own for every attention layer")
     tiny = tiny_llama()
     tiny.config._attn_implementation = "flex_attention"
     try:
