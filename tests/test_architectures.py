@@ -4,8 +4,9 @@ Tiny randomly initialised models of many architectures (attention through transf
 queries, sliding-window and hybrid layers, attention chunks, QK norms, partial rotary, mixtures of experts,
 latent attention with equal head sizes). Each prefills 120 tokens under ``NestedKVPress(0.5, n_recent=8)``
 (head-adaptive eviction beyond the recent window), then decodes three tokens; ragged and masked storage must
-give the same logits, and the compression must change them (else the comparison would say nothing). What the
-presses refuse is in ``test_correctness.py``.
+give the same logits, and the compression must change them (else the comparison would say nothing). And the
+press turns each one's keys back to before RoPE (``scored_keys='pre-rope'``) where its angles can be undone. What
+the presses refuse is in ``test_correctness.py``.
 """
 
 import warnings
@@ -15,8 +16,10 @@ import torch
 import transformers
 from transformers import DynamicCache
 
+from nestedkv.bench.replay import prefill_once
 from nestedkv.cache import RaggedLayer
-from nestedkv.press import NestedKVPress
+from nestedkv.models import attention_modules
+from nestedkv.press import NestedKVPress, keys_before_rope
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, head_dim=16, initializer_range=0.2, pad_token_id=0,
@@ -88,3 +91,23 @@ def test_ragged_storage_decodes_as_masked_storage(name):
     assert any(isinstance(layer, RaggedLayer) for layer in cache.layers)
     assert (masked - full).abs().max() > 1e-2  # the eviction changes the answer
     torch.testing.assert_close(ragged, masked, atol=1e-4, rtol=1e-4)
+
+
+NO_ROPE_ANGLES = {"deepseek-v2", "llama4, chunks of 48"}
+"""Rotary embeddings of their own kind (latent attention's rotated slice; Llama 4's complex angles)."""
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_keys_before_rope_undo_each_architecture_s_rotation(name):
+    """One token repeated: the first layer's keys before RoPE are one key at every position (its input is the
+    token's embedding), whatever the rotation's layout (halves, interleaved pairs, a rotated part, QK norms).
+    Architectures whose angles cannot be undone get ``None``: the press scores their keys as cached."""
+    model = tiny(*ARCHITECTURES[name])
+    prefill = prefill_once(model, torch.full((1, 40), 7))
+    unrotated = keys_before_rope(attention_modules(model)[0], prefill.keys[0], prefill.hook_kwargs[0])
+    if name in NO_ROPE_ANGLES:
+        assert unrotated is None
+        return
+    cached = prefill.keys[0]
+    assert (cached - cached[:, :, :1]).abs().max() > 1  # rotated: each position's key differs
+    torch.testing.assert_close(unrotated, unrotated[:, :, :1].expand_as(unrotated), atol=1e-5, rtol=0)

@@ -116,6 +116,7 @@ BAD_INPUTS = [
     (["generate", "--ratio", "abc"], "argument --ratio: invalid float value: 'abc'"),
     (["generate", "--mixing", "foo"], "unknown mixing 'foo'"),
     (["generate", "--scales", "global,hourly"], "unknown scale 'hourly'"),
+    (["generate", "--scored-keys", "rotated"], "unknown scored_keys 'rotated'"),
     (["generate", "--question", ""], "--question is empty"),
     (["generate", "--question", "  "], "--question is empty"),
     (["generate", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),

@@ -77,17 +77,21 @@ def matched(keys: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     return ((keys[:, None] - others[None]).abs().amax(-1) <= 1e-4).any(-1)
 
 
-@pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_padded_rows_keep_what_they_keep_alone_and_never_a_pad(model, tokenizer, prompts, padding_side):
+@pytest.mark.parametrize(
+    ("padding_side", "scored_keys"), [("left", "cached"), ("right", "cached"), ("left", "pre-rope")]
+)
+def test_padded_rows_keep_what_they_keep_alone_and_never_a_pad(model, tokenizer, prompts, padding_side, scored_keys):
     """A padded row keeps what it keeps alone, up to one near-tie per layer: its keys differ from the row
     prefilled alone by float rounding (a batched matrix product blocks its sums differently; on an AVX2 CPU
-    that flipped one position between two heads of one layer), and it never keeps a padding position."""
+    that flipped one position between two heads of one layer), and it never keeps a padding position. Keys
+    scored before RoPE are turned back by their own row's angles."""
     tokenizer.padding_side = padding_side
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    batch_cache = prefill(model, encoded, NestedKVPress(0.8))
+    batch_cache = prefill(model, encoded, NestedKVPress(0.8, scored_keys=scored_keys))
     full_cache = prefill(model, encoded, NestedKVPress(0.0))  # every key, the padding's too
     for row, text in enumerate(prompts):
-        alone = prefill(model, tokenizer([text], return_tensors="pt", add_special_tokens=False), NestedKVPress(0.8))
+        alone_ids = tokenizer([text], return_tensors="pt", add_special_tokens=False)
+        alone = prefill(model, alone_ids, NestedKVPress(0.8, scored_keys=scored_keys))
         real = int(encoded["attention_mask"][row].sum())
         pads = encoded["attention_mask"][row] == 0
         for layer_batch, layer_alone, full in zip(batch_cache.layers, alone.layers, full_cache.layers, strict=True):

@@ -4,7 +4,7 @@ import contextlib
 
 import pytest
 import torch
-from kvpress import KeyDiffPress, PyramidKVPress
+from kvpress import ChunkPress, KeyDiffPress, PyramidKVPress
 from transformers import (
     DynamicCache,
     LlamaConfig,
@@ -14,14 +14,17 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+from transformers.models.llama.modeling_llama import rotate_half
 
 from nestedkv import load_model
 from nestedkv.bench.ruler import build_samples
+from nestedkv.budgets import head_adaptive_keep
 from nestedkv.cache import summarize_cache
 from nestedkv.generate import answer_question
 from nestedkv.models import ModelLoadError
 from nestedkv.press import HeadAdaptivePress, NestedKVPress
-from nestedkv.settings import compute_n_kept
+from nestedkv.scoring import nestedkv_score
+from nestedkv.settings import NestedKVConfig, compute_n_kept
 
 
 def prefill(model, input_ids, press=None):
@@ -70,6 +73,37 @@ def test_head_adaptive_budget_on_the_real_model(model, context_ids):
         assert min(per_head) >= int(0.2 * n_kept)
     assert len({tuple(per_head) for per_head in summary.kept}) > 1, "budgets should differ across layers"
     assert summary.kept_fraction == pytest.approx(n_kept / n)
+
+
+def test_pre_rope_keys_are_the_cached_keys_turned_back_by_their_angles(model, context_ids):
+    """``scored_keys='pre-rope'`` keeps what the head-adaptive budget keeps of the score of the keys turned back
+    by hand (Llama's RoPE inverted, ``k cos - rotate_half(k) sin`` at positions 0..N-1), and that differs from
+    what the cached keys' score keeps."""
+    n = context_ids.shape[1]
+    full = prefill(model, context_ids)
+    press = NestedKVPress(0.9, scored_keys="pre-rope", storage="masked")
+    prefill(model, context_ids, press)
+    cos, sin = (angle[:, None] for angle in model.model.rotary_emb(full.layers[0].keys, torch.arange(n)[None]))
+    def keep(keys, values):
+        return head_adaptive_keep(nestedkv_score(keys, NestedKVConfig(), values), compute_n_kept(n, 0.9))
+
+    changed = 0
+    for layer, module in zip(full.layers, (layer.self_attn for layer in model.model.layers), strict=True):
+        kept = torch.ones(layer.keys.shape[:3], dtype=torch.bool)
+        kept[module.masked_key_indices] = False
+        assert torch.equal(kept, keep(layer.keys * cos - rotate_half(layer.keys) * sin, layer.values))
+        changed += int((kept != keep(layer.keys, layer.values)).sum())
+    assert changed > 0.005 * kept.numel() * len(full.layers)  # 1.1 %: a score of other keys (a tenth is kept)
+
+
+def test_pre_rope_scoring_of_part_of_the_keys_warns_and_scores_them_as_cached(model, context_ids):
+    """A kvpress wrapper that scores chunks of the keys hands the angles of all of them: the chunks' own are
+    unknown, so they are scored as cached, with a warning."""
+    chunked = ChunkPress(NestedKVPress(0.75, scored_keys="pre-rope", budget="uniform"), chunk_length=256)
+    with pytest.warns(UserWarning, match="scored_keys='pre-rope': the model handed no RoPE angles of these keys"):
+        cache = prefill(model, context_ids, chunked)
+    as_cached = prefill(model, context_ids, ChunkPress(NestedKVPress(0.75, budget="uniform"), chunk_length=256))
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(cache.layers, as_cached.layers, strict=True))
 
 
 def test_needle_at_2k_tokens_is_answered_with_nestedkv_at_r075(model, tokenizer):

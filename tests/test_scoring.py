@@ -295,6 +295,7 @@ def test_zero_norm_keys_do_not_produce_nan():
         ({"window": 0}, "window must be >= 1"),
         ({"pool_size": 4}, "pool_size must be odd"),
         ({"pool": "median"}, "unknown pool 'median'"),
+        ({"scored_keys": "unrotated"}, "unknown scored_keys 'unrotated'"),
     ],
 )
 def test_bad_options_are_named(options, message):

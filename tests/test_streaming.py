@@ -215,6 +215,8 @@ def test_a_ratio_budget_keeps_a_share_of_the_tokens_seen_never_below_the_protect
         BudgetedPress(compression_ratio=1.0)
     with pytest.raises(ValueError, match="BudgetedPress scores keys only: value_weight must be 0"):
         BudgetedPress(config=NestedKVConfig(value_weight=0.5))
+    with pytest.raises(ValueError, match="BudgetedPress scores the keys as cached: scored_keys must be 'cached'"):
+        BudgetedPress(config=NestedKVConfig(value_weight=0.0, scored_keys="pre-rope"))
 
 
 def test_refusals(model, tokenizer):

@@ -14,6 +14,7 @@ anything is changed (static caches; quantized caches with ragged storage).
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,12 +61,13 @@ def real_positions(attention_mask: torch.Tensor | None, batch: int, n: int) -> t
 
 def _row_inputs(kwargs: dict, row: int, columns: torch.Tensor, batch: int, n: int) -> dict:
     """A hook's keyword arguments for batch row ``row`` alone, at its real ``columns``: every tensor laid
-    out as ``(batch, N, ...)`` (hidden states, position embeddings) is cut; the mask is dropped (a row
-    without its padding needs none)."""
+    out as ``(batch, N, ...)`` (hidden states, position embeddings), or ``(1, N, ...)`` for all rows, is cut;
+    the mask is dropped (a row without its padding needs none)."""
 
     def cut(value):
-        if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (batch, n):
-            return value[row : row + 1, columns]
+        per_position = isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == n
+        if per_position and value.shape[0] in (1, batch):
+            return value[row : row + 1, columns] if value.shape[0] == batch else value[:, columns]
         if isinstance(value, tuple):
             return tuple(cut(item) for item in value)
         return value
@@ -75,6 +77,32 @@ def _row_inputs(kwargs: dict, row: int, columns: torch.Tensor, batch: int, n: in
     if isinstance(kwargs.get("cache_position"), torch.Tensor):
         row_kwargs["cache_position"] = kwargs["cache_position"][: len(columns)]
     return row_kwargs
+
+
+def keys_before_rope(module: torch.nn.Module, keys: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+    """``keys (B, H, N, d)`` as they were before the rotary position embedding, in float32; ``None`` where the
+    hook was not handed the angles of these keys.
+
+    A rotation by the angles θ is undone by one by −θ: the model's own ``apply_rotary_pos_emb`` (from the
+    module that defines its attention class, so that the layout, halves or interleaved pairs, is the model's)
+    with ``sin`` negated. The angles are the hook's ``position_embeddings`` ``(cos, sin)``, each ``(B or 1, N, r)``;
+    ``r < d`` rotates the first ``r`` dimensions only (partial rotary: Phi, StableLM, GLM). A RoPE with an
+    attention factor (YaRN) leaves the keys scaled, which the score's normalisation removes. ``None``: no
+    ``apply_rotary_pos_emb`` (no RoPE, Llama 4's complex angles) or angles of other positions than these N
+    keys (a kvpress wrapper scoring part of them, as ``ChunkPress``, or a decoding step's, as ``DecodingPress``).
+    """
+    angles = kwargs.get("position_embeddings")
+    rotate = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
+    if rotate is None or not isinstance(angles, tuple) or len(angles) != 2:
+        return None
+    cos, sin = (angle.float() for angle in angles)
+    n, d = keys.shape[-2:]
+    if cos.dim() != 3 or cos.shape[1] != n or cos.shape[-1] > d or cos.shape[0] not in (1, keys.shape[0]):
+        return None
+    keys = keys.float()
+    rotated, passed = keys[..., : cos.shape[-1]], keys[..., cos.shape[-1] :]
+    _, unrotated = rotate(rotated, rotated, cos, -sin)
+    return torch.cat([unrotated, passed], dim=-1)
 
 
 def compressible(layer, storage: str) -> bool:
@@ -320,6 +348,15 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
                 "this cache holds head-adaptive budgets in masked storage and cannot be compressed again (kvpress's "
                 "DecodingPress would index evicted positions that no longer exist); use nestedkv.BudgetedPress"
             )
+        if self.scored_keys == "pre-rope":
+            unrotated = keys_before_rope(module, keys, kwargs)
+            if unrotated is None:
+                warnings.warn(
+                    "scored_keys='pre-rope': the model handed no RoPE angles of these keys (no rotary embedding, "
+                    "or a kvpress wrapper scoring part of them); they are scored as cached", stacklevel=2,
+                )
+            else:
+                keys = unrotated
         # scores only pick positions: no gradient through them
         return nestedkv_score(keys.detach(), self, values.detach())
 

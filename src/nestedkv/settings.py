@@ -18,6 +18,9 @@ MIXINGS = ("adaptive", "fixed", "uniform")
 GATES = ("soft", "off", "max")
 NORMALISATIONS = ("minmax", "rank")
 POOLS = ("max", "mean")
+SCORED_KEYS = ("cached", "pre-rope")
+"""Which keys the press scores: as the cache holds them (rotated by RoPE, the paper's), or turned back to
+before the rotation (:func:`nestedkv.press.keys_before_rope`)."""
 
 PAPER_SETTINGS: dict[str, object] = {"n_recent": 0, "recency": 0.0, "value_weight": 0.0, "block_size": None}
 """The switches whose shipped defaults differ from the paper's: ``NestedKVConfig(**PAPER_SETTINGS)``
@@ -43,6 +46,10 @@ class NestedKVConfig:
     centred on it (1 in the paper: no pooling), so that the neighbours of a salient key are kept with it.
     value_weight: weight of the min-max normalised value norms, blended in as the ramp is,
     ``score = (s + value_weight * v) / (1 + value_weight)`` (0 in the paper: keys only).
+    scored_keys: one of :data:`SCORED_KEYS`; ``pre-rope`` scores each key as it was before the rotary
+    position embedding, so that its cosines to the anchors compare content, not content and position
+    (``cached`` in the paper). The press turns the keys back; :func:`~nestedkv.scoring.nestedkv_score`
+    scores the keys it is given.
     """
 
     scales: tuple[str, ...] = SCALES
@@ -62,6 +69,7 @@ class NestedKVConfig:
     pool_size: int = 1
     pool: str = "max"
     value_weight: float = 0.25
+    scored_keys: str = "cached"
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -99,6 +107,7 @@ class NestedKVConfig:
             raise ValueError(f"pool_size must be odd (a window centred on each position), got {self.pool_size}")
         check_choice("pool", self.pool, POOLS)
         check_number("value_weight", self.value_weight, low=0)
+        check_choice("scored_keys", self.scored_keys, SCORED_KEYS)
         check_number("eps", self.eps, low=0, low_open=True)
 
 
@@ -231,6 +240,9 @@ class BudgetedSettings:
         check_number("alpha_safeguard", self.alpha_safeguard, low=0, high=1)
         if self.config.value_weight:
             raise ValueError("BudgetedPress scores keys only: value_weight must be 0 (NestedKVPress takes it)")
+        if self.config.scored_keys != "cached":
+            raise ValueError("BudgetedPress scores the keys as cached: scored_keys must be 'cached' (NestedKVPress "
+                             "takes 'pre-rope')")
         protected = self.protected
         if self.budget is not None and self.budget <= protected:
             raise ValueError(f"budget {self.budget} must be above the {protected} sink + recent positions always kept")
