@@ -26,6 +26,11 @@ before any press is built. Families:
   position's angles (the cache holds rotated keys; the inverse rotation is one elementwise pass), so
   that a key's anomaly against its block and window means reads its content, not where it sits.
 
+"Shipped" here is the press these families were measured against: the default of the nineteenth session,
+which scores the keys as cached (``scored_keys='cached'``); the ``pre-rope`` family's first variant is
+today's default, which shipped in the twentieth (``docs/tuning.md``). Keeping that base keeps every
+figure of ``docs/tuning.md`` that this script printed reproducible.
+
     PYTHONPATH=src .venv/bin/python scripts/cache_variants_dev.py --family merge --samples 16 --length 2048
 
 Prints each variant's mean ΔNLL per ratio and its paired difference from the shipped press (± 95 %,
@@ -303,7 +308,7 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = load_model()
     samples = build_document_samples(CONTINUATION, args.samples, tokenizer, args.length, "dev")
-    config = NestedKVConfig()
+    config = NestedKVConfig(scored_keys="cached")  # the nineteenth session's default: see the module's docstring
     delta = {}
     for number, sample in enumerate(samples):
         family = PER_SAMPLE_FAMILIES.get(args.family)
@@ -320,7 +325,7 @@ def main() -> None:
                     cache = compress_replay(model, prefill, None)
                     cache.layers[:] = variant(prefill.keys, prefill.values, scores, n_kept)
                     if variant is per_layer and number == 0:  # the shipped variant's masks are the press's own
-                        press_cache = compress_replay(model, prefill, NestedKVPress(ratio))
+                        press_cache = compress_replay(model, prefill, NestedKVPress(ratio, scored_keys="cached"))
                         assert all(torch.equal(a.offsets, b.offsets) for a, b in
                                    zip(cache.layers, press_cache.layers, strict=True))
                     logits = teacher_forced_logits(model, cache, targets, prefill)

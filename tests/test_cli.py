@@ -61,9 +61,12 @@ def test_generate_options_start_from_the_shipped_default_or_the_papers():
     def press(*options):
         return cli.press_from_args(cli.build_parser().parse_args(["generate", *options]))
 
-    assert (press().n_recent, press().recency, press().value_weight, press().block_size) == (64, 0.5, 0.25, 64)
+    shipped = (press().n_recent, press().recency, press().value_weight, press().block_size, press().scored_keys)
+    assert shipped == (64, 0.5, 0.25, 64, "pre-rope")
     assert press("--paper") == NestedKVPress.paper(0.75)
-    assert (press("--paper").value_weight, press("--paper").block_size) == (0.0, None)
+    assert (press("--paper").value_weight, press("--paper").block_size, press("--paper").scored_keys) == (
+        0.0, None, "cached")
+    assert press("--paper", "--scored-keys", "pre-rope").scored_keys == "pre-rope"
     # --block-size auto is the paper's rule (None), not the option left unset (the shipped 64)
     assert press("--block-size", "auto").block_size is None and press("--block-size", "96").block_size == 96
     # a switch given with --paper overrides the paper's value, even when it equals the shipped default

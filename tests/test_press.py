@@ -75,14 +75,13 @@ def test_head_adaptive_budget_on_the_real_model(model, context_ids):
     assert summary.kept_fraction == pytest.approx(n_kept / n)
 
 
-def test_pre_rope_keys_are_the_cached_keys_turned_back_by_their_angles(model, context_ids):
-    """``scored_keys='pre-rope'`` keeps what the head-adaptive budget keeps of the score of the keys turned back
-    by hand (Llama's RoPE inverted, ``k cos - rotate_half(k) sin`` at positions 0..N-1), and that differs from
-    what the cached keys' score keeps."""
+def test_the_default_scores_the_cached_keys_turned_back_by_their_angles(model, context_ids):
+    """The shipped default (``scored_keys='pre-rope'``) keeps what the head-adaptive budget keeps of the score of
+    the keys turned back by hand (Llama's RoPE inverted, ``k cos - rotate_half(k) sin`` at positions 0..N-1):
+    pins its kept positions on a fixed input. They differ from what the cached keys' score keeps."""
     n = context_ids.shape[1]
     full = prefill(model, context_ids)
-    press = NestedKVPress(0.9, scored_keys="pre-rope", storage="masked")
-    prefill(model, context_ids, press)
+    prefill(model, context_ids, NestedKVPress(0.9, storage="masked"))
     cos, sin = (angle[:, None] for angle in model.model.rotary_emb(full.layers[0].keys, torch.arange(n)[None]))
     def keep(keys, values):
         return head_adaptive_keep(nestedkv_score(keys, NestedKVConfig(), values), compute_n_kept(n, 0.9))
@@ -102,7 +101,8 @@ def test_pre_rope_scoring_of_part_of_the_keys_warns_and_scores_them_as_cached(mo
     chunked = ChunkPress(NestedKVPress(0.75, scored_keys="pre-rope", budget="uniform"), chunk_length=256)
     with pytest.warns(UserWarning, match="scored_keys='pre-rope': the model handed no RoPE angles of these keys"):
         cache = prefill(model, context_ids, chunked)
-    as_cached = prefill(model, context_ids, ChunkPress(NestedKVPress(0.75, budget="uniform"), chunk_length=256))
+    as_cached = ChunkPress(NestedKVPress(0.75, scored_keys="cached", budget="uniform"), chunk_length=256)
+    as_cached = prefill(model, context_ids, as_cached)
     assert all(torch.equal(a.keys, b.keys) for a, b in zip(cache.layers, as_cached.layers, strict=True))
 
 

@@ -107,8 +107,8 @@ def add_press_options(parser: argparse.ArgumentParser) -> None:
     """One option per :class:`NestedKVPress` field (``--n-sink``, ``--scales global,block``…)."""
     group = parser.add_argument_group("NestedKV options (defaults: the shipped method, docs/tuning.md)")
     group.add_argument("--paper", action="store_true",
-                       help="the paper's method: no recent window, no recency ramp, keys only, the paper's block "
-                       "sizes (other options still apply)")
+                       help="the paper's method: no recent window, no recency ramp, the cached keys only (after "
+                       "RoPE), the paper's block sizes (other options still apply)")
     for field in _PRESS_FIELDS:
         default = field.default
         if isinstance(default, tuple):

@@ -297,8 +297,9 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
 
     After each layer's prefill, every position of every KV head is scored from its L2-normalised
     key (:func:`nestedkv.scoring.nestedkv_score`: three anchors, head-adaptive mixing, surprise gate,
-    pinned sinks; the shipped default also blends in the value's norm, the paper's reads the key
-    alone); the score does not depend on the ratio. A budget then picks what
+    pinned sinks; the shipped default reads the key as it was before RoPE (:func:`keys_before_rope`)
+    and blends in the value's norm, the paper's reads the cached key alone); the score does not depend
+    on the ratio. A budget then picks what
     stays: ``head-adaptive`` (the paper's: :class:`HeadAdaptivePress` around this scorer, safeguard
     ``alpha_safeguard``, held as ``storage`` says) or ``uniform`` (kvpress's own per-head top-k,
     dense cache).
@@ -306,14 +307,14 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
     ``compression_ratio`` is the fraction of context positions removed (0.9 keeps 10 %).
     keys/values in the cache: ``(batch, kv_heads, N, head_dim)``; scores ``(batch, kv_heads, N)``.
     Every setting of :class:`~nestedkv.settings.NestedKVSettings` is a constructor argument; the
-    defaults add a protected recent window, a recency ramp, the values' norms and blocks of 64 to the paper's
-    method (``docs/tuning.md``),
-    :meth:`paper` is the paper's. ``NestedKVPress.paper(scales=("global",), budget="uniform", n_sink=0)``
-    ranks exactly as kvpress's ``KeyDiffPress``.
+    defaults add a protected recent window, a recency ramp, the values' norms, blocks of 64 and keys scored
+    before RoPE to the paper's method (``docs/tuning.md``); :meth:`paper` is the paper's.
+    ``NestedKVPress.paper(scales=("global",), budget="uniform", n_sink=0)`` ranks exactly as kvpress's ``KeyDiffPress``.
 
     kvpress wrappers that score through :meth:`score` and store a dense cache (``DecodingPress``,
     ``ChunkPress``, ``CAMPress``) get the uniform budget, since a dense cache holds the same count per
-    head; ``PerLayerCompressionPress`` sets the ratio of each layer; in a ``ComposedPress`` the
+    head, and score the keys as cached, with a warning, where they hand the angles of other keys than those
+    they score; ``PerLayerCompressionPress`` sets the ratio of each layer; in a ``ComposedPress`` the
     head-adaptive budget must come last.
     """
 
@@ -322,7 +323,7 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
     @classmethod
     def paper(cls, compression_ratio: float = 0.0, **options) -> NestedKVPress:
         """NestedKV exactly as the paper gives it (:data:`~nestedkv.settings.PAPER_SETTINGS`: no recent
-        window, no recency ramp, keys only, the paper's block sizes); any switch can still be set."""
+        window, no recency ramp, the cached keys only, the paper's block sizes); any switch can still be set."""
         return cls(compression_ratio, **{**PAPER_SETTINGS, **options})
 
     def __post_init__(self) -> None:

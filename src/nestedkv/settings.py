@@ -22,18 +22,20 @@ SCORED_KEYS = ("cached", "pre-rope")
 """Which keys the press scores: as the cache holds them (rotated by RoPE, the paper's), or turned back to
 before the rotation (:func:`nestedkv.press.keys_before_rope`)."""
 
-PAPER_SETTINGS: dict[str, object] = {"n_recent": 0, "recency": 0.0, "value_weight": 0.0, "block_size": None}
+PAPER_SETTINGS: dict[str, object] = {
+    "n_recent": 0, "recency": 0.0, "value_weight": 0.0, "block_size": None, "scored_keys": "cached",
+}
 """The switches whose shipped defaults differ from the paper's: ``NestedKVConfig(**PAPER_SETTINGS)``
 scores exactly as the paper does. Why the shipped defaults differ: ``docs/tuning.md``."""
 
 
 @dataclass
 class NestedKVConfig:
-    """Hyperparameters and switches of the NestedKV score. The defaults are the paper's except four,
+    """Hyperparameters and switches of the NestedKV score. The defaults are the paper's except five,
     chosen on the benchmark's dev split (``docs/tuning.md``): the newest ``n_recent = 64`` positions
     are protected, a ``recency`` ramp favours later positions, the values' norms weigh in
-    (``value_weight = 0.25``) and blocks are of 64 positions at every length; :data:`PAPER_SETTINGS`
-    restores the paper's.
+    (``value_weight = 0.25``), blocks are of 64 positions at every length, and the keys are scored as
+    they were before RoPE (``scored_keys = 'pre-rope'``); :data:`PAPER_SETTINGS` restores the paper's.
 
     scales: any non-empty subset of ``SCALES``. mixing: ``adaptive`` (the paper's
     ``softmax(log w0 + beta * gap)``), ``fixed`` (the prior ``w0``) or ``uniform``. gate: ``soft``
@@ -69,7 +71,7 @@ class NestedKVConfig:
     pool_size: int = 1
     pool: str = "max"
     value_weight: float = 0.25
-    scored_keys: str = "cached"
+    scored_keys: str = "pre-rope"
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -216,7 +218,7 @@ class BudgetedSettings:
     head_slack: how many more than ``budget`` one head may keep (head-adaptive budgets).
     config: NestedKV's switches; the default protects the newest :data:`STREAM_RECENT` positions and
     max-pools scores over :data:`STREAM_POOL` positions, with no recency ramp and the paper's block sizes
-    (chosen for streams apart from the one-shot press: ``docs/budgeted_cache.md``), keys only.
+    (chosen for streams apart from the one-shot press: ``docs/budgeted_cache.md``), keys only, as cached.
     """
 
     budget: int | None = None
@@ -225,7 +227,8 @@ class BudgetedSettings:
     head_slack: int = 16
     alpha_safeguard: float = 0.20
     config: NestedKVConfig = field(default_factory=lambda: NestedKVConfig(
-        n_recent=STREAM_RECENT, recency=0.0, pool_size=STREAM_POOL, block_size=None, value_weight=0.0))
+        n_recent=STREAM_RECENT, recency=0.0, pool_size=STREAM_POOL, block_size=None, value_weight=0.0,
+        scored_keys="cached"))
 
     def __post_init__(self) -> None:
         if self.compression_ratio is None:

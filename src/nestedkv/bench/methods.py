@@ -112,7 +112,8 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         _nestedkv("nestedkv", NESTEDKV,
-                  "NestedKV as shipped: the paper's + recent window, recency ramp, value norms, blocks of 64 (ragged)"),
+                  "NestedKV as shipped: the paper's + recent window, recency ramp, value norms, blocks of 64, keys "
+                  "before RoPE (ragged)"),
         _nestedkv("nestedkv-paper", NESTEDKV, "NestedKV as in the paper (ragged storage)", **PAPER_SETTINGS),
         _nestedkv("nestedkv-masked", STORAGE, "NestedKV, kvpress's masked storage", storage="masked"),
         # Ablations of the paper's method (spec, "Ablation switches"): one component changed at a time.

@@ -68,7 +68,7 @@ from nestedkv.cache import RaggedLayer, cpu_kernel, summarize_cache
 from nestedkv.models import attention_modules
 from nestedkv.press import NestedKVPress
 from nestedkv.scoring import nestedkv_score
-from nestedkv.settings import PAPER_SETTINGS, NestedKVConfig, compute_n_kept
+from nestedkv.settings import compute_n_kept
 from nestedkv.streaming import BudgetedPress, cache_bytes
 
 METHODS = ("none", "nestedkv", "nestedkv-masked", "keydiff")
@@ -417,9 +417,10 @@ def configurations(ratios: Sequence[float]) -> list[tuple[str, float]]:
 
 @dataclass(frozen=True)
 class ScoringTimes:
-    """Seconds to score one prefill's cache, all layers together (medians): NestedKV's shipped score
-    (:func:`~nestedkv.scoring.nestedkv_score`, keys and value norms), the paper's (keys only: what the
-    shipped switches cost) and KeyDiff's (``KeyDiffPress.score``) on the same keys."""
+    """Seconds to score one prefill's cache, all layers together (medians): the shipped press's score
+    (``NestedKVPress().score``: keys turned back to before RoPE, then :func:`~nestedkv.scoring.nestedkv_score`
+    with the value norms), the paper's (the cached keys only: what the shipped switches cost) and KeyDiff's
+    (``KeyDiffPress.score``) on the same keys."""
 
     nestedkv_s: float
     keydiff_s: float
@@ -427,16 +428,19 @@ class ScoringTimes:
 
 
 def scoring_times(
-    keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], repeats: int, warmup: int
+    modules: Sequence[torch.nn.Module], keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+    angles: tuple[torch.Tensor, torch.Tensor] | None, repeats: int, warmup: int,
 ) -> ScoringTimes:
-    """Time the three scorers over ``keys`` and ``values`` (one ``(B, H, N, d)`` tensor each per layer),
-    taking turns."""
+    """Time the three scorers over ``keys`` and ``values`` (one ``(B, H, N, d)`` tensor each per layer, of the
+    attention ``modules``), taking turns. ``angles``: the RoPE ``(cos, sin)`` of the N positions, as a layer's
+    hook is handed them (``None``: a model without; the shipped press then scores the keys as cached)."""
     keydiff = KeyDiffPress()
+    hook_inputs = {"position_embeddings": angles}
 
-    def nestedkv(config: NestedKVConfig) -> Callable[[], None]:
+    def nestedkv(press: NestedKVPress) -> Callable[[], None]:
         def score() -> None:
-            for layer_keys, layer_values in zip(keys, values, strict=True):
-                nestedkv_score(layer_keys, config, layer_values)
+            for module, layer_keys, layer_values in zip(modules, keys, values, strict=True):
+                press.score(module, None, layer_keys, layer_values, None, hook_inputs)
 
         return score
 
@@ -445,8 +449,7 @@ def scoring_times(
             keydiff.score(None, None, layer_keys, None, None, None)
 
     scorers = {
-        "nestedkv": nestedkv(NestedKVConfig()), "paper": nestedkv(NestedKVConfig(**PAPER_SETTINGS)),
-        "keydiff": keydiff_score,
+        "nestedkv": nestedkv(NestedKVPress()), "paper": nestedkv(NestedKVPress.paper()), "keydiff": keydiff_score,
     }
     medians = interleaved_medians(scorers, repeats, warmup, keys[0].device)
     return ScoringTimes(medians["nestedkv"], medians["keydiff"], medians["paper"])
@@ -771,7 +774,10 @@ def run_bench(
     progress("scoring time on the uncompressed keys")
     cache, _ = prefill(model, input_ids)
     keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
-    report["scoring"] = asdict(scoring_times(keys, values, settings.repeats, settings.warmup))
+    rotary = getattr(model.model, "rotary_emb", None)
+    angles = None if rotary is None else rotary(keys[0], torch.arange(length, device=device)[None])
+    scoring = scoring_times(attention_modules(model), keys, values, angles, settings.repeats, settings.warmup)
+    report["scoring"] = asdict(scoring)
     del keys, values, cache
     if settings.peak_memory:
         progress(f"memory: {len(rows)} configurations" + (" in fresh processes" if device.type == "cpu" else ""))
