@@ -83,6 +83,7 @@ def test_the_default_scores_the_cached_keys_turned_back_by_their_angles(model, c
     full = prefill(model, context_ids)
     prefill(model, context_ids, NestedKVPress(0.9, storage="masked"))
     cos, sin = (angle[:, None] for angle in model.model.rotary_emb(full.layers[0].keys, torch.arange(n)[None]))
+
     def keep(keys, values):
         return head_adaptive_keep(nestedkv_score(keys, NestedKVConfig(), values), compute_n_kept(n, 0.9))
 

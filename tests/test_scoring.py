@@ -337,7 +337,7 @@ def test_pooling_over_held_positions_takes_the_held_keys_within_reach_of_each(po
     torch.testing.assert_close(pool_neighbours(scores, size, pool, positions), expected)
 
 
-def test_the_papers_settings_are_the_spec_s_and_the_shipped_default_differs_in_four():
+def test_the_papers_settings_are_the_spec_s_and_the_shipped_default_differs_in_five():
     paper, shipped = NestedKVConfig(**PAPER_SETTINGS), NestedKVConfig()
     assert (paper.scales, paper.mixing, paper.gate, paper.normalisation) == (SCALES, "adaptive", "soft", "minmax")
     assert (paper.n_sink, paper.n_recent, paper.window, paper.block_size) == (4, 0, 64, None)
@@ -345,8 +345,10 @@ def test_the_papers_settings_are_the_spec_s_and_the_shipped_default_differs_in_f
     assert paper.gap_fraction == 0.1
     assert (paper.recency, paper.pool_size, paper.value_weight) == (0.0, 1, 0.0)
     differ = {f.name for f in dataclasses.fields(NestedKVConfig) if getattr(paper, f.name) != getattr(shipped, f.name)}
-    assert differ == {"n_recent", "recency", "value_weight", "block_size"}
-    assert (shipped.n_recent, shipped.recency, shipped.value_weight, shipped.block_size) == (64, 0.5, 0.25, 64)
+    assert paper.scored_keys == "cached"
+    assert differ == {"n_recent", "recency", "value_weight", "block_size", "scored_keys"}
+    switches = (shipped.n_recent, shipped.recency, shipped.value_weight, shipped.block_size, shipped.scored_keys)
+    assert switches == (64, 0.5, 0.25, 64, "pre-rope")
 
 
 def test_scales_are_canonically_ordered():

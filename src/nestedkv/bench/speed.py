@@ -58,6 +58,7 @@ import torch
 from kvpress import BasePress, KeyDiffPress
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.utils import logging as hf_logging
 
 from nestedkv import scoring_cpu
@@ -562,15 +563,18 @@ def synthetic_prefill(
     """Random keys and values standing for the prefill of ``length`` tokens by a model of ``config``'s
     shape, with what each layer's press hook receives: a prefill of 32k tokens takes hours on a CPU,
     while decoding from its cache costs what its lengths cost, whatever the keys hold. The hidden
-    states are zeros (the presses benchmarked here read only their shape)."""
+    states are zeros (the presses benchmarked here read only their shape); the RoPE angles are the
+    shape's own, so that the shipped press turns the keys back as it would."""
     generator = torch.Generator().manual_seed(seed)
     shape = (1, config.num_key_value_heads, length, config.head_dim)
     layers = config.num_hidden_layers
     keys = [torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(layers)]
     values = [torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(layers)]
+    positions = torch.arange(length, device=device)
     hook_kwargs = {
         "hidden_states": torch.zeros(1, 1, config.hidden_size, device=device, dtype=dtype).expand(1, length, -1),
-        "cache_position": torch.arange(length, device=device), "attention_mask": None,
+        "cache_position": positions, "attention_mask": None,
+        "position_embeddings": LlamaRotaryEmbedding(config, device=device)(keys[0], positions[None]),
     }
     return Prefill(length, keys, values, [hook_kwargs] * layers, [None] * layers)
 
