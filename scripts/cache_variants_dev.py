@@ -48,7 +48,6 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from transformers.models.llama.modeling_llama import rotate_half
 
 from nestedkv.bench.documents import CONTINUATION, build_document_samples, greedy_agreement_and_nll
 from nestedkv.bench.replay import compress_replay, prefill_once
@@ -56,8 +55,8 @@ from nestedkv.bench.report import Cell
 from nestedkv.bench.runner import teacher_forced_logits
 from nestedkv.budgets import head_adaptive_keep
 from nestedkv.cache import RaggedLayer
-from nestedkv.models import load_model
-from nestedkv.press import NestedKVPress
+from nestedkv.models import attention_modules, load_model
+from nestedkv.press import NestedKVPress, keys_before_rope
 from nestedkv.scoring import (
     lean_towards,
     nestedkv_score,
@@ -238,18 +237,13 @@ def separator_variants(context_ids: torch.Tensor, tokenizer) -> dict[str, Varian
     }
 
 
-def unrotated(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``keys (1, H, N, d)`` turned back by their positions' RoPE angles (``cos, sin (N, d)``, as the model's
-    rotary embedding gives them): ``k = k' cos - rotate_half(k') sin`` undoes ``k' = k cos + rotate_half(k) sin``."""
-    return keys * cos - rotate_half(keys) * sin
-
-
-def pre_rope_scores(keys, values, scores, n_kept, cos, sin, mix: float) -> list[RaggedLayer]:
-    """Each layer's keys scored before RoPE, ``mix`` of that score and ``1 - mix`` of the shipped one."""
+def pre_rope_scores(keys, values, scores, n_kept, modules, angles, mix: float) -> list[RaggedLayer]:
+    """Each layer's keys scored before RoPE (the press's :func:`~nestedkv.press.keys_before_rope` with the
+    sample's ``angles``), ``mix`` of that score and ``1 - mix`` of the shipped one."""
     config = NestedKVConfig()
-    n = keys[0].shape[-2]
-    mixed = [mix * nestedkv_score(unrotated(k, cos[:n], sin[:n]), config, v) + (1 - mix) * s
-             for k, v, s in zip(keys, values, scores, strict=True)]
+    hook_inputs = {"position_embeddings": angles}
+    mixed = [mix * nestedkv_score(keys_before_rope(module, k, hook_inputs), config, v) + (1 - mix) * s
+             for module, k, v, s in zip(modules, keys, values, scores, strict=True)]
     return per_layer(keys, values, mixed, n_kept)
 
 
@@ -257,11 +251,12 @@ def pre_rope_variants(context_ids: torch.Tensor, tokenizer, model) -> dict[str, 
     """The ``pre-rope`` family for one sample: the model's RoPE angles at its positions."""
     n = context_ids.shape[1]
     probe = torch.zeros(1, n, model.config.hidden_size)
-    cos, sin = (t[0] for t in model.model.rotary_emb(probe, torch.arange(n)[None]))
+    turned_back = partial(pre_rope_scores, modules=attention_modules(model),
+                          angles=model.model.rotary_emb(probe, torch.arange(n)[None]))
     return {
         "shipped": per_layer,
-        "pre-RoPE keys": partial(pre_rope_scores, cos=cos, sin=sin, mix=1.0),
-        "half pre-RoPE, half shipped": partial(pre_rope_scores, cos=cos, sin=sin, mix=0.5),
+        "pre-RoPE keys": partial(turned_back, mix=1.0),
+        "half pre-RoPE, half shipped": partial(turned_back, mix=0.5),
     }
 
 
