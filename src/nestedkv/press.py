@@ -101,8 +101,9 @@ def keys_before_rope(module: torch.nn.Module, keys: torch.Tensor, kwargs: dict) 
         return None
     keys = keys.float()
     rotated, passed = keys[..., : cos.shape[-1]], keys[..., cos.shape[-1] :]
-    _, unrotated = rotate(rotated, rotated, cos, -sin)
-    return torch.cat([unrotated, passed], dim=-1)
+    # the function also rotates a query, which is thrown away: one head of keys is the cheapest valid one
+    _, unrotated = rotate(rotated[:, :1], rotated, cos, -sin)
+    return unrotated if passed.shape[-1] == 0 else torch.cat([unrotated, passed], dim=-1)
 
 
 def compressible(layer, storage: str) -> bool:
