@@ -9,6 +9,7 @@ press turns each one's keys back to before RoPE (``scored_keys='pre-rope'``) whe
 the presses refuse is in ``test_correctness.py``.
 """
 
+import sys
 import warnings
 
 import pytest
@@ -19,7 +20,8 @@ from transformers import DynamicCache
 from nestedkv.bench.replay import prefill_once
 from nestedkv.cache import RaggedLayer
 from nestedkv.models import attention_modules
-from nestedkv.press import NestedKVPress, keys_before_rope
+from nestedkv.press import NestedKVPress, rotary_of
+from nestedkv.scoring import undo_rotary
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, head_dim=16, initializer_range=0.2, pad_token_id=0,
@@ -98,16 +100,24 @@ NO_ROPE_ANGLES = {"deepseek-v2", "llama4, chunks of 48"}
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
-def test_keys_before_rope_undo_each_architecture_s_rotation(name):
+def test_rotary_of_each_architecture_is_undone(name):
     """One token repeated: the first layer's keys before RoPE are one key at every position (its input is the
-    token's embedding), whatever the rotation's layout (halves, interleaved pairs, a rotated part, QK norms).
-    Architectures whose angles cannot be undone get ``None``: the press scores their keys as cached."""
+    token's embedding), whatever the rotation's layout (halves, interleaved pairs, a rotated part, QK norms,
+    angles derived from half of them). :func:`undo_rotary` of the probed rotation equals the model's own
+    ``apply_rotary_pos_emb`` by −θ (the reference). Architectures whose angles cannot be undone get ``None``:
+    the press scores their keys as cached."""
     model = tiny(*ARCHITECTURES[name])
     prefill = prefill_once(model, torch.full((1, 40), 7))
-    unrotated = keys_before_rope(attention_modules(model)[0], prefill.keys[0], prefill.hook_kwargs[0])
+    module, cached, kwargs = attention_modules(model)[0], prefill.keys[0], prefill.hook_kwargs[0]
+    rotary = rotary_of(module, cached, kwargs)
     if name in NO_ROPE_ANGLES:
-        assert unrotated is None
+        assert rotary is None
         return
-    cached = prefill.keys[0]
+    unrotated = undo_rotary(cached, rotary)
     assert (cached - cached[:, :, :1]).abs().max() > 1  # rotated: each position's key differs
     torch.testing.assert_close(unrotated, unrotated[:, :, :1].expand_as(unrotated), atol=1e-5, rtol=0)
+    cos, sin = kwargs["position_embeddings"]
+    r = cos.shape[-1]
+    rotate = sys.modules[type(module).__module__].apply_rotary_pos_emb
+    reference = rotate(cached[..., :r], cached[..., :r], cos, -sin)[1]
+    torch.testing.assert_close(unrotated[..., :r], reference, atol=1e-5, rtol=0)

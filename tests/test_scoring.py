@@ -14,6 +14,7 @@ from nestedkv import scoring, scoring_cpu
 from nestedkv.budgets import head_adaptive_keep
 from nestedkv.scoring import (
     PINNED,
+    Rotary,
     anchors,
     block_bounds,
     block_cosine_anomaly,
@@ -34,6 +35,7 @@ from nestedkv.scoring import (
     scale_anomalies,
     scale_std,
     surprise_gate,
+    undo_rotary,
     window_means,
 )
 from nestedkv.settings import PAPER_SETTINGS, SCALES, NestedKVConfig
@@ -255,6 +257,63 @@ def test_fused_cpu_anomalies_equal_the_tensor_functions(n, d, switches, dtype):
     fused = scoring_cpu.raw_anomalies_cpu(keys, scoring.block_bounds_of(n, config), config.window, config.eps)
     expected = raw_anomalies(keys, dataclasses.replace(config, scales=scoring_cpu.KERNEL_SCALES))
     torch.testing.assert_close(fused, expected, rtol=0, atol=1e-6)
+
+
+def random_rotary(batch: int, n: int, r: int, interleaved: bool, generator: torch.Generator) -> Rotary:
+    """RoPE angles of positions 0..N-1 at random frequencies, paired dimensions turning together, as halves or
+    interleaved pairs."""
+    frequencies = torch.rand(batch, 1, r // 2, generator=generator)
+    theta = torch.arange(n).view(1, n, 1) * frequencies
+    if interleaved:
+        theta = theta.repeat_interleave(2, dim=-1)
+        perm = torch.arange(r).view(-1, 2).flip(-1).reshape(-1)
+        sign = torch.tensor([-1.0, 1.0]).repeat(r // 2)
+    else:
+        theta = torch.cat([theta, theta], dim=-1)
+        perm = torch.arange(r).roll(r // 2)
+        sign = torch.cat([-torch.ones(r // 2), torch.ones(r // 2)])
+    return Rotary(theta.cos(), theta.sin(), perm, sign)
+
+
+@pytest.mark.skipif(scoring_cpu.kernel() is None, reason="no C compiler builds the CPU scoring kernel here")
+@pytest.mark.parametrize(
+    ("batch", "angle_rows", "n", "d", "r", "interleaved"),
+    [(1, 1, 1000, 64, 64, False), (2, 2, 300, 16, 8, True), (2, 1, 257, 12, 12, False), (3, 3, 130, 64, 32, True)],
+)
+def test_fused_cpu_anomalies_undo_the_rotation_as_the_tensor_functions(batch, angle_rows, n, d, r, interleaved):
+    """Angles given to the kernel: its anomalies are those of the keys turned back by :func:`undo_rotary`, for
+    every batch row's angles (one row shared by all, or one each) and a part of the dimensions rotated."""
+    generator = torch.Generator().manual_seed(n)
+    rotary = random_rotary(angle_rows, n, r, interleaved, generator)
+    keys = torch.randn(batch, 3, n, d, generator=generator) + torch.randn(d, generator=generator)
+    config = NestedKVConfig()
+    fused = scoring_cpu.raw_anomalies_cpu(keys.reshape(-1, n, d), scoring.block_bounds_of(n, config), config.window,
+                                          config.eps, rotary)
+    unrotated = undo_rotary(keys, rotary)
+    expected = raw_anomalies(unrotated.reshape(-1, n, d), dataclasses.replace(config, scales=scoring_cpu.KERNEL_SCALES))
+    torch.testing.assert_close(fused, expected, rtol=0, atol=1e-6)
+    assert (unrotated - keys).abs().max() > 1  # the rotation was undone, not skipped
+
+
+def test_undo_rotary_inverts_the_rotation():
+    """Rotate keys known before RoPE with the stated form, then turn them back."""
+    generator = torch.Generator().manual_seed(4)
+    for interleaved in (False, True):
+        rotary = random_rotary(2, 50, 8, interleaved, generator)
+        before = torch.randn(2, 3, 50, 12, generator=generator)
+        part, rest = before[..., :8], before[..., 8:]
+        cos, sin = rotary.cos.unsqueeze(1), rotary.sin.unsqueeze(1)
+        rotated = torch.cat([part * cos + part[..., rotary.perm] * rotary.sign * sin, rest], dim=-1)
+        torch.testing.assert_close(undo_rotary(rotated, rotary), before, rtol=0, atol=1e-5)
+
+
+def test_the_score_of_rotated_keys_is_the_same_on_both_cpu_paths(scoring_path):
+    generator = torch.Generator().manual_seed(5)
+    rotary = random_rotary(1, 600, 16, False, generator)
+    keys, values = torch.randn(2, 2, 2, 600, 16, generator=generator)
+    scores = nestedkv_score(keys, values=values, rotary=rotary)
+    expected = nestedkv_score(undo_rotary(keys, rotary), values=values)
+    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-5)
 
 
 def test_gate_off_is_the_blend_and_gate_max_is_the_winner():

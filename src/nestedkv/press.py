@@ -13,6 +13,7 @@ anything is changed (static caches; quantized caches with ragged storage).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import warnings
@@ -32,7 +33,7 @@ from nestedkv.cache.attention import (
     visible_columns,
 )
 from nestedkv.models import attention_modules
-from nestedkv.scoring import nestedkv_score
+from nestedkv.scoring import Rotary, nestedkv_score
 from nestedkv.settings import (
     PAPER_SETTINGS,
     STORAGES,
@@ -79,17 +80,18 @@ def _row_inputs(kwargs: dict, row: int, columns: torch.Tensor, batch: int, n: in
     return row_kwargs
 
 
-def keys_before_rope(module: torch.nn.Module, keys: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
-    """``keys (B, H, N, d)`` as they were before the rotary position embedding, in float32; ``None`` where the
-    hook was not handed the angles of these keys.
+def rotary_of(module: torch.nn.Module, keys: torch.Tensor, kwargs: dict) -> Rotary | None:
+    """The rotation that RoPE applied to ``keys (B, H, N, d)``, as :func:`~nestedkv.scoring.undo_rotary` undoes
+    it; ``None`` where the hook was not handed the angles of these keys.
 
-    A rotation by the angles θ is undone by one by −θ: the model's own ``apply_rotary_pos_emb`` (from the
-    module that defines its attention class, so that the layout, halves or interleaved pairs, is the model's)
-    with ``sin`` negated. The angles are the hook's ``position_embeddings`` ``(cos, sin)``, each ``(B or 1, N, r)``;
-    ``r < d`` rotates the first ``r`` dimensions only (partial rotary: Phi, StableLM, GLM). A RoPE with an
-    attention factor (YaRN) leaves the keys scaled, which the score's normalisation removes. ``None``: no
-    ``apply_rotary_pos_emb`` (no RoPE, Llama 4's complex angles) or angles of other positions than these N
-    keys (a kvpress wrapper scoring part of them, as ``ChunkPress``, or a decoding step's, as ``DecodingPress``).
+    The layout (halves or interleaved pairs, angles used as given or derived from part of them) is the model's:
+    :func:`_rotate_half_of` reads it off the ``apply_rotary_pos_emb`` of the module that defines the attention
+    class. The angles are the hook's ``position_embeddings`` ``(cos, sin)``, each ``(B or 1, N, r)``; ``r < d``
+    rotates the first ``r`` dimensions only (partial rotary: Phi, StableLM, GLM). A RoPE with an attention
+    factor (YaRN) leaves the keys scaled, which the score's normalisation removes. ``None``: no
+    ``apply_rotary_pos_emb`` of the probed form (no RoPE, Llama 4's complex angles) or angles of other positions
+    than these N keys (a kvpress wrapper scoring part of them, as ``ChunkPress``, or a decoding step's, as
+    ``DecodingPress``).
     """
     angles = kwargs.get("position_embeddings")
     rotate = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
@@ -99,11 +101,48 @@ def keys_before_rope(module: torch.nn.Module, keys: torch.Tensor, kwargs: dict) 
     n, d = keys.shape[-2:]
     if cos.dim() != 3 or cos.shape[1] != n or cos.shape[-1] > d or cos.shape[0] not in (1, keys.shape[0]):
         return None
-    keys = keys.float()
-    rotated, passed = keys[..., : cos.shape[-1]], keys[..., cos.shape[-1] :]
-    # the function also rotates a query, which is thrown away: one head of keys is the cheapest valid one
-    _, unrotated = rotate(rotated[:, :1], rotated, cos, -sin)
-    return unrotated if passed.shape[-1] == 0 else torch.cat([unrotated, passed], dim=-1)
+    layout = _rotate_half_of(rotate, cos.shape[-1])
+    if layout is None:
+        return None
+    perm, sign, angles_as_given = layout
+    if not angles_as_given:
+        cos, sin = _applied_angles(rotate, cos, sin, sign)
+    return Rotary(cos, sin, perm, sign)
+
+
+@functools.cache
+def _rotate_half_of(rotate, r: int) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """``(perm, sign, angles_as_given)``: ``rotate(q, k, cos, sin)`` turns ``k`` into ``k * C + (k[perm] * sign) * S``,
+    with ``(C, S) = (cos, sin)`` where ``angles_as_given``, else the :func:`_applied_angles` it derives from them
+    (GLM, ERNIE repeat half of them); ``None`` where it does neither. Read off ``rotate`` once per function and
+    ``r`` (rotated dimensions): with ``cos = 0, sin = 1`` it maps the unit vectors to ``sign * e[perm]``, and
+    random keys and angles then check the form."""
+    eye = torch.eye(r).reshape(1, 1, r, r)
+    half = rotate(eye, eye, torch.zeros(1, r, r), torch.ones(1, r, r))[1][0, 0]  # row t: rotate_half(e_t)
+    if not ((half.abs() == 1).sum(0) == 1).all() or not ((half != 0).sum(1) == 1).all():
+        return None
+    perm, sign = half.abs().argmax(0), half.sum(0)  # rotate_half(k)[t] = k[perm[t]] * sign[t]
+    generator = torch.Generator().manual_seed(0)
+    k, cos, sin = (torch.randn(shape, generator=generator) for shape in ((1, 2, 5, r), (1, 5, r), (1, 5, r)))
+
+    def form(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return k * c.unsqueeze(1) + k[..., perm] * sign * s.unsqueeze(1)
+
+    rotated = rotate(k, k, cos, sin)[1]
+    if torch.allclose(rotated, form(cos, sin), atol=1e-5):
+        return perm, sign, True
+    applied = form(*_applied_angles(rotate, cos, sin, sign))
+    return (perm, sign, False) if torch.allclose(rotated, applied, atol=1e-5) else None
+
+
+def _applied_angles(
+    rotate, cos: torch.Tensor, sin: torch.Tensor, sign: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cosines and sines that ``rotate`` really turns each dimension by when handed ``cos, sin (B, N, r)``:
+    a key of ones turned by the cosines alone, then by the sines alone (its ``rotate_half`` is ``sign``)."""
+    ones = cos.new_ones(1, 1, *cos.shape[1:])
+    applied_cos = rotate(ones, ones, cos, torch.zeros_like(sin))[1].squeeze(1)
+    return applied_cos, rotate(ones, ones, torch.zeros_like(cos), sin)[1].squeeze(1) * sign
 
 
 def compressible(layer, storage: str) -> bool:
@@ -298,7 +337,7 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
 
     After each layer's prefill, every position of every KV head is scored from its L2-normalised
     key (:func:`nestedkv.scoring.nestedkv_score`: three anchors, head-adaptive mixing, surprise gate,
-    pinned sinks; the shipped default reads the key as it was before RoPE (:func:`keys_before_rope`)
+    pinned sinks; the shipped default reads the key as it was before RoPE (:func:`rotary_of`)
     and blends in the value's norm, the paper's reads the cached key alone); the score does not depend
     on the ratio. A budget then picks what
     stays: ``head-adaptive`` (the paper's: :class:`HeadAdaptivePress` around this scorer, safeguard
@@ -350,17 +389,16 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
                 "this cache holds head-adaptive budgets in masked storage and cannot be compressed again (kvpress's "
                 "DecodingPress would index evicted positions that no longer exist); use nestedkv.BudgetedPress"
             )
+        rotary = None
         if self.scored_keys == "pre-rope":
-            unrotated = keys_before_rope(module, keys, kwargs)
-            if unrotated is None:
+            rotary = rotary_of(module, keys, kwargs)
+            if rotary is None:
                 warnings.warn(
                     "scored_keys='pre-rope': the model handed no RoPE angles of these keys (no rotary embedding, "
                     "or a kvpress wrapper scoring part of them); they are scored as cached", stacklevel=2,
                 )
-            else:
-                keys = unrotated
         # scores only pick positions: no gradient through them
-        return nestedkv_score(keys.detach(), self, values.detach())
+        return nestedkv_score(keys.detach(), self, values.detach(), rotary)
 
     def check_budget(self, n: int) -> None:
         """Refuse a ratio that keeps fewer of ``n`` positions per head than the sinks

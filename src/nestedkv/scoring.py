@@ -27,6 +27,8 @@ Choices the paper leaves open (marked [open] in the spec) are made here, each in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from nestedkv import scoring_cpu
@@ -35,6 +37,36 @@ from nestedkv.validation import check_choice
 
 PINNED = float("inf")
 """Score given to the sinks: above every other score."""
+
+
+# --- before step 1: the keys before RoPE (beyond the paper; the shipped default) ----------------
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """How a rotary position embedding rotated cached keys, so that the score can turn them back.
+
+    The first ``r = cos.shape[-1]`` dimensions of the key ``k`` at position ``i`` became
+    ``k * cos[i] + (k[perm] * sign) * sin[i]``; the rest passed through. ``cos``, ``sin``: ``(B or 1, N, r)``
+    float32; ``perm`` ``(r,)`` int64 and ``sign`` ``(r,)`` float32: the model's ``rotate_half`` (halves or
+    interleaved pairs) as a signed permutation, which applied twice negates.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    perm: torch.Tensor
+    sign: torch.Tensor
+
+
+def undo_rotary(keys: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """``keys (B, H, N, d)`` as they were before ``rotary``, in float32: the rotation by −θ,
+    ``k * cos − (k[perm] * sign) * sin`` (the angles of paired dimensions are equal in RoPE)."""
+    keys = keys.float()
+    r = rotary.cos.shape[-1]
+    rotated = keys[..., :r]
+    cos, sin = rotary.cos.unsqueeze(1), rotary.sin.unsqueeze(1)
+    unrotated = rotated * cos - rotated[..., rotary.perm] * rotary.sign * sin
+    return unrotated if r == keys.shape[-1] else torch.cat([unrotated, keys[..., r:]], dim=-1)
 
 
 # --- step 1: normalise ------------------------------------------------------------------------
@@ -333,18 +365,21 @@ CPU_CHUNK_ELEMENTS = 2**18
 
 
 def nestedkv_score(
-    keys: torch.Tensor, config: NestedKVConfig | None = None, values: torch.Tensor | None = None
+    keys: torch.Tensor, config: NestedKVConfig | None = None, values: torch.Tensor | None = None,
+    rotary: Rotary | None = None,
 ) -> torch.Tensor:
     """NestedKV score of every position. ``keys (..., N, d) -> scores (..., N)`` in float32.
 
     ``values`` (same shape as the keys) are read only when ``config.value_weight > 0``
     (:func:`favour_large_values`): the shipped default blends them in, the paper's score uses the keys alone.
+    ``rotary``: the keys ``(B, H, N, d)`` are scored as they were before it (:func:`undo_rotary`).
 
     Real scores lie in [0, 1]; the first ``n_sink`` positions score :data:`PINNED`, the last
     ``n_recent`` in (1, 2] (:func:`pin_protected`). Higher is kept first.
 
-    Steps 1 to 3 (the ``(N, d)`` work) run on CPU in one fused pass per head (:mod:`nestedkv.scoring_cpu`)
-    where its kernel builds, outside ``torch.compile``; otherwise as the tensor functions below, a few heads
+    Steps 1 to 3 (the ``(N, d)`` work), and the undoing of ``rotary``, run on CPU in one fused pass per head
+    (:mod:`nestedkv.scoring_cpu`) where its kernel builds, outside ``torch.compile``; otherwise as the tensor
+    functions below, a few heads
     at a time on CPU (about :data:`CPU_CHUNK_ELEMENTS` key elements, so that every step's temporaries stay
     in cache), all at once elsewhere. Steps 3 to 6 then run on all heads at once.
     """
@@ -360,10 +395,12 @@ def nestedkv_score(
         value_norms = values.reshape(-1, n, values.shape[-1]).float().norm(dim=-1)
     # torch.compile traces the tensor functions instead: the kernel reads raw pointers, which a trace has not
     if keys.device.type == "cpu" and not torch.compiler.is_compiling() and scoring_cpu.kernel() is not None:
-        anomalies = scoring_cpu.raw_anomalies_cpu(heads, block_bounds_of(n, config), config.window, config.eps)
+        anomalies = scoring_cpu.raw_anomalies_cpu(heads, block_bounds_of(n, config), config.window, config.eps, rotary)
         if config.scales != scoring_cpu.KERNEL_SCALES:
             anomalies = anomalies[:, [scoring_cpu.KERNEL_SCALES.index(scale) for scale in config.scales]]
     else:
+        if rotary is not None:
+            heads = undo_rotary(keys, rotary).reshape(-1, n, d)
         step = max(1, CPU_CHUNK_ELEMENTS // (n * d) if keys.device.type == "cpu" else len(heads))
         anomalies = torch.cat([raw_anomalies(chunk, config) for chunk in heads.split(step)])
     return score_anomalies(anomalies, config, value_norms=value_norms).reshape(*lead, n)

@@ -20,7 +20,7 @@ NORMALISATIONS = ("minmax", "rank")
 POOLS = ("max", "mean")
 SCORED_KEYS = ("cached", "pre-rope")
 """Which keys the press scores: as the cache holds them (rotated by RoPE, the paper's), or turned back to
-before the rotation (:func:`nestedkv.press.keys_before_rope`)."""
+before the rotation (:func:`nestedkv.press.rotary_of`, :func:`nestedkv.scoring.undo_rotary`)."""
 
 PAPER_SETTINGS: dict[str, object] = {
     "n_recent": 0, "recency": 0.0, "value_weight": 0.0, "block_size": None, "scored_keys": "cached",
