@@ -121,3 +121,16 @@ def test_rotary_of_each_architecture_is_undone(name):
     rotate = sys.modules[type(module).__module__].apply_rotary_pos_emb
     reference = rotate(cached[..., :r], cached[..., :r], cos, -sin)[1]
     torch.testing.assert_close(unrotated[..., :r], reference, atol=1e-5, rtol=0)
+
+
+def test_the_rotation_is_handed_over_on_the_keys_device():
+    """The layout is read off the model once, on CPU; what the score gets is on the keys' device (``meta``
+    here, standing in for a GPU: a CPU ``sign`` would not multiply CUDA keys)."""
+    model = tiny(*ARCHITECTURES["llama"])
+    prefill = prefill_once(model, torch.full((1, 40), 7))
+    kwargs = dict(prefill.hook_kwargs[0])
+    kwargs["position_embeddings"] = tuple(angle.to("meta") for angle in kwargs["position_embeddings"])
+    keys = prefill.keys[0].to("meta")
+    rotary = rotary_of(attention_modules(model)[0], keys, kwargs)
+    assert {part.device.type for part in (rotary.cos, rotary.sin, rotary.perm, rotary.sign)} == {"meta"}
+    assert undo_rotary(keys, rotary).shape == keys.shape

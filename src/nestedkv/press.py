@@ -105,6 +105,7 @@ def rotary_of(module: torch.nn.Module, keys: torch.Tensor, kwargs: dict) -> Rota
     if layout is None:
         return None
     perm, sign, angles_as_given = layout
+    perm, sign = perm.to(cos.device), sign.to(cos.device)  # the probe ran on CPU
     if not angles_as_given:
         cos, sin = _applied_angles(rotate, cos, sin, sign)
     return Rotary(cos, sin, perm, sign)

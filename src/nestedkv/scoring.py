@@ -49,7 +49,7 @@ class Rotary:
     The first ``r = cos.shape[-1]`` dimensions of the key ``k`` at position ``i`` became
     ``k * cos[i] + (k[perm] * sign) * sin[i]``; the rest passed through. ``cos``, ``sin``: ``(B or 1, N, r)``
     float32; ``perm`` ``(r,)`` int64 and ``sign`` ``(r,)`` float32: the model's ``rotate_half`` (halves or
-    interleaved pairs) as a signed permutation, which applied twice negates.
+    interleaved pairs) as a signed permutation, which applied twice negates. All on the keys' device.
     """
 
     cos: torch.Tensor
@@ -377,11 +377,11 @@ def nestedkv_score(
     Real scores lie in [0, 1]; the first ``n_sink`` positions score :data:`PINNED`, the last
     ``n_recent`` in (1, 2] (:func:`pin_protected`). Higher is kept first.
 
-    Steps 1 to 3 (the ``(N, d)`` work), and the undoing of ``rotary``, run on CPU in one fused pass per head
-    (:mod:`nestedkv.scoring_cpu`) where its kernel builds, outside ``torch.compile``; otherwise as the tensor
-    functions below, a few heads
-    at a time on CPU (about :data:`CPU_CHUNK_ELEMENTS` key elements, so that every step's temporaries stay
-    in cache), all at once elsewhere. Steps 3 to 6 then run on all heads at once.
+    Steps 1 to 3 (the ``(N, d)`` work), the undoing of ``rotary`` included, run on CPU in one fused pass per
+    head (:mod:`nestedkv.scoring_cpu`) where its kernel builds, outside ``torch.compile``; otherwise as the
+    tensor functions below, a few heads at a time on CPU (about :data:`CPU_CHUNK_ELEMENTS` key elements, so
+    that every step's temporaries stay in cache), all at once elsewhere. Steps 3 to 6 then run on all heads
+    at once.
     """
     config = config or NestedKVConfig()
     *lead, n, d = keys.shape

@@ -43,9 +43,10 @@ static void score_head(const float *keys, rotation rot, const int64_t *bounds, i
     double *global = sums, *block = sums + d, *recent = sums + 2 * d;
     for (int64_t t = 0; t < d; t++) global[t] = 0.0, recent[t] = 0.0;
     for (int64_t i = 0; i < n; i++) {
-        const float *k = keys + i * d, *cos = rot.cos + i * rot.r, *sin = rot.sin + i * rot.r;
+        const float *k = keys + i * d;
         float *h = k_hat + i * d;
-        for (int64_t t = 0; t < rot.r; t++) h[t] = k[t] * cos[t] - k[rot.perm[t]] * rot.sign[t] * sin[t];
+        for (int64_t t = 0, at = i * rot.r; t < rot.r; t++, at++)
+            h[t] = k[t] * rot.cos[at] - k[rot.perm[t]] * rot.sign[t] * rot.sin[at];
         for (int64_t t = rot.r; t < d; t++) h[t] = k[t];
         float squares = 0.f;
         for (int64_t t = 0; t < d; t++) squares += h[t] * h[t];
