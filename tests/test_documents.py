@@ -1,6 +1,7 @@
 """The documents benchmark: real source files, a fixed dev/test split, continuation loss and code completion."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -90,6 +91,23 @@ def test_continuation_runs_through_eval_and_its_positions_are_right(model, token
     text = write_report(ResultStore(tmp_path), tmp_path / "report")
     assert "## continuation: delta_nll" in text and "## continuation: score" in text
     assert (tmp_path / "report" / "score_vs_ratio_continuation.png").is_file()
+
+
+def test_a_masked_method_added_to_a_store_loses_what_it_loses_in_a_fresh_run(model, tokenizer, tmp_path):
+    """A method added to a store whose ``none`` is already measured (a resumed or extended run) gets the same
+    loss as in a run that measures ``none`` first. It once came out uncompressed at its first ratio with masked
+    storage: the uncompressed reference, built after its cache, reset the head-wise masks that cache lives by."""
+    config = EvalConfig(
+        model="m", benchmark="documents", tasks=("continuation",), lengths=(512,), ratios=(0.9,),
+        methods=("none", "nestedkv:storage=masked"), samples=1, seed=1,
+    )
+    run(config, model, tokenizer, ResultStore(tmp_path / "fresh"), progress=False)
+    run(replace(config, methods=("none",)), model, tokenizer, ResultStore(tmp_path / "added"), progress=False)
+    assert run(config, model, tokenizer, ResultStore(tmp_path / "added"), progress=False) == 1
+    fresh, added = ({r["method"]: r for r in ResultStore(tmp_path / run_dir)}["nestedkv:storage=masked"]
+                    for run_dir in ("fresh", "added"))
+    assert fresh["delta_nll"] > 0.01
+    assert added["delta_nll"] == pytest.approx(fresh["delta_nll"], abs=1e-5)
 
 
 def test_documents_benchmark_refuses_seeds_that_are_not_splits():

@@ -180,7 +180,14 @@ def run(
             prefill = prefill_once(model, context_ids)
             prefill_seconds = time.perf_counter() - start
             score_memos: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
-            reference_logits = None
+            if isinstance(sample, ContinuationSample):
+                # The uncompressed continuation, once per sample and before any compressed cache: rebuilding the
+                # uncompressed cache resets kvpress's head-wise masks (``masked_key_indices``), by which a masked
+                # cache built before it would then be read whole.
+                with torch.no_grad():
+                    full = compress_replay(model, prefill, None)
+                    reference_logits = teacher_forced_logits(model, full, question_ids, prefill)
+                del full
             waiting: list[tuple[str, float, dict, float, list]] = []  # answers to decode together
             for method, ratio in pending:
                 bar.set_postfix_str(f"{length} {sample.task}#{sample.index} {method} r={ratio}")
@@ -196,9 +203,6 @@ def run(
                         outcome["prefill_seconds"] = round(cache_seconds, 3)
                         outcome["uncompressed_prefill_seconds"] = round(prefill_seconds, 3)
                         if isinstance(sample, ContinuationSample):
-                            if reference_logits is None:  # the uncompressed continuation, once per sample
-                                full = compress_replay(model, prefill, None)
-                                reference_logits = teacher_forced_logits(model, full, question_ids, prefill)
                             logits = teacher_forced_logits(model, cache, question_ids, prefill)
                             outcome |= {"prediction": None} | greedy_agreement_and_nll(
                                 logits, reference_logits, question_ids[0, 1:].to(model.device)
