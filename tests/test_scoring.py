@@ -618,6 +618,18 @@ def test_cuda_score_equals_the_reference_up_to_summation_order(n):
     assert_same_score_in_another_summation_order(on_cuda, n)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_score_of_rotated_keys_equals_the_cpu_score():
+    """On CUDA the rotation is undone by :func:`undo_rotary` before the tensor functions; on CPU inside the
+    kernel: the same scores up to summation order, with every part of the rotation on the GPU."""
+    keys, values = random_keys_and_values(4097, torch.bfloat16)
+    rotary = random_rotary(1, 4097, 64, False, torch.Generator().manual_seed(6))
+    on_gpu = Rotary(*(part.cuda() for part in (rotary.cos, rotary.sin, rotary.perm, rotary.sign)))
+    config = NestedKVConfig()
+    scores = nestedkv_score(keys.cuda(), config, values.cuda(), on_gpu).cpu()
+    assert_close_up_to_rank_steps(scores, nestedkv_score(keys, config, values, rotary), config)
+
+
 def test_score_keeps_the_positions_of_the_reference_implementation_on_real_keys(model, scoring_path):
     """Keys of every layer of the real model after a short prefill of random tokens."""
     cache = DynamicCache()
