@@ -37,10 +37,12 @@ from nestedkv.scoring import Rotary, nestedkv_score
 from nestedkv.settings import (
     PAPER_SETTINGS,
     STORAGES,
+    NestedKVConfig,
     NestedKVSettings,
     check_keeps_sinks,
     compute_n_kept,
     layer_compression_ratio,
+    ramp_weight,
 )
 from nestedkv.validation import check_choice, check_number, check_ratio
 
@@ -340,7 +342,7 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
     key (:func:`nestedkv.scoring.nestedkv_score`: three anchors, head-adaptive mixing, surprise gate,
     pinned sinks; the shipped default reads the key as it was before RoPE (:func:`rotary_of`)
     and blends in the value's norm, the paper's reads the cached key alone); the score does not depend
-    on the ratio. A budget then picks what
+    on the ratio unless the recency ramp is tied to the budget (``recency_over_kept``). A budget then picks what
     stays: ``head-adaptive`` (the paper's: :class:`HeadAdaptivePress` around this scorer, safeguard
     ``alpha_safeguard``, held as ``storage`` says) or ``uniform`` (kvpress's own per-head top-k,
     dense cache).
@@ -399,7 +401,17 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
                     "or a kvpress wrapper scoring part of them); they are scored as cached", stacklevel=2,
                 )
         # scores only pick positions: no gradient through them
-        return nestedkv_score(keys.detach(), self, values.detach(), rotary)
+        return nestedkv_score(keys.detach(), self.score_config(), values.detach(), rotary)
+
+    def score_config(self) -> NestedKVConfig:
+        """The score's settings at this press's (or layer's) ratio: the press itself, or, with a ramp tied
+        to the budget (``recency_over_kept``), its settings with the ramp's weight at this ratio
+        (:func:`~nestedkv.settings.ramp_weight`)."""
+        if self.recency_over_kept == 0:
+            return self
+        settings = {name: getattr(self, name) for name in NestedKVConfig.__dataclass_fields__}
+        weight = ramp_weight(self.recency, self.recency_over_kept, self.compression_ratio)
+        return NestedKVConfig(**{**settings, "recency": weight})
 
     def check_budget(self, n: int) -> None:
         """Refuse a ratio that keeps fewer of ``n`` positions per head than the sinks

@@ -155,13 +155,16 @@ def check_keeps_sinks(n: int, compression_ratio: float, n_sink: int) -> None:
 @dataclass
 class NestedKVSettings(NestedKVConfig):
     """What :class:`~nestedkv.press.NestedKVPress` takes beyond the ratio: the score's switches, the
-    budget (one of :data:`BUDGETS`) with its safeguard, the storage (one of :data:`STORAGES`), and how
-    budgets differ across layers (``layer_budget``, :func:`layer_compression_ratio`; 0: they do not)."""
+    budget (one of :data:`BUDGETS`) with its safeguard, the storage (one of :data:`STORAGES`), how
+    budgets differ across layers (``layer_budget``, :func:`layer_compression_ratio`; 0: they do not),
+    and a recency ramp tied to the budget (``recency_over_kept``, :func:`ramp_weight`; 0: the ramp's
+    weight is ``recency`` at every ratio)."""
 
     budget: str = "head-adaptive"
     alpha_safeguard: float = 0.20
     storage: str = "ragged"
     layer_budget: float = 0.0
+    recency_over_kept: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -169,6 +172,19 @@ class NestedKVSettings(NestedKVConfig):
         check_number("alpha_safeguard", self.alpha_safeguard, low=0, high=1)
         check_choice("storage", self.storage, STORAGES)
         check_number("layer_budget", self.layer_budget, low=-1, high=1, low_open=True, high_open=True)
+        check_number("recency_over_kept", self.recency_over_kept, low=0)
+
+
+def ramp_weight(recency: float, recency_over_kept: float, compression_ratio: float) -> float:
+    """The recency ramp's weight at ``compression_ratio``: ``recency``, raised to
+    ``recency_over_kept / (1 - r)`` where that is larger, so that the ramp grows as the kept share
+    shrinks (``recency_over_kept = 0``: ``recency`` at every ratio).
+
+    Why: on the dev split the continuation loss is U-shaped in the ramp's weight, with its bottom at
+    about 0.5 while a head keeps an eighth or more and at about 2 when it keeps a twentieth
+    (``docs/tuning.md``): the smaller the cache, the more of it the next tokens' nearby context should fill.
+    """
+    return max(recency, recency_over_kept / (1 - compression_ratio))
 
 
 def layer_compression_ratio(compression_ratio: float, layer: int, layers: int, layer_budget: float) -> float:
