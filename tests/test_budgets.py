@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from nestedkv.budgets import head_adaptive_keep, uniform_keep
 from nestedkv.scoring import nestedkv_score
-from nestedkv.settings import NestedKVConfig, compute_n_kept, layer_compression_ratio
+from nestedkv.settings import NestedKVConfig, compute_n_kept, layer_compression_ratio, ramp_weight
 
 
 def test_head_adaptive_hand_case():
@@ -84,3 +84,9 @@ def test_layer_shares_keep_no_compression_and_cap_at_the_whole_context():
     assert [layer_compression_ratio(0.0, layer, 4, 0.5) for layer in range(4)] == [0.0] * 4
     assert layer_compression_ratio(0.25, 0, 4, 0.5) == 0.0  # 0.75 * 1.5 > 1: the whole layer is kept
     assert layer_compression_ratio(0.9, 3, 7, 0.0) == 0.9
+
+
+def test_the_ramp_tied_to_the_budget_grows_as_the_kept_share_shrinks():
+    assert [ramp_weight(0.5, 0.1, r) for r in (0.0, 0.75)] == [0.5, 0.5]  # 0.1 / kept share below the floor
+    assert [round(ramp_weight(0.5, 0.1, r), 12) for r in (0.875, 0.9, 0.95)] == [0.8, 1.0, 2.0]
+    assert ramp_weight(0.5, 0.0, 0.95) == 0.5  # off: the fixed ramp

@@ -486,6 +486,7 @@ def test_non_finite_settings_are_refused_by_name(field, value):
         ({"block_size": 0}, "block_size must be >= 1"),
         ({"compression_ratio": math.nan}, "compression_ratio must be in"),
         ({"layer_budget": 1.0}, "layer_budget must be in"),
+        ({"recency_over_kept": -0.1}, "recency_over_kept must be >= 0"),
     ],
 )
 def test_bad_numbers_are_refused_by_name(options, message):

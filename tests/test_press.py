@@ -24,7 +24,7 @@ from nestedkv.generate import answer_question
 from nestedkv.models import ModelLoadError
 from nestedkv.press import HeadAdaptivePress, NestedKVPress
 from nestedkv.scoring import nestedkv_score
-from nestedkv.settings import NestedKVConfig, compute_n_kept
+from nestedkv.settings import NestedKVConfig, compute_n_kept, layer_compression_ratio, ramp_weight
 
 
 def prefill(model, input_ids, press=None):
@@ -94,6 +94,28 @@ def test_the_default_scores_the_cached_keys_turned_back_by_their_angles(model, c
         assert torch.equal(kept, keep(layer.keys * cos - rotate_half(layer.keys) * sin, layer.values))
         changed += int((kept != keep(layer.keys, layer.values)).sum())
     assert changed > 0.005 * kept.numel() * len(full.layers)  # 1.1 %: a score of other keys (a tenth is kept)
+
+
+def test_a_ramp_tied_to_the_budget_weighs_each_layer_at_its_own_ratio(model, context_ids):
+    """``recency_over_kept`` with budgets that differ across layers: each layer keeps what its own ratio's ramp
+    weight keeps (keys turned back by hand as above), and that differs from the fixed ramp's choice."""
+    n, ratio, layers = context_ids.shape[1], 0.9, model.config.num_hidden_layers
+    full = prefill(model, context_ids)
+    prefill(model, context_ids, NestedKVPress(ratio, recency_over_kept=0.1, layer_budget=0.5, storage="masked"))
+    cos, sin = (angle[:, None] for angle in model.model.rotary_emb(full.layers[0].keys, torch.arange(n)[None]))
+    changed = 0
+    for index, (layer, module) in enumerate(zip(full.layers, (layer.self_attn for layer in model.model.layers),
+                                                strict=True)):
+        layer_ratio = layer_compression_ratio(ratio, index, layers, 0.5)
+        keys = layer.keys * cos - rotate_half(layer.keys) * sin
+        kept = torch.ones(layer.keys.shape[:3], dtype=torch.bool)
+        kept[module.masked_key_indices] = False
+        tied = NestedKVConfig(recency=ramp_weight(0.5, 0.1, layer_ratio))
+        assert torch.equal(kept, head_adaptive_keep(nestedkv_score(keys, tied, layer.values),
+                                                    compute_n_kept(n, layer_ratio)))
+        fixed = head_adaptive_keep(nestedkv_score(keys, NestedKVConfig(), layer.values), compute_n_kept(n, layer_ratio))
+        changed += int((kept != fixed).sum())
+    assert changed > 0
 
 
 def test_pre_rope_scoring_of_part_of_the_keys_warns_and_scores_them_as_cached(model, context_ids):
