@@ -24,6 +24,7 @@ from nestedkv.bench.ruler import build_samples
 from nestedkv.bench.runner import plan_samples, run
 from nestedkv.bench.store import ResultStore, result_key
 from nestedkv.models import attention_modules, eager_attention
+from nestedkv.press import NestedKVPress
 from nestedkv.prompts import encode_prompt
 
 
@@ -133,6 +134,24 @@ def test_expensive_ratio_free_peers_score_once_for_every_ratio(model, tokenizer,
                 press=make_press(method, result["ratio"]), max_new_tokens=sample.max_new_tokens,
             )["answer"]
         assert result["prediction"] == expected, (method, result["ratio"])
+
+
+def test_a_ramp_tied_to_the_budget_is_scored_again_at_every_ratio(model, tokenizer, tmp_path, monkeypatch):
+    """``recency_over_kept`` makes NestedKV's scores depend on the ratio: the runner must not reuse the first
+    ratio's scores at the next ones (it did, scoring r = 0.95 with r = 0.875's ramp)."""
+    weights = []
+    score_config = NestedKVPress.score_config
+
+    def recording(press):
+        config = score_config(press)
+        weights.append(round(config.recency, 9))
+        return config
+
+    monkeypatch.setattr(NestedKVPress, "score_config", recording)
+    config = EvalConfig(model="m", tasks=("niah_single_2",), lengths=(640,), ratios=(0.875, 0.95),
+                        methods=("nestedkv:recency_over_kept=0.1",), samples=1, seed=7)
+    assert run(config, model, tokenizer, ResultStore(tmp_path), progress=False) == 2
+    assert Counter(weights) == {0.8: model.config.num_hidden_layers, 2.0: model.config.num_hidden_layers}
 
 
 def test_query_based_peers_see_the_models_own_attention(model):

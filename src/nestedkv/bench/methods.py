@@ -73,10 +73,11 @@ NO_COMPRESSION = "none"
 
 
 def _nestedkv(name: str, group: str, description: str, **options) -> Method:
-    """A NestedKV variant: ``NestedKVPress(r, **options)``. Its scores never depend on the ratio."""
+    """A NestedKV variant: ``NestedKVPress(r, **options)``. Its scores do not depend on the ratio unless its
+    recency ramp is tied to the budget (``recency_over_kept``)."""
     return Method(
-        name, group, description, lambda r: nestedkv.NestedKVPress(r, **options), ratio_free_scores=True,
-        nestedkv_options=tuple(options.items()),
+        name, group, description, lambda r: nestedkv.NestedKVPress(r, **options),
+        ratio_free_scores=not options.get("recency_over_kept"), nestedkv_options=tuple(options.items()),
     )
 
 
