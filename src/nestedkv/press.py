@@ -407,7 +407,7 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
         """The score's settings at this press's (or layer's) ratio: the press itself, or, with a ramp tied
         to the budget (``recency_over_kept``), its settings with the ramp's weight at this ratio
         (:func:`~nestedkv.settings.ramp_weight`)."""
-        if self.recency_over_kept == 0:
+        if self.ratio_free_scores:
             return self
         settings = {name: getattr(self, name) for name in NestedKVConfig.__dataclass_fields__}
         weight = ramp_weight(self.recency, self.recency_over_kept, self.compression_ratio)

@@ -174,6 +174,12 @@ class NestedKVSettings(NestedKVConfig):
         check_number("layer_budget", self.layer_budget, low=-1, high=1, low_open=True, high_open=True)
         check_number("recency_over_kept", self.recency_over_kept, low=0)
 
+    @property
+    def ratio_free_scores(self) -> bool:
+        """Whether the scores are the same at every ratio (a benchmark may then score a sample once for all
+        ratios): true unless the ramp is tied to the budget (``recency_over_kept``)."""
+        return self.recency_over_kept == 0
+
 
 def ramp_weight(recency: float, recency_over_kept: float, compression_ratio: float) -> float:
     """The recency ramp's weight at ``compression_ratio``: ``recency``, raised to

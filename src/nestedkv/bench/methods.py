@@ -77,7 +77,7 @@ def _nestedkv(name: str, group: str, description: str, **options) -> Method:
     recency ramp is tied to the budget (``recency_over_kept``)."""
     return Method(
         name, group, description, lambda r: nestedkv.NestedKVPress(r, **options),
-        ratio_free_scores=not options.get("recency_over_kept"), nestedkv_options=tuple(options.items()),
+        ratio_free_scores=NestedKVSettings(**options).ratio_free_scores, nestedkv_options=tuple(options.items()),
     )
 
 
