@@ -550,19 +550,23 @@ def test_a_forward_with_gradients_on_is_compressed_like_one_without(storage):
 
 
 @pytest.mark.parametrize("split", ["cpu-and-offloaded", "cpu-and-cuda"])
-def test_a_model_split_over_devices_keeps_each_layer_cache_where_the_layer_runs(split, tmp_path, tokenizer):
+def test_a_model_split_over_devices_keeps_each_layer_cache_where_the_layer_runs(split, tmp_path):
     """accelerate's layer placement (``device_map``): layer 1 offloaded (its weights on the meta device until its
     forward loads them) or on a GPU; the ragged cache of each layer lives on the device its layer runs on, and
     the logits equal those of the model in one piece."""
     if split == "cpu-and-cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from transformers import AutoModelForCausalLM
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from nestedkv.models import load_model
 
     tiny, path = tiny_llama(), tmp_path / "tiny"
     tiny.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    # load_model reads a tokenizer beside the weights; a word-level one of the tiny vocabulary, so that the test
+    # needs no file of the default model (the GPU machine has none).
+    vocabulary = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
+    PreTrainedTokenizerFast(tokenizer_object=vocabulary).save_pretrained(path)
     second = "disk" if split == "cpu-and-offloaded" else "cuda:0"
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
                   "model.layers.1": second, "model.norm": "cpu", "lm_head": "cpu"}
