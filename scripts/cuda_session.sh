@@ -28,7 +28,7 @@ if ! "$python" -c "import kvpress" 2>/dev/null; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-"$python" -c "import importlib.metadata as metadata, torch, nestedkv
+"$python" -c "import importlib.metadata as metadata, torch, nestedkv.cache, nestedkv.bench.speed
 print(*(f'{name} {metadata.version(name)}' for name in ('torch', 'transformers', 'kvpress')), sep=' | ')
 print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA GPU')" || exit 1
 
