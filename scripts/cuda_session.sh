@@ -10,14 +10,15 @@
 # Environment: OUT (results folder; default results/cuda), PYTHON (default python3), DEVICE (default cuda),
 # SHAPE (the random model's shape; default llama-3.2-1b), LONG / SHORT (context lengths of the two benchmarks;
 # default 32768 / 8192), ROWS (batch of the long one; default 8), STEP_SECONDS (each benchmark's limit;
-# default 200). A CPU run with small numbers checks the script itself (about a minute):
+# default 180, so that the install and the three steps end within the 10 minutes of one `device` call).
+# A CPU run with small numbers checks the script itself (about a minute):
 #   SHAPE=tiny DEVICE=cpu LONG=512 SHORT=256 ROWS=2 PYTHON=.venv/bin/python bash scripts/cuda_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-results/cuda}
 python=${PYTHON:-python3}
 device=${DEVICE:-cuda} shape=${SHAPE:-llama-3.2-1b}
-long=${LONG:-32768} short=${SHORT:-8192} rows=${ROWS:-8} step_seconds=${STEP_SECONDS:-200}
+long=${LONG:-32768} short=${SHORT:-8192} rows=${ROWS:-8} step_seconds=${STEP_SECONDS:-180}
 mkdir -p "$out"
 log="$out/session.log"
 exec > >(tee -a "$log") 2>&1
