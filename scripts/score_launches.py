@@ -60,7 +60,7 @@ class CountLaunches(TorchDispatchMode):
 def count(module: types.ModuleType, keys, values, rotary) -> CountLaunches:
     """The operations of one score of ``keys`` by ``module``'s ``nestedkv_score`` on the tensor path."""
     module.CPU_CHUNK_ELEMENTS = keys.numel()  # every head at once, as on CUDA
-    counter = CountLaunches(module.__file__ if hasattr(module, "__file__") else module.__name__)
+    counter = CountLaunches(module.__file__)  # the old revision's module is given the name its code was compiled under
     with counter:
         module.nestedkv_score(keys, NestedKVConfig(), values, rotary)
     return counter
