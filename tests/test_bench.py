@@ -281,6 +281,22 @@ def test_report_tables_confidence_intervals_and_plots(tmp_path):
         write_report(records, tmp_path / "against", against="tova")
 
 
+def test_report_of_some_methods_counts_the_samples_they_have_in_common(tmp_path):
+    """A store where one peer was measured on fewer samples: the whole report counts those, a report of
+    the others counts every sample they share."""
+    scores = {"none": [100, 100, 0], "nestedkv": [100, 0, 0], "knorm": [0, 0]}
+    records = [record(task, method, 0.0 if method == "none" else 0.5, i, score)
+               for task in "ab" for method, values in scores.items() for i, score in enumerate(values)]
+    assert "2 sample(s) per task, 4 samples per cell" in write_report(records, tmp_path / "all")
+    text = write_report(records, tmp_path / "some", methods=["nestedkv"])
+    assert "3 sample(s) per task, 6 samples per cell" in text and "knorm" not in text
+    assert "| nestedkv | 33.3 ± " in text and (tmp_path / "some" / "report.md").read_text() == text
+    with pytest.raises(ValueError, match="--methods tova: no results in this store; measured: knorm, nestedkv"):
+        write_report(records, tmp_path / "some", methods=["nestedkv", "tova"])
+    with pytest.raises(ValueError, match="--against knorm is not among --methods; add it there"):
+        write_report(records, tmp_path / "some", against="knorm", methods=["nestedkv"])
+
+
 def test_one_sample_per_task_takes_the_interval_from_the_spread_across_tasks():
     one_each = Cell({"a": [100.0], "b": [0.0], "c": [50.0]})
     # no within-task spread: the three scores as draws from the task mix, t(2) * s / sqrt(3) with s = 50

@@ -239,6 +239,21 @@ def test_ctrl_c_during_eval_keeps_the_results(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == "nestedkv: interrupted\n"
 
 
+def test_report_of_some_methods(tmp_path, capsys):
+    rows = [dict(model="m", benchmark="b", length=1, task="t", index=i, seed=0, method=method, ratio=ratio,
+                 query_aware=False, score=50.0 * i) for i in range(3) for method, ratio in
+            (("none", 0.0), ("nestedkv", 0.5), ("knorm", 0.5)) if (method, i) != ("knorm", 2)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert cli.main(["report", "--results", str(tmp_path), "--out", str(tmp_path / "some"),
+                     "--methods", "nestedkv"]) == 0
+    out = capsys.readouterr().out
+    assert "3 sample(s) per task" in out and "| nestedkv | 50.0 ± " in out and "knorm" not in out
+    assert cli.main(["report", "--results", str(tmp_path), "--methods", "nestedkv,tova"]) == 2
+    assert capsys.readouterr().err == (
+        "nestedkv: error: --methods tova: no results in this store; measured: knorm, nestedkv\n"
+    )
+
+
 def test_chat_reads_one_turn_per_line_and_reports_the_cache_after_each(session_model, capsys, tmp_path, monkeypatch):
     context = tmp_path / "doc.txt"
     context.write_text(cli.demo_sample()["context"], encoding="utf-8")

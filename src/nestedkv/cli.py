@@ -348,7 +348,8 @@ def _report(args: argparse.Namespace) -> None:
     if not store.is_file():
         raise ValueError(f"no results store at {store}: run `nestedkv eval --out {args.results}` first")
     out = check_output_dir(args.out or args.results, "--out")
-    print(write_report(ResultStore(args.results), out, args.heatmap_ratio, args.against))
+    methods = args.methods.split(",") if args.methods else None
+    print(write_report(ResultStore(args.results), out, args.heatmap_ratio, args.against, methods))
     print(f"wrote {out / 'report.md'} and its plots (*.png) in {out}", file=sys.stderr)
 
 
@@ -513,6 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--against", metavar="METHOD",
         help="pair every method with this one and draw it as ours (default: nestedkv, else nestedkv-paper)",
+    )
+    report.add_argument(
+        "--methods", metavar="M1,M2,...",
+        help="report only these methods (as stored; the uncompressed baseline always), counting every sample "
+        "they all have, where the whole store's report counts only the samples every method has",
     )
     report.set_defaults(run=_report)
     return parser

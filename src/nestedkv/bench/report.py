@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
@@ -374,15 +374,27 @@ def plot_task_heatmap(
 
 
 def write_report(
-    records: Iterable[dict], out: Path, heatmap_ratio: float | None = None, against: str | None = None
+    records: Iterable[dict], out: Path, heatmap_ratio: float | None = None, against: str | None = None,
+    methods: Sequence[str] | None = None,
 ) -> str:
     """Write ``report.md``, ``score_vs_ratio.png``, ``score_vs_cost.png`` (when the records carry
     times) and ``task_heatmap.png`` into ``out``; return the Markdown. ``against``: the method every
-    other is paired with and drawn against (default: :data:`REFERENCES`)."""
+    other is paired with and drawn against (default: :data:`REFERENCES`). ``methods``: report only
+    these (and the uncompressed baseline), so that the samples they all have count even where other
+    methods of the store were not measured."""
     records = list(records)
     measured = sorted({record["method"] for record in records} - {NO_COMPRESSION})
     if against is not None and against not in measured:
         raise ValueError(f"--against {against}: no results for it in this store; measured: {', '.join(measured)}")
+    if methods is not None:
+        missing = [method for method in methods if method not in [*measured, NO_COMPRESSION]]
+        if missing:
+            raise ValueError(
+                f"--methods {','.join(missing)}: no results in this store; measured: {', '.join(measured)}"
+            )
+        if against is not None and against not in methods:
+            raise ValueError(f"--against {against} is not among --methods; add it there")
+        records = [record for record in records if record["method"] in {*methods, NO_COMPRESSION}]
     if records and all(record.get("benchmark") == DOCUMENTS for record in records):
         return _write_documents_report(records, out, against)
     cells, tasks = collect(records)
