@@ -248,7 +248,7 @@ def test_report_of_some_methods(tmp_path, capsys):
                      "--methods", "nestedkv"]) == 0
     out = capsys.readouterr().out
     assert "3 sample(s) per task" in out and "| nestedkv | 50.0 ± " in out and "knorm" not in out
-    assert cli.main(["report", "--results", str(tmp_path), "--methods", "nestedkv,tova"]) == 2
+    assert cli.main(["report", "--results", str(tmp_path), "--methods", "nestedkv, tova"]) == 2
     assert capsys.readouterr().err == (
         "nestedkv: error: --methods tova: no results in this store; measured: knorm, nestedkv\n"
     )

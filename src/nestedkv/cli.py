@@ -348,8 +348,7 @@ def _report(args: argparse.Namespace) -> None:
     if not store.is_file():
         raise ValueError(f"no results store at {store}: run `nestedkv eval --out {args.results}` first")
     out = check_output_dir(args.out or args.results, "--out")
-    methods = args.methods.split(",") if args.methods else None
-    print(write_report(ResultStore(args.results), out, args.heatmap_ratio, args.against, methods))
+    print(write_report(ResultStore(args.results), out, args.heatmap_ratio, args.against, args.methods or None))
     print(f"wrote {out / 'report.md'} and its plots (*.png) in {out}", file=sys.stderr)
 
 
@@ -516,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pair every method with this one and draw it as ours (default: nestedkv, else nestedkv-paper)",
     )
     report.add_argument(
-        "--methods", metavar="M1,M2,...",
+        "--methods", metavar="M1,M2,...", type=_tuple_of(str),
         help="report only these methods (as stored; the uncompressed baseline always), counting every sample "
         "they all have, where the whole store's report counts only the samples every method has",
     )

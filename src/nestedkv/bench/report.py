@@ -387,7 +387,7 @@ def write_report(
     if against is not None and against not in measured:
         raise ValueError(f"--against {against}: no results for it in this store; measured: {', '.join(measured)}")
     if methods is not None:
-        missing = [method for method in methods if method not in [*measured, NO_COMPRESSION]]
+        missing = [method for method in methods if method not in {*measured, NO_COMPRESSION}]
         if missing:
             raise ValueError(
                 f"--methods {','.join(missing)}: no results in this store; measured: {', '.join(measured)}"
