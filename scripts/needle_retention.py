@@ -21,7 +21,7 @@ import torch
 from nestedkv import NestedKVPress
 from nestedkv.bench.ruler import Sample, build_samples
 from nestedkv.budgets import uniform_keep
-from nestedkv.models import load_model
+from nestedkv.models import attention_modules, load_model
 from nestedkv.settings import compute_n_kept
 
 
@@ -73,12 +73,12 @@ def main() -> None:
             scores = press.score(module, kwargs["hidden_states"], keys, values, None, kwargs)
             keep = uniform_keep(scores.float(), compute_n_kept(n, args.ratio))[0]  # (H, N)
             record = kept[(marks["task"], name)]
-            record[0] += keep[:, marks["answer"]].float().mean().item() * keep.shape[0]
-            record[1] += keep[:, marks["sentence"]].float().mean().item() * keep.shape[0]
+            record[0] += keep[:, marks["answer"]].float().mean(dim=-1).sum().item()  # each head's share, summed
+            record[1] += keep[:, marks["sentence"]].float().mean(dim=-1).sum().item()
             record[2] += keep.shape[0]
         return output
 
-    handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
+    handles = [module.register_forward_hook(hook, with_kwargs=True) for module in attention_modules(model)]
     for task in args.tasks.split(","):
         for sample in build_samples(task, args.samples, tokenizer, args.length, seed=0):
             encoded = tokenizer(sample.context, return_offsets_mapping=True, return_tensors="pt")
