@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from nestedkv.bench import runner
 from nestedkv.bench.methods import EAGER_PREFILL, METHODS, PEERS, make_press
+from nestedkv.bench.metrics import reference_answer
 from nestedkv.bench.plan import EvalConfig
 from nestedkv.bench.replay import compress_replay, prefill_once, reuse_scores
 from nestedkv.bench.report import Cell, collect, prefill_costs, t_quantile_95, welch_degrees_of_freedom, write_report
@@ -235,6 +236,42 @@ def test_answers_decoded_together_equal_answers_decoded_one_by_one(model, tokeni
     assert {together for _, together in predictions[False].values()} == {None}
     # waiting caches over the byte cap are decoded at once: with a cap of 0, each answer alone
     assert {together for _, together in predictions["capped"].values()} == {1}
+
+
+def test_answer_nll_is_the_reference_answers_likelihood_after_the_prompt(model, tokenizer, tmp_path):
+    """The uncompressed answer NLL equals one forward pass over context + question + reference answer;
+    a compressed cache's answers are unchanged by measuring it (the runner feeds a copy), and lose
+    likelihood; the report has its tables."""
+    config = EvalConfig(model="smollm2-test", **{**SMALL, "tasks": ("niah_single_1",), "ratios": (0.9,)})
+    run(config, model, tokenizer, ResultStore(tmp_path), progress=False)
+    records = {r["method"]: r for r in ResultStore(tmp_path)}
+    [(_, sample)] = plan_samples(config, tokenizer)
+    answer = reference_answer(sample.metric, sample.answers, sample.answer_prefix)
+    assert answer == " " + sample.answers[0]  # after "... mentioned in the provided text is"
+    answer_ids = tokenizer.encode(answer, return_tensors="pt", add_special_tokens=False)
+    ids = torch.cat([*encode_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix), answer_ids], 1)
+    with torch.no_grad():
+        logits = model(ids).logits[0, -answer_ids.shape[1] - 1 : -1]
+    expected = torch.nn.functional.cross_entropy(logits, answer_ids[0]).item()
+    assert records["none"]["answer_nll"] == pytest.approx(expected, abs=1e-4)
+    assert records["none"]["score"] == 100 and records["none"]["answer_nll"] < 0.1  # the model finds this needle
+    assert min(records[method]["answer_nll"] for method in ("nestedkv", "knorm")) > records["none"]["answer_nll"]
+    one_by_one = ResultStore(tmp_path / "one-by-one")  # kvpress's pipeline decodes the very cache that was fed
+    run(config, model, tokenizer, one_by_one, progress=False, together=False)
+    assert {r["method"]: r["prediction"] for r in one_by_one} == {m: r["prediction"] for m, r in records.items()}
+    assert {r["method"]: r["answer_nll"] for r in one_by_one} == pytest.approx(
+        {m: r["answer_nll"] for m, r in records.items()}, abs=1e-5)
+    text = write_report(list(records.values()), tmp_path / "report")
+    assert "## answer_nll" in text and "NLL of the reference answer" in text
+
+
+def test_reference_answers_join_what_the_metric_needs():
+    assert reference_answer("string_match_all", ("1", "2"), "The numbers are") == " 1, 2"
+    assert reference_answer("string_match_part", ("Paris", "paris"), "Answer:") == " Paris"
+    assert reference_answer("qa_f1_score", ("yes",), "") == "yes"
+    assert reference_answer("string_match_all", ("a",), "Answer: ") == "a"
+    with pytest.raises(ValueError, match="at least one reference answer"):
+        reference_answer("string_match_all", (), "")
 
 
 def record(task, method, ratio, index, score):

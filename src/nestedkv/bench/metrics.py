@@ -402,6 +402,16 @@ def _ib_choice(prediction: str, answers: Sequence[str], _classes: Sequence[str])
     return next((float(word in answers) for word in prediction.split() if word in "ABCD"), 0.0)
 
 
+def reference_answer(metric: str, answers: Sequence[str], answer_prefix: str) -> str:
+    """The text whose likelihood stands for a sample's answer (the runner's ``answer_nll``): every
+    reference joined by ", " where ``metric`` needs all of them (``string_match_all``), else the first;
+    after a space when the prompt's ``answer_prefix`` ends in a word, as RULER writes its solved examples."""
+    if not answers:
+        raise ValueError("a sample needs at least one reference answer")
+    text = ", ".join(answers) if metric == "string_match_all" else answers[0]
+    return (" " if answer_prefix and not answer_prefix[-1].isspace() else "") + text
+
+
 # --------------------------------------------------------------------------------------------
 # Registry
 

@@ -121,16 +121,19 @@ class Cell:
 
 def collect(records: Iterable[dict], field: str = "score") -> tuple[dict[tuple[str, float], Cell], list[str]]:
     """Group records' ``field`` by (method, ratio). Only samples measured for *every* (method, ratio)
-    are kept, so that every cell compares the same samples; returns the cells and the sorted task names."""
+    are kept, so that every cell compares the same samples; returns the cells and the sorted task names.
+    Records without ``field`` (measured before it existed) are left out as errors are."""
     records = list(records)
     by_job: dict[tuple[str, float], dict[tuple, float]] = defaultdict(dict)
     for record in records:
-        if is_error(record):  # the method failed on this sample (see its "error")
+        if is_error(record) or record.get(field) is None:  # failed on this sample (see its "error"), or older
             continue
         by_job[record["method"], record["ratio"]][sample_key(record)] = record[field]
-    if not by_job and records:
+    if not by_job and records and all(is_error(record) for record in records):
         first = records[0].get("error") or "no score"
         raise ValueError(f"every result in the store is an error (the first: {first}); `nestedkv eval` retries them")
+    if not by_job and records:
+        raise ValueError(f"no result in the store has a {field}: it was measured before `nestedkv eval` recorded it")
     if not by_job:
         raise ValueError("the results store is empty: run `nestedkv eval` first")
     common = set.intersection(*(set(samples) for samples in by_job.values()))
@@ -213,6 +216,21 @@ DOCUMENT_MEASURES = {
 }
 """The documents benchmark's tasks measure different things: each gets its own tables."""
 
+ANSWER_NLL = Measure(
+    "answer_nll", "NLL of the reference answer, teacher-forced after the question, over {tasks} tasks",
+    "nats/token, lower is better", digits=3, higher_is_better=False,
+)
+"""What a generated answer's record also carries since 2026-11-29 (``runner.answer_nll``): reported for the
+records that have it."""
+
+
+def answer_nll_markdown(records: list[dict], title: str, against: str | None = None) -> str:
+    """The :data:`ANSWER_NLL` tables under ``title``, over the records that carry it; empty when none does."""
+    if all(record.get(ANSWER_NLL.field) is None for record in records):
+        return ""
+    cells, tasks = collect(records, ANSWER_NLL.field)
+    return f"\n## {title}\n\n" + markdown_tables(cells, tasks, ANSWER_NLL, against)
+
 
 def _format(cell: Cell | None, sign: str = "", digits: int = 1) -> str:
     if cell is None:
@@ -288,8 +306,8 @@ def markdown_tables(
             cell = _cell_at(cells, method, ratio)
             if cell is None:
                 continue
-            row = " | ".join(f"{cell.task_mean(task):.0f}" for task in tasks)
-            lines.append(f"| {method} | {row} | {cell.mean:.1f} |")
+            row = " | ".join(f"{cell.task_mean(task):.{max(digits - 1, 0)}f}" for task in tasks)
+            lines.append(f"| {method} | {row} | {cell.mean:.{digits}f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -405,7 +423,8 @@ def write_report(
         raise ValueError(f"no results at ratio {heatmap_ratio}; measured ratios: {ratios}")
     out.mkdir(parents=True, exist_ok=True)
     costs = prefill_costs(records)
-    text = markdown_tables(cells, tasks, against=against) + cost_markdown(costs)
+    text = markdown_tables(cells, tasks, against=against) + answer_nll_markdown(records, ANSWER_NLL.field, against)
+    text += cost_markdown(costs)
     text += errors_markdown(errors(records), cells)
     (out / "report.md").write_text(text, encoding="utf-8")
     plot_score_vs_ratio(cells, out / "score_vs_ratio.png", against)
@@ -505,6 +524,7 @@ def _write_documents_report(records: list[dict], out: Path, against: str | None 
         headline = measures[-1]  # delta_nll for continuation, the score otherwise
         plot_quality_vs_cost(cells_of[headline.field][0], costs, headline,
                              out / f"{headline.field}_vs_cost_{task}.png", against)
+        sections += filter(None, [answer_nll_markdown(task_records, f"{task}: {ANSWER_NLL.field}", against)])
     text = "\n".join(sections) + cost_markdown(costs) + errors_markdown(errors(records), collect(records)[0])
     (out / "report.md").write_text(text, encoding="utf-8")
     return text

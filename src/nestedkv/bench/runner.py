@@ -7,6 +7,7 @@ this gives exactly the answers of kvpress's pipeline for the same press.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import Counter, defaultdict
 
@@ -23,7 +24,7 @@ from nestedkv.bench.documents import (
     greedy_agreement_and_nll,
 )
 from nestedkv.bench.methods import EAGER_PREFILL, REPLAY, make_press, method_spec
-from nestedkv.bench.metrics import score_sample
+from nestedkv.bench.metrics import reference_answer, score_sample
 from nestedkv.bench.plan import LOCAL_RULER, SPLIT_SEEDS, EvalConfig, check_window, fitted_lengths, load_samples
 from nestedkv.bench.replay import (
     Prefill,
@@ -188,6 +189,12 @@ def run(
                     full = compress_replay(model, prefill, None)
                     reference_logits = teacher_forced_logits(model, full, question_ids, prefill)
                 del full
+                answer_ids = None
+            else:
+                answer_ids = tokenizer.encode(
+                    reference_answer(sample.metric, sample.answers, sample.answer_prefix),
+                    return_tensors="pt", add_special_tokens=False,
+                )
             waiting: list[tuple[str, float, dict, float, list]] = []  # answers to decode together
             for method, ratio in pending:
                 bar.set_postfix_str(f"{length} {sample.task}#{sample.index} {method} r={ratio}")
@@ -208,6 +215,7 @@ def run(
                                 logits, reference_logits, question_ids[0, 1:].to(model.device)
                             )
                         else:
+                            outcome["answer_nll"] = answer_nll(model, cache, question_ids, answer_ids, prefill)
                             rows = ragged_rows(model, cache, prefill.context_length) if together else None
                             if rows is not None:
                                 waiting.append((method, ratio, outcome, time.perf_counter() - start, rows))
@@ -308,6 +316,20 @@ def teacher_forced_logits(
     """Feed ``target_ids (1, T + 1)`` but the last after the context held (compressed) in ``cache``;
     the logits ``(T, vocab)`` that predict ``target_ids[0, 1:]``."""
     return feed(model, cache, target_ids[:, :-1].to(model.device), prefill.context_length, logits_to_keep=0)[0]
+
+
+def answer_nll(
+    model: PreTrainedModel, cache: DynamicCache, question_ids: torch.Tensor, answer_ids: torch.Tensor, prefill: Prefill
+) -> float | None:
+    """Mean NLL (nats/token) of the reference answer ``answer_ids (1, A)`` teacher-forced after ``question_ids
+    (1, Q)`` from the context held (compressed) in ``cache``, which is left as it is (a copy is fed): a measure of
+    retrieval that moves with every token's probability, where a greedy answer's score moves only when a
+    substring appears. ``None`` for an empty reference."""
+    if answer_ids.shape[1] == 0:
+        return None
+    fed = torch.cat([question_ids, answer_ids[:, :-1]], dim=1).to(model.device)
+    logits = feed(model, copy.deepcopy(cache), fed, prefill.context_length, logits_to_keep=answer_ids.shape[1])[0]
+    return torch.nn.functional.cross_entropy(logits.float(), answer_ids[0].to(logits.device)).item()
 
 
 def _encode(sample: Sample, tokenizer: PreTrainedTokenizerBase, query_aware: bool) -> tuple[torch.Tensor, torch.Tensor]:
