@@ -263,6 +263,8 @@ def test_answer_nll_is_the_reference_answers_likelihood_after_the_prompt(model, 
         {m: r["answer_nll"] for m, r in records.items()}, abs=1e-5)
     text = write_report(list(records.values()), tmp_path / "report")
     assert "## answer_nll" in text and "NLL of the reference answer" in text
+    assert f"| none (r=0) | {records['none']['answer_nll']:.3f} |" in text
+    assert (tmp_path / "report" / "answer_nll_vs_cost.png").stat().st_size > 1000
 
 
 def test_reference_answers_join_what_the_metric_needs():

@@ -224,12 +224,20 @@ ANSWER_NLL = Measure(
 records that have it."""
 
 
-def answer_nll_markdown(records: list[dict], title: str, against: str | None = None) -> str:
-    """The :data:`ANSWER_NLL` tables under ``title``, over the records that carry it; empty when none does."""
+def answer_nll_cells(records: list[dict]) -> tuple[dict[tuple[str, float], Cell], list[str]] | None:
+    """:func:`collect` of :data:`ANSWER_NLL` over the records that carry it; ``None`` when none does."""
     if all(record.get(ANSWER_NLL.field) is None for record in records):
+        return None
+    return collect(records, ANSWER_NLL.field)
+
+
+def answer_nll_markdown(
+    cells_and_tasks: tuple[dict[tuple[str, float], Cell], list[str]] | None, title: str, against: str | None = None
+) -> str:
+    """The :data:`ANSWER_NLL` tables (:func:`answer_nll_cells`) under ``title``; empty without them."""
+    if cells_and_tasks is None:
         return ""
-    cells, tasks = collect(records, ANSWER_NLL.field)
-    return f"\n## {title}\n\n" + markdown_tables(cells, tasks, ANSWER_NLL, against)
+    return f"\n## {title}\n\n" + markdown_tables(*cells_and_tasks, ANSWER_NLL, against)
 
 
 def _format(cell: Cell | None, sign: str = "", digits: int = 1) -> str:
@@ -396,10 +404,10 @@ def write_report(
     methods: Sequence[str] | None = None,
 ) -> str:
     """Write ``report.md``, ``score_vs_ratio.png``, ``score_vs_cost.png`` (when the records carry
-    times) and ``task_heatmap.png`` into ``out``; return the Markdown. ``against``: the method every
-    other is paired with and drawn against (default: :data:`REFERENCES`). ``methods``: report only
-    these (and the uncompressed baseline), so that the samples they all have count even where other
-    methods of the store were not measured."""
+    times; ``answer_nll_vs_cost.png`` too when they carry the answer NLL) and ``task_heatmap.png`` into
+    ``out``; return the Markdown. ``against``: the method every other is paired with and drawn against
+    (default: :data:`REFERENCES`). ``methods``: report only these (and the uncompressed baseline), so
+    that the samples they all have count even where other methods of the store were not measured."""
     records = list(records)
     measured = sorted({record["method"] for record in records} - {NO_COMPRESSION})
     if against is not None and against not in measured:
@@ -423,12 +431,15 @@ def write_report(
         raise ValueError(f"no results at ratio {heatmap_ratio}; measured ratios: {ratios}")
     out.mkdir(parents=True, exist_ok=True)
     costs = prefill_costs(records)
-    text = markdown_tables(cells, tasks, against=against) + answer_nll_markdown(records, ANSWER_NLL.field, against)
+    nll = answer_nll_cells(records)
+    text = markdown_tables(cells, tasks, against=against) + answer_nll_markdown(nll, ANSWER_NLL.field, against)
     text += cost_markdown(costs)
     text += errors_markdown(errors(records), cells)
     (out / "report.md").write_text(text, encoding="utf-8")
     plot_score_vs_ratio(cells, out / "score_vs_ratio.png", against)
     plot_quality_vs_cost(cells, costs, SCORE, out / "score_vs_cost.png", against)
+    if nll is not None:
+        plot_quality_vs_cost(nll[0], costs, ANSWER_NLL, out / "answer_nll_vs_cost.png", against)
     plot_task_heatmap(cells, tasks, heatmap_ratio, out / "task_heatmap.png")
     return text
 
@@ -524,7 +535,8 @@ def _write_documents_report(records: list[dict], out: Path, against: str | None 
         headline = measures[-1]  # delta_nll for continuation, the score otherwise
         plot_quality_vs_cost(cells_of[headline.field][0], costs, headline,
                              out / f"{headline.field}_vs_cost_{task}.png", against)
-        sections += filter(None, [answer_nll_markdown(task_records, f"{task}: {ANSWER_NLL.field}", against)])
+        sections += filter(None, [answer_nll_markdown(answer_nll_cells(task_records), f"{task}: {ANSWER_NLL.field}",
+                                                      against)])
     text = "\n".join(sections) + cost_markdown(costs) + errors_markdown(errors(records), collect(records)[0])
     (out / "report.md").write_text(text, encoding="utf-8")
     return text
