@@ -2,7 +2,8 @@
 
 The runner prefills each sample once and replays every (method, ratio) on that prefill
 (:mod:`nestedkv.bench.replay`), then decodes with kvpress's own greedy loop. A test checks that
-this gives exactly the answers of kvpress's pipeline for the same press.
+this gives exactly the answers of kvpress's pipeline for the same press. Each answer's record also holds
+the reference answer's likelihood through the same cache (:func:`answer_nll`).
 """
 
 from __future__ import annotations
