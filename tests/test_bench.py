@@ -536,6 +536,28 @@ def test_hub_benchmark_from_a_local_file(model, tokenizer, tmp_path):
         ("longbench", None, "trec", "classification_score_first_line")
     }
     assert all(0 <= r["score"] <= 100 for r in records)
+    assert all(0 < r["answer_nll"] < 20 for r in records)
+
+
+def test_answer_nll_reads_at_most_the_tokens_an_answer_may_have(model, tokenizer, tmp_path):
+    """A reference longer than ``max_new_tokens`` is cut there: the positions fed stay inside the window
+    that the prompt check guaranteed."""
+    rows = [json.loads(line) for line in (Path(__file__).parent / "data" / "hub" / "longbench_trec.jsonl").open()]
+    data = tmp_path / "long_answer.jsonl"
+    data.write_text(json.dumps({**rows[0], "answers": ["Location of a famous tower in Paris"], "max_new_tokens": 2}))
+    config = EvalConfig(model="smollm2-test", benchmark="longbench", subset="trec", data_files=str(data),
+                        methods=("none",), ratios=(0.5,), samples=1)
+    run(config, model, tokenizer, ResultStore(tmp_path / "store"), progress=False)
+    [record] = ResultStore(tmp_path / "store")
+    [(_, sample)] = plan_samples(config, tokenizer)
+    answer_ids = tokenizer.encode(" Location of a famous tower in Paris", return_tensors="pt", add_special_tokens=False)
+    assert answer_ids.shape[1] > 2
+    ids = torch.cat([*encode_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix),
+                     answer_ids[:, :2]], 1)
+    with torch.no_grad():
+        logits = model(ids).logits[0, -3:-1]
+    assert record["answer_nll"] == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, answer_ids[0, :2]).item(), abs=1e-4)
 
 
 def test_bad_benchmark_settings_are_named():

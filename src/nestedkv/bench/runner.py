@@ -192,10 +192,11 @@ def run(
                 del full
                 answer_ids = None
             else:
+                # At most what the greedy answer may write: prompt and answer are known to fit the model's window.
                 answer_ids = tokenizer.encode(
                     reference_answer(sample.metric, sample.answers, sample.answer_prefix),
                     return_tensors="pt", add_special_tokens=False,
-                )
+                )[:, : sample.max_new_tokens]
             waiting: list[tuple[str, float, dict, float, list]] = []  # answers to decode together
             for method, ratio in pending:
                 bar.set_postfix_str(f"{length} {sample.task}#{sample.index} {method} r={ratio}")
