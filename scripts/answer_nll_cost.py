@@ -15,10 +15,9 @@ from statistics import median
 import torch
 
 from nestedkv.bench.methods import make_press
-from nestedkv.bench.metrics import reference_answer
 from nestedkv.bench.plan import EvalConfig
 from nestedkv.bench.replay import compress_replay, greedy_answers, prefill_once, ragged_rows
-from nestedkv.bench.runner import _encode, answer_nll, plan_samples
+from nestedkv.bench.runner import _encode, answer_nll, plan_samples, reference_answer_ids
 from nestedkv.models import load_model
 
 
@@ -28,8 +27,7 @@ def main() -> None:
     config = EvalConfig(model="default", tasks=("niah_multikey_2",), lengths=(4096,), ratios=(0.9,), samples=1)
     [(_, sample)] = plan_samples(config, tokenizer)
     context_ids, question_ids = _encode(sample, tokenizer, query_aware=False)
-    reference = reference_answer(sample.metric, sample.answers, sample.answer_prefix)
-    answer_ids = tokenizer.encode(reference, return_tensors="pt", add_special_tokens=False)
+    answer_ids = reference_answer_ids(sample, tokenizer)
     print(f"context {context_ids.shape[1]}, question {question_ids.shape[1]}, answer {answer_ids.shape[1]} tokens")
     with torch.no_grad():
         prefill = prefill_once(model, context_ids)

@@ -535,8 +535,9 @@ def _write_documents_report(records: list[dict], out: Path, against: str | None 
         headline = measures[-1]  # delta_nll for continuation, the score otherwise
         plot_quality_vs_cost(cells_of[headline.field][0], costs, headline,
                              out / f"{headline.field}_vs_cost_{task}.png", against)
-        sections += filter(None, [answer_nll_markdown(answer_nll_cells(task_records), f"{task}: {ANSWER_NLL.field}",
-                                                      against)])
+        nll_tables = answer_nll_markdown(answer_nll_cells(task_records), f"{task}: {ANSWER_NLL.field}", against)
+        if nll_tables:
+            sections.append(nll_tables)
     text = "\n".join(sections) + cost_markdown(costs) + errors_markdown(errors(records), collect(records)[0])
     (out / "report.md").write_text(text, encoding="utf-8")
     return text

@@ -192,11 +192,7 @@ def run(
                 del full
                 answer_ids = None
             else:
-                # At most what the greedy answer may write: prompt and answer are known to fit the model's window.
-                answer_ids = tokenizer.encode(
-                    reference_answer(sample.metric, sample.answers, sample.answer_prefix),
-                    return_tensors="pt", add_special_tokens=False,
-                )[:, : sample.max_new_tokens]
+                answer_ids = reference_answer_ids(sample, tokenizer)
             waiting: list[tuple[str, float, dict, float, list]] = []  # answers to decode together
             for method, ratio in pending:
                 bar.set_postfix_str(f"{length} {sample.task}#{sample.index} {method} r={ratio}")
@@ -313,11 +309,11 @@ def _refuse_missing_hub_files(method: str, error: OSError) -> None:
 
 
 def teacher_forced_logits(
-    model: PreTrainedModel, cache: DynamicCache, target_ids: torch.Tensor, prefill: Prefill
+    model: PreTrainedModel, cache: DynamicCache, target_ids: torch.Tensor, prefill: Prefill, last: int = 0
 ) -> torch.Tensor:
     """Feed ``target_ids (1, T + 1)`` but the last after the context held (compressed) in ``cache``;
-    the logits ``(T, vocab)`` that predict ``target_ids[0, 1:]``."""
-    return feed(model, cache, target_ids[:, :-1].to(model.device), prefill.context_length, logits_to_keep=0)[0]
+    the logits ``(T, vocab)`` that predict ``target_ids[0, 1:]``, or only the ``last`` of them (0: all)."""
+    return feed(model, cache, target_ids[:, :-1].to(model.device), prefill.context_length, logits_to_keep=last)[0]
 
 
 def answer_nll(
@@ -329,9 +325,17 @@ def answer_nll(
     substring appears. ``None`` for an empty reference."""
     if answer_ids.shape[1] == 0:
         return None
-    fed = torch.cat([question_ids, answer_ids[:, :-1]], dim=1).to(model.device)
-    logits = feed(model, copy.deepcopy(cache), fed, prefill.context_length, logits_to_keep=answer_ids.shape[1])[0]
+    target = torch.cat([question_ids, answer_ids], dim=1)
+    logits = teacher_forced_logits(model, copy.deepcopy(cache), target, prefill, last=answer_ids.shape[1])
     return torch.nn.functional.cross_entropy(logits.float(), answer_ids[0].to(logits.device)).item()
+
+
+def reference_answer_ids(sample: Sample, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The token ids ``(1, A)`` of ``sample``'s reference answer (:func:`~nestedkv.bench.metrics.reference_answer`),
+    at most ``max_new_tokens`` of them: what the greedy answer may write, so that prompt and answer stay inside the
+    model's window as the prompt check guaranteed."""
+    text = reference_answer(sample.metric, sample.answers, sample.answer_prefix)
+    return tokenizer.encode(text, return_tensors="pt", add_special_tokens=False)[:, : sample.max_new_tokens]
 
 
 def _encode(sample: Sample, tokenizer: PreTrainedTokenizerBase, query_aware: bool) -> tuple[torch.Tensor, torch.Tensor]:
