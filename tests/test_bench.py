@@ -249,10 +249,7 @@ def test_answer_nll_is_the_reference_answers_likelihood_after_the_prompt(model, 
     answer = reference_answer(sample.metric, sample.answers, sample.answer_prefix)
     assert answer == " " + sample.answers[0]  # after "... mentioned in the provided text is"
     answer_ids = tokenizer.encode(answer, return_tensors="pt", add_special_tokens=False)
-    ids = torch.cat([*encode_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix), answer_ids], 1)
-    with torch.no_grad():
-        logits = model(ids).logits[0, -answer_ids.shape[1] - 1 : -1]
-    expected = torch.nn.functional.cross_entropy(logits, answer_ids[0]).item()
+    expected = answer_nll_in_one_pass(model, tokenizer, sample, answer_ids)
     assert records["none"]["answer_nll"] == pytest.approx(expected, abs=1e-4)
     assert records["none"]["score"] == 100 and records["none"]["answer_nll"] < 0.1  # the model finds this needle
     assert min(records[method]["answer_nll"] for method in ("nestedkv", "knorm")) > records["none"]["answer_nll"]
@@ -552,12 +549,17 @@ def test_answer_nll_reads_at_most_the_tokens_an_answer_may_have(model, tokenizer
     [(_, sample)] = plan_samples(config, tokenizer)
     answer_ids = tokenizer.encode(" Location of a famous tower in Paris", return_tensors="pt", add_special_tokens=False)
     assert answer_ids.shape[1] > 2
-    ids = torch.cat([*encode_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix),
-                     answer_ids[:, :2]], 1)
+    assert record["answer_nll"] == pytest.approx(answer_nll_in_one_pass(model, tokenizer, sample, answer_ids[:, :2]),
+                                                 abs=1e-4)
+
+
+def answer_nll_in_one_pass(model, tokenizer, sample, answer_ids: torch.Tensor) -> float:
+    """The reference for the runner's answer NLL: the mean NLL of ``answer_ids (1, A)`` from one uncompressed forward
+    pass over the sample's prompt followed by them."""
+    ids = torch.cat([*encode_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix), answer_ids], 1)
     with torch.no_grad():
-        logits = model(ids).logits[0, -3:-1]
-    assert record["answer_nll"] == pytest.approx(
-        torch.nn.functional.cross_entropy(logits, answer_ids[0, :2]).item(), abs=1e-4)
+        logits = model(ids).logits[0, -answer_ids.shape[1] - 1 : -1]
+    return torch.nn.functional.cross_entropy(logits, answer_ids[0]).item()
 
 
 def test_bad_benchmark_settings_are_named():
