@@ -317,6 +317,19 @@ def test_report_tables_confidence_intervals_and_plots(tmp_path):
         write_report(records, tmp_path / "against", against="tova")
 
 
+def test_report_marks_the_paired_differences_whose_interval_excludes_zero(tmp_path):
+    """Bold where the paired interval excludes zero, decided before rounding: +0.04 ± 0.01 prints as +0.0 ± 0.0."""
+    records = [record(task, "none", 0.0, i, 50.0) for task in "ab" for i in range(3)]
+    records += [record(task, "nestedkv", 0.5, i, 40.0 + 0.04 * i) for task in "ab" for i in range(3)]
+    records += [record(task, "tova", 0.5, i, 39.97 + 0.03 * i) for task in "ab" for i in range(3)]
+    records += [record(task, "keydiff", 0.5, i, 40.0 + (1 - 2 * (i % 2)) + 0.02 * i) for task in "ab" for i in range(3)]
+    text = write_report(records, tmp_path)
+    assert "in bold where it excludes zero" in text
+    assert "| tova | **+0.0 ± 0.0** |" in text  # differences 0.03, 0.04, 0.05 in each task
+    assert "| keydiff | -0.3 ± 1.3 |" in text  # alternating signs: not clear
+    assert "| none | **-10.0 ± 0.0** |" in text
+
+
 def test_report_of_some_methods_counts_the_samples_they_have_in_common(tmp_path):
     """A store where one peer was measured on fewer samples: the whole report counts those, a report of
     the others counts every sample they share."""

@@ -247,6 +247,14 @@ def _format(cell: Cell | None, sign: str = "", digits: int = 1) -> str:
     return f"{cell.mean:{sign}.{digits}f}" + (f" ± {ci:.{digits}f}" if ci is not None else "")
 
 
+def _format_difference(difference: Cell, digits: int) -> str:
+    """A paired difference as :func:`_format` writes it, in bold where its interval excludes zero: decided on the
+    unrounded values, since a difference and its interval often round to the same last digit."""
+    text = _format(difference, "+", digits)
+    ci = difference.ci95
+    return f"**{text}**" if ci is not None and abs(difference.mean) > ci else text
+
+
 REFERENCES = ("nestedkv", "nestedkv-paper")
 """The method every other is paired with and drawn against unless the report names one (``against``):
 the shipped NestedKV, else the paper's."""
@@ -292,8 +300,8 @@ def markdown_tables(
         better = "higher" if measure.higher_is_better else "higher, i.e. worse"
         lines += [
             "",
-            f"{reference} minus each method, paired on the same samples (± 95 % CI of the paired differences; "
-            f"positive: {reference}'s is {better}):",
+            f"{reference} minus each method, paired on the same samples (± 95 % CI of the paired differences, in "
+            f"bold where it excludes zero; positive: {reference}'s is {better}):",
             "",
             "| method | " + " | ".join(f"r={r}" for r in ratios) + " |",
             "|---|" + "---:|" * len(ratios),
@@ -304,7 +312,7 @@ def markdown_tables(
             row = []
             for ratio in ratios:
                 ours, theirs = cells.get((reference, ratio)), _cell_at(cells, method, ratio)
-                row.append(_format(ours.minus(theirs), "+", digits) if ours and theirs else "–")
+                row.append(_format_difference(ours.minus(theirs), digits) if ours and theirs else "–")
             lines.append(f"| {method} | " + " | ".join(row) + " |")
     for ratio in ratios if len(tasks) > 1 else ():
         lines += ["", f"Per task at r={ratio} (mean of {n} sample(s) each):", ""]
