@@ -33,7 +33,7 @@ from nestedkv.cache.attention import (
     visible_columns,
 )
 from nestedkv.models import attention_modules
-from nestedkv.scoring import Rotary, nestedkv_score
+from nestedkv.scoring import Rotary, compiled_nestedkv_score, nestedkv_score
 from nestedkv.settings import (
     PAPER_SETTINGS,
     STORAGES,
@@ -359,8 +359,13 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
     head, and score the keys as cached, with a warning, where they hand the angles of other keys than those
     they score; ``PerLayerCompressionPress`` sets the ratio of each layer; in a ``ComposedPress`` the
     head-adaptive budget must come last.
+
+    ``compile_score``: score with :func:`~nestedkv.scoring.compiled_nestedkv_score` (``torch.compile``, one graph
+    for every context length; the first prefill pays the compilation): for a GPU, where the eager score is bound
+    by its many small kernel launches; on the CPU the default path (a C kernel) is faster.
     """
 
+    compile_score: bool = False
     _average_ratio: float | None = field(default=None, init=False, repr=False)  # the ratio while a layer's is set
 
     @classmethod
@@ -401,7 +406,8 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
                     "or a kvpress wrapper scoring part of them); they are scored as cached", stacklevel=2,
                 )
         # scores only pick positions: no gradient through them
-        return nestedkv_score(keys.detach(), self.score_config(), values.detach(), rotary)
+        score = compiled_nestedkv_score() if self.compile_score else nestedkv_score
+        return score(keys.detach(), self.score_config(), values.detach(), rotary)
 
     def score_config(self) -> NestedKVConfig:
         """The score's settings at this press's (or layer's) ratio: the press itself, or, with a ramp tied

@@ -16,7 +16,7 @@ tensor. No model, no kvpress: these functions can be checked by hand.
 Choices the paper leaves open (marked [open] in the spec) are made here, each in one place:
 
 * trailing block: a last block shorter than half a block is merged into the block before it,
-  so that no block anchor averages a handful of keys (see :func:`block_bounds`);
+  so that no block anchor averages a handful of keys (see :func:`block_count`);
 * constant vectors: a min-max normalisation of a constant vector gives all zeros;
 * sinks and min-max: the ``n_sink`` first positions are left out of every within-head statistic
   (min-max ranges, top/bottom-10 % gaps, surprise range and mean), because sink keys are outliers
@@ -27,6 +27,8 @@ Choices the paper leaves open (marked [open] in the spec) are made here, each in
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,16 +89,20 @@ def default_block_size(n: int) -> int:
     return min(max(n // 32, 128), 256)
 
 
-def block_bounds(n: int, block_size: int) -> list[int]:
-    """Edges ``[0, b, 2b, ..., N]`` of the contiguous blocks: block j is ``[bounds[j], bounds[j + 1])``.
+def block_count(n: int, block_size: int) -> int:
+    """How many blocks cut N positions: blocks of ``block_size``, except that [open] a trailing block shorter
+    than ``block_size // 2`` joins the block before it (so that no block anchor averages a handful of keys).
 
-    Every block but the last has ``block_size`` positions. [open] A trailing block shorter than
-    ``block_size // 2`` joins the block before it.
+    ``max(1, (N + b - max(b // 2, 1)) // b)``: arithmetic, no branch on N, so that one compiled score
+    serves every context length.
     """
-    bounds = [*range(0, n, block_size), n]
-    if len(bounds) > 2 and n - bounds[-2] < block_size // 2:
-        del bounds[-2]
-    return bounds
+    return max(1, (n + block_size - max(block_size // 2, 1)) // block_size)
+
+
+def block_bounds(n: int, block_size: int) -> list[int]:
+    """Edges ``[0, b, 2b, ..., N]`` of the :func:`block_count` contiguous blocks: block j is
+    ``[bounds[j], bounds[j + 1])``; every block but the last has ``block_size`` positions."""
+    return [*range(0, (block_count(n, block_size) - 1) * block_size + 1, block_size), n]
 
 
 def block_size_for(n: int, config: NestedKVConfig) -> int:
@@ -123,9 +129,8 @@ def centred_prefix(k_hat: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     sum that grows with N, so that float32 differences of prefix sums stay accurate on long contexts.
     """
     *lead, n, d = k_hat.shape
-    prefix = k_hat.new_empty(*lead, n + 1, d)
-    prefix[..., 0, :] = 0
-    torch.sub(k_hat, centre, out=prefix[..., 1:, :])  # written in place: no padded copy
+    prefix = k_hat.new_zeros(*lead, n + 1, d)
+    prefix[..., 1:, :].copy_(k_hat).sub_(centre)  # written in place: no padded copy
     if prefix.device.type == "cpu":
         return prefix.cumsum_(dim=-2)
     # CUDA scans an outer axis with one thread per column walking all N rows: 91 % of the score's time
@@ -134,10 +139,17 @@ def centred_prefix(k_hat: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     return prefix.transpose(-1, -2).contiguous().cumsum_(dim=-1).transpose(-1, -2).contiguous()
 
 
-def block_means(prefix: torch.Tensor, centre: torch.Tensor, bounds: list[int]) -> torch.Tensor:
-    """Mean of ``k_hat`` over each block. ``(..., N + 1, d), (..., 1, d) -> (..., n_blocks, d)``."""
+def block_means(prefix: torch.Tensor, centre: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of ``k_hat`` over each of the :func:`block_count` blocks of ``block_size``.
+    ``(..., N + 1, d), (..., 1, d) -> (..., n_blocks, d)``."""
+    n = prefix.shape[-2] - 1
+    count = block_count(n, block_size)
+    # The edges of block_bounds, made on the device from N: no list of Python ints, so no copy from the host
+    # and no compiled graph specialised to one N.
+    steps = torch.arange(count + 1, device=prefix.device)
+    bounds = torch.where(steps < count, steps * block_size, n)  # the last block ends at N
     edges = prefix[..., bounds, :]  # (..., n_blocks + 1, d): a gather of a few rows
-    lengths = torch.tensor(bounds, dtype=prefix.dtype, device=prefix.device).diff().unsqueeze(-1)
+    lengths = bounds.diff().to(prefix.dtype).unsqueeze(-1)
     return (edges[..., 1:, :] - edges[..., :-1, :]) / lengths + centre
 
 
@@ -145,19 +157,17 @@ def window_means(prefix: torch.Tensor, centre: torch.Tensor, window: int) -> tor
     """Causal mean of ``k_hat`` over ``[max(0, i - W + 1), i]`` for every i. ``(..., N + 1, d) -> (..., N, d)``."""
     n = prefix.shape[-2] - 1
     w = min(window, n)
-    ends = prefix[..., 1:, :]  # prefix[i + 1]: the window of position i ends after i
-    sums = torch.empty_like(ends)
-    sums[..., :w, :] = ends[..., :w, :]  # the first windows start at position 0, where the prefix is 0
-    torch.sub(ends[..., w:, :], prefix[..., 1 : n + 1 - w, :], out=sums[..., w:, :])
+    sums = prefix[..., 1:, :].clone()  # prefix[i + 1]: the window of position i ends after i
+    sums[..., w:, :] -= prefix[..., 1 : n + 1 - w, :]  # the first w windows start at position 0, where the prefix is 0
     lengths = torch.arange(1, n + 1, dtype=prefix.dtype, device=prefix.device).clamp_max(window).unsqueeze(-1)
-    return torch.addcdiv(centre, sums, lengths, out=sums)  # centre + sums / lengths, in one pass
+    return sums.div_(lengths).add_(centre)
 
 
 def anchors(k_hat: torch.Tensor, config: NestedKVConfig) -> dict[str, torch.Tensor]:
     """The anchors of the configured scales.
 
     global: ``(..., 1, d)`` mean over the whole context; block: ``(..., n_blocks, d)`` mean of each
-    block of :func:`block_bounds_of` (one row per block, not per position); window: ``(..., N, d)``
+    block of :func:`block_size_for`'s size (one row per block, not per position); window: ``(..., N, d)``
     causal mean over the last W positions. Block and window means share one prefix sum.
     """
     centre = k_hat.mean(dim=-2, keepdim=True)  # the global anchor, and the centre of the prefix sum
@@ -165,7 +175,7 @@ def anchors(k_hat: torch.Tensor, config: NestedKVConfig) -> dict[str, torch.Tens
     if "block" in config.scales or "window" in config.scales:
         prefix = centred_prefix(k_hat, centre)
         if "block" in config.scales:
-            result["block"] = block_means(prefix, centre, block_bounds_of(k_hat.shape[-2], config))
+            result["block"] = block_means(prefix, centre, block_size_for(k_hat.shape[-2], config))
         if "window" in config.scales:
             result["window"] = window_means(prefix, centre, config.window)
     return result
@@ -180,15 +190,17 @@ def cosine_anomaly(k_hat: torch.Tensor, anchor: torch.Tensor, eps: float = 1e-6)
 
 
 def block_cosine_anomaly(
-    k_hat: torch.Tensor, block_anchor: torch.Tensor, bounds: list[int], eps: float = 1e-6
+    k_hat: torch.Tensor, block_anchor: torch.Tensor, block_size: int, eps: float = 1e-6
 ) -> torch.Tensor:
-    """:func:`cosine_anomaly` of each key against its block's anchor. ``(..., N, d), (..., n_blocks, d) -> (..., N)``.
+    """:func:`cosine_anomaly` of each key against its block's anchor (:func:`block_means`' blocks of
+    ``block_size``). ``(..., N, d), (..., n_blocks, d) -> (..., N)``.
 
-    The blocks before the last all have ``bounds[1]`` positions: a reshape of ``k_hat`` pairs them
+    The blocks before the last all have ``block_size`` positions: a reshape of ``k_hat`` pairs them
     with their anchors (one norm per block, no per-position copy); the last block is done on its own.
     """
-    last = bounds[-2]
-    full = k_hat[..., :last, :].unflatten(-2, (-1, bounds[1]))  # (..., n_blocks - 1, b, d)
+    before = block_anchor.shape[-2] - 1
+    last = before * block_size
+    full = k_hat[..., :last, :].unflatten(-2, (before, block_size))  # (..., n_blocks - 1, b, d)
     before_last = cosine_anomaly(full, block_anchor[..., :-1, None, :], eps).flatten(-2)
     return torch.cat([before_last, cosine_anomaly(k_hat[..., last:, :], block_anchor[..., -1:, :], eps)], dim=-1)
 
@@ -196,7 +208,7 @@ def block_cosine_anomaly(
 def scale_anomalies(k_hat: torch.Tensor, anchor: dict[str, torch.Tensor], config: NestedKVConfig) -> torch.Tensor:
     """Cosine anomaly of every key at each configured scale. ``(..., N, d) -> (..., S, N)``."""
     per_scale = [
-        block_cosine_anomaly(k_hat, anchor[scale], block_bounds_of(k_hat.shape[-2], config), config.eps)
+        block_cosine_anomaly(k_hat, anchor[scale], block_size_for(k_hat.shape[-2], config), config.eps)
         if scale == "block"
         else cosine_anomaly(k_hat, anchor[scale], config.eps)
         for scale in config.scales
@@ -304,7 +316,10 @@ def favour_recent(scores: torch.Tensor, recency: float, places: torch.Tensor | N
     if recency == 0:
         return scores
     if places is None:
-        places = torch.linspace(0.0, 1.0, scores.shape[-1], dtype=scores.dtype, device=scores.device)
+        # i / (N - 1) rounded once; torch.linspace's values depend on the CPU's vector width, and a compiled
+        # linspace is tied to one N
+        n = scores.shape[-1]
+        places = torch.arange(n, dtype=scores.dtype, device=scores.device) / max(n - 1, 1)
     return lean_towards(scores, places, recency)
 
 
@@ -379,8 +394,8 @@ def nestedkv_score(
     Steps 1 to 3 (the ``(N, d)`` work), the undoing of ``rotary`` included, run on CPU in one fused pass per
     head (:mod:`nestedkv.scoring_cpu`) where its kernel builds, outside ``torch.compile``; otherwise as the
     tensor functions below, a few heads at a time on CPU (about :data:`CPU_CHUNK_ELEMENTS` key elements, so
-    that every step's temporaries stay in cache), all at once elsewhere. Steps 3 to 6 then run on all heads
-    at once.
+    that every step's temporaries stay in cache), all at once elsewhere and when compiled. Steps 3 to 6 then run
+    on all heads at once.
     """
     config = config or NestedKVConfig()
     *lead, n, d = keys.shape
@@ -393,16 +408,31 @@ def nestedkv_score(
     else:
         value_norms = values.reshape(-1, n, values.shape[-1]).float().norm(dim=-1)
     # torch.compile traces the tensor functions instead: the kernel reads raw pointers, which a trace has not
-    if keys.device.type == "cpu" and not torch.compiler.is_compiling() and scoring_cpu.kernel() is not None:
+    compiling = torch.compiler.is_compiling()
+    if keys.device.type == "cpu" and not compiling and scoring_cpu.kernel() is not None:
         anomalies = scoring_cpu.raw_anomalies_cpu(heads, block_bounds_of(n, config), config.window, config.eps, rotary)
         if config.scales != scoring_cpu.KERNEL_SCALES:
             anomalies = anomalies[:, [scoring_cpu.KERNEL_SCALES.index(scale) for scale in config.scales]]
     else:
         if rotary is not None:
             heads = undo_rotary(keys, rotary).reshape(-1, n, d)
-        step = max(1, CPU_CHUNK_ELEMENTS // (n * d) if keys.device.type == "cpu" else len(heads))
+        # a compiled score takes all heads at once: chunks of a size computed from N would tie the graph to N
+        chunked = keys.device.type == "cpu" and not compiling
+        step = max(1, CPU_CHUNK_ELEMENTS // (n * d) if chunked else len(heads))
         anomalies = torch.cat([raw_anomalies(chunk, config) for chunk in heads.split(step)])
     return score_anomalies(anomalies, config, value_norms=value_norms).reshape(*lead, n)
+
+
+@functools.cache
+def compiled_nestedkv_score() -> Callable[..., torch.Tensor]:
+    """:func:`nestedkv_score` under ``torch.compile``, built on first use: the tensor path fused into a few
+    kernels, for a GPU, where the eager score is bound by launching its ~124 small operations per layer
+    (``docs/benchmarks_cuda.md``). One graph with no break serves every shape (``dynamic=True``): the block
+    edges, the recency ramp and the head chunks are tensors or arithmetic of N, not lists of Python ints,
+    so a new context length does not recompile (contexts shorter than a block and settings that change
+    which steps run do). Same arguments and result as :func:`nestedkv_score`, up to the rounding of
+    reordered sums. On the CPU the C kernel path is faster (``docs/scoring_speed.md``)."""
+    return torch.compile(nestedkv_score, dynamic=True, fullgraph=True)
 
 
 def raw_anomalies(keys: torch.Tensor, config: NestedKVConfig) -> torch.Tensor:
