@@ -1,6 +1,7 @@
 """NestedKVPress on real models: the default SmolLM2 and tiny random models of other shapes."""
 
 import contextlib
+import shutil
 
 import pytest
 import torch
@@ -94,6 +95,25 @@ def test_the_default_scores_the_cached_keys_turned_back_by_their_angles(model, c
         assert torch.equal(kept, keep(layer.keys * cos - rotate_half(layer.keys) * sin, layer.values))
         changed += int((kept != keep(layer.keys, layer.values)).sum())
     assert changed > 0.005 * kept.numel() * len(full.layers)  # 1.1 %: a score of other keys (a tenth is kept)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile needs a C++ compiler")
+def test_the_compiled_score_keeps_what_the_eager_score_keeps(model, context_ids):
+    """``compile_score=True`` (inductor's fused kernels) evicts what the default press evicts, in every layer and head,
+    at two context lengths, with at most one graph compiled for both."""
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for n in (context_ids.shape[1], 700):
+        evicted = []
+        for compile_score in (False, True):
+            prefill(model, context_ids[:, :n], NestedKVPress(0.9, storage="masked", compile_score=compile_score))
+            masks = []
+            for layer in model.model.layers:
+                mask = torch.zeros(1, model.config.num_key_value_heads, n, dtype=torch.bool)
+                mask[layer.self_attn.masked_key_indices] = True
+                masks.append(mask)
+            evicted.append(torch.stack(masks))
+        assert evicted[0].any() and torch.equal(*evicted)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs <= 1
 
 
 def test_a_ramp_tied_to_the_budget_weighs_each_layer_at_its_own_ratio(model, context_ids):

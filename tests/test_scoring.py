@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kvpress import KeyDiffPress
+from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import DynamicCache
 
 from nestedkv import scoring, scoring_cpu
@@ -20,6 +21,7 @@ from nestedkv.scoring import (
     block_cosine_anomaly,
     block_means,
     centred_prefix,
+    compiled_nestedkv_score,
     cosine_anomaly,
     default_block_size,
     discriminative_gap,
@@ -293,6 +295,26 @@ def test_fused_cpu_anomalies_undo_the_rotation_as_the_tensor_functions(batch, an
     expected = raw_anomalies(unrotated.reshape(-1, n, d), dataclasses.replace(config, scales=scoring_cpu.KERNEL_SCALES))
     torch.testing.assert_close(fused, expected, rtol=0, atol=1e-6)
     assert (unrotated - keys).abs().max() > 1  # the rotation was undone, not skipped
+
+
+def test_the_compiled_score_is_one_graph_for_every_context_length(monkeypatch):
+    """:func:`compiled_nestedkv_score` traced once (``fullgraph``: a break fails) for contexts of 300, 1000 and 4097
+    positions with values and RoPE angles, each score the tensor path's bit for bit (a counting backend that runs
+    the traced graph eagerly); a context shorter than a block is a second graph."""
+    counter = CompileCounterWithBackend("eager")
+    compiled = compiled_nestedkv_score(counter)
+    config = NestedKVConfig()
+    shipped = {}
+    for n in (300, 1000, 4097, 40):
+        generator = torch.Generator().manual_seed(n)
+        rotary = random_rotary(1, n, 64, False, generator)
+        keys, values = torch.randn(2, 1, 3, n, 64, generator=generator)
+        shipped[n] = nestedkv_score(keys, config, values, rotary)  # the C kernel's path where it builds
+        with monkeypatch.context() as patch:
+            patch.setattr(scoring_cpu, "kernel", lambda: None)
+            assert torch.equal(compiled(keys, config, values, rotary), nestedkv_score(keys, config, values, rotary))
+        assert counter.frame_count == (1 if n >= config.block_size else 2)
+        assert_same_kept_positions(compiled(keys, config, values, rotary), shipped[n], atol=1e-5)
 
 
 def test_undo_rotary_inverts_the_rotation():

@@ -424,15 +424,16 @@ def nestedkv_score(
 
 
 @functools.cache
-def compiled_nestedkv_score() -> Callable[..., torch.Tensor]:
+def compiled_nestedkv_score(backend: str | Callable = "inductor") -> Callable[..., torch.Tensor]:
     """:func:`nestedkv_score` under ``torch.compile``, built on first use: the tensor path fused into a few
     kernels, for a GPU, where the eager score is bound by launching its ~124 small operations per layer
     (``docs/benchmarks_cuda.md``). One graph with no break serves every shape (``dynamic=True``): the block
     edges, the recency ramp and the head chunks are tensors or arithmetic of N, not lists of Python ints,
     so a new context length does not recompile (contexts shorter than a block and settings that change
     which steps run do). Same arguments and result as :func:`nestedkv_score`, up to the rounding of
-    reordered sums. On the CPU the C kernel path is faster (``docs/scoring_speed.md``)."""
-    return torch.compile(nestedkv_score, dynamic=True, fullgraph=True)
+    reordered sums. On the CPU the C kernel path is faster (``docs/scoring_speed.md``). ``backend``: torch.compile's
+    (the tests count graphs with a counting one)."""
+    return torch.compile(nestedkv_score, backend=backend, dynamic=True, fullgraph=True)
 
 
 def raw_anomalies(keys: torch.Tensor, config: NestedKVConfig) -> torch.Tensor:
