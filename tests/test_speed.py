@@ -31,7 +31,7 @@ def tiny_report():
     config = random_config("tiny")
     settings = BenchSettings(
         length=512, ratios=(0.5, 0.9), scaling_lengths=(256, 512, 1024), decode_lengths=(512, 2048), batched_rows=2,
-        decode_tokens=2, repeats=1, warmup=0, verify_max_length=512, peak_memory=False,
+        decode_tokens=2, repeats=1, warmup=0, verify_max_length=512, peak_memory=False, compiled_score=True,
     )
     return run_bench(random_model(config, torch.float32), settings, model_name="tiny", scaling_config=config)
 
@@ -57,7 +57,9 @@ def test_bytes_held_after_prefill(tiny_report):
 
 
 def test_scoring_and_scaling_report(tiny_report):
-    assert tiny_report["scoring"]["nestedkv_s"] > 0 and tiny_report["scoring"]["keydiff_s"] > 0
+    scoring = tiny_report["scoring"]
+    assert scoring["nestedkv_s"] > 0 and scoring["keydiff_s"] > 0 and scoring["compiled_s"] > 0
+    assert scoring["compile_s"] > 0  # the first call, timed apart from the medians
     scaling = tiny_report["scaling"]
     config = random_config("tiny")
     for row in scaling["rows"]:
@@ -70,6 +72,7 @@ def test_scoring_and_scaling_report(tiny_report):
     assert math.isfinite(scaling["nestedkv_exponent"]) and math.isfinite(scaling["keydiff_exponent"])
     text = format_markdown(tiny_report)
     assert "| nestedkv | 0.9 |" in text and "Fitted exponent" in text
+    assert "| NestedKV, compiled score (first call" in text
     json.dumps(tiny_report)
 
 
@@ -134,7 +137,7 @@ def test_cli_quick_end_to_end_with_memory(tmp_path, capsys):
         assert memory["peak"] >= memory["prefill_peak"] > 0
     assert [row["length"] for row in report["scaling"]["rows"]] == [1024, 2048, 4096, 8192]
     assert "long_decoding" not in report and "batched_decoding" not in report  # --quick skips both
-    assert {"nestedkv_s", "keydiff_s"} <= set(report["scoring"])
+    assert {"nestedkv_s", "keydiff_s"} <= set(report["scoring"]) and report["scoring"]["compiled_s"] is None
 
 
 @pytest.mark.parametrize(

@@ -244,6 +244,8 @@ def _bench(args: argparse.Namespace) -> None:
     overrides = {name: value for name, value in overrides.items() if value is not None}
     if args.no_peak_memory:
         overrides["peak_memory"] = False
+    if args.compiled_score:
+        overrides["compiled_score"] = True
     settings = dataclasses.replace(QUICK if args.quick else BenchSettings(), **overrides)
     # The scaling and long-decoding tables use the 1B shape, or the tiny one with the tiny model (tests).
     scaling_shape = "tiny" if args.random_shape == "tiny" else "llama-3.2-1b"
@@ -446,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--no-peak-memory", action="store_true", help="skip the memory measurements (fresh processes on CPU)"
+    )
+    bench.add_argument(
+        "--compiled-score", action="store_true",
+        help="also time the score compiled with torch.compile (NestedKVPress(compile_score=True), one graph for "
+        "every length; meant for GPUs) and how long its first call takes to compile",
     )
     bench.add_argument(
         "--random-shape", choices=sorted(RANDOM_SHAPES), default=None,

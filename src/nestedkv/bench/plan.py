@@ -187,6 +187,7 @@ class BenchSettings:
     none). decode_tokens: timed greedy steps (after
     ``warmup`` untimed ones). repeats / warmup: timed / untimed runs of each measurement.
     peak_memory: measure memory (on CPU in fresh processes: the slowest part). seed: of the token ids.
+    compiled_score: also time ``NestedKVPress(compile_score=True)``'s score, and its first call (the compilation).
     """
 
     length: int = 2048
@@ -201,6 +202,7 @@ class BenchSettings:
     verify_max_length: int = 4096
     peak_memory: bool = True
     seed: int = 0
+    compiled_score: bool = False
 
     def __post_init__(self) -> None:
         if not self.ratios:
