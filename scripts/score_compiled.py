@@ -1,67 +1,105 @@
-"""The whole NestedKV score under ``torch.compile`` against the eager tensor path, on the CPU.
+"""The NestedKV score compiled (``compiled_nestedkv_score``) against the eager score, on one layer's keys.
 
-Counts what compiling costs (the first call, and the first call at another context length) and whether the
-compiled score is faster or keeps other positions. Both run with the C kernel off, on the tensor functions
-of ``nestedkv.scoring`` (a compiled call traces them; the kernel reads raw pointers, which a trace has
-not); the shipped CPU path, with the kernel, is timed first for comparison. docs/scoring_speed.md quotes
-its output.
+What compiling costs (the first call; then the first call at each other context length, which should find the
+graph already made), whether the compiled score keeps the positions the eager one keeps, how many kernels one
+compiled call runs (counted in inductor's generated code: fused kernels plus operations it leaves to PyTorch)
+against the operations the eager tensor path dispatches (``scripts/score_launches.py`` counts those per
+function), and the time per call of each path. On the CPU the shipped path (the C kernel) is timed too.
+docs/scoring_speed.md and docs/benchmarks_cuda.md quote its output.
 
-    PYTHONPATH=src .venv/bin/python scripts/score_compiled.py [--length 4096] [--other-length 5000]
+    PYTHONPATH=src .venv/bin/python scripts/score_compiled.py [--device cuda] [--lengths 4096,5000,8192]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 
 import torch
+from torch._inductor.utils import run_and_get_code
 
 from nestedkv import scoring_cpu
-from nestedkv.scoring import nestedkv_score
+from nestedkv.scoring import Rotary, compiled_nestedkv_score, nestedkv_score
 from nestedkv.settings import NestedKVConfig
+
+KERNEL_CALL = re.compile(
+    r"^\s+(?:\w+ = )?(?:cpp_fused_\w+\(|triton_\w+\.run\(|extern_kernels\.\w+\(|torch\.ops\.aten\.)"
+)
+"""A line of the generated ``call`` function that runs a kernel: a fused C++ or Triton kernel, or an operation
+left to PyTorch."""
+
+
+def llama_rotary(n: int, head_dim: int, device: str) -> Rotary:
+    """Llama's RoPE angles (base 10000, halves rotated) of positions 0..N-1."""
+    frequencies = 10000.0 ** (-torch.arange(0, head_dim, 2, device=device) / head_dim)
+    theta = torch.arange(n, device=device)[None, :, None] * frequencies
+    theta = torch.cat([theta, theta], dim=-1)
+    half = head_dim // 2
+    sign = torch.cat([-torch.ones(half, device=device), torch.ones(half, device=device)])
+    return Rotary(theta.cos(), theta.sin(), torch.arange(head_dim, device=device).roll(half), sign)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--length", type=int, default=4096)
-    parser.add_argument("--other-length", type=int, default=5000, help="a second length, to time a recompile")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--kept", type=int, default=400, help="top positions per head compared")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lengths", default="4096,5000,8192", help="context lengths; the first is timed")
+    parser.add_argument("--heads", type=int, default=8, help="KV heads of the layer (Llama-3.2-1B: 8 of 64 dims)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    generator = torch.Generator().manual_seed(0)
+    lengths = [int(length) for length in args.lengths.split(",")]
+    generator = torch.Generator(args.device).manual_seed(0)
     config = NestedKVConfig()
+    synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
 
-    def layer(n: int) -> tuple[torch.Tensor, torch.Tensor]:  # one layer of Llama-3.2-1B's shape
-        return tuple(torch.randn(1, 8, n, 64, generator=generator) for _ in range(2))
+    def layer(n: int) -> tuple[torch.Tensor, torch.Tensor, Rotary]:
+        keys, values = (torch.randn(1, args.heads, n, 64, generator=generator, device=args.device).to(
+            getattr(torch, args.dtype)) for _ in range(2))
+        return keys, values, llama_rotary(n, 64, args.device)
 
-    def eager(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        return nestedkv_score(keys, config, values)
-
-    def timed(name: str, score) -> None:
-        score(keys, values)
+    def seconds(score, inputs) -> float:
+        synchronize()
         start = time.perf_counter()
-        for _ in range(args.repeats):
-            score(keys, values)
-        print(f"{name}: {(time.perf_counter() - start) / args.repeats * 1e3:.1f} ms per call, N = {args.length}")
+        score(*inputs)
+        synchronize()
+        return time.perf_counter() - start
 
-    keys, values = layer(args.length)
-    if scoring_cpu.kernel() is not None:
-        timed("shipped (C kernel)", eager)
-    os.environ["NESTEDKV_CPU_KERNEL"] = "0"  # from here on the tensor path
+    def eager(keys, values, rotary) -> torch.Tensor:
+        return nestedkv_score(keys, config, values, rotary)
+
+    def compiled(keys, values, rotary) -> torch.Tensor:
+        return compiled_nestedkv_score()(keys, config, values, rotary)
+
+    def median_ms(score) -> float:
+        score(*inputs)
+        times = sorted(seconds(score, inputs) for _ in range(args.repeats))
+        return times[len(times) // 2] * 1e3
+
+    inputs = layer(lengths[0])
+    start = time.perf_counter()
+    _, code = run_and_get_code(compiled, *inputs)  # the first call: compiles, and hands over the generated code
+    synchronize()
+    print(f"compiled, first call at N = {lengths[0]} (compiles): {time.perf_counter() - start:.1f} s")
+    call = [line for source in code if "def call(" in source for line in source.split("def call(", 1)[1].splitlines()]
+    kernels = sum(bool(KERNEL_CALL.match(line)) for line in call)
+    print(f"kernels one compiled call runs (inductor's generated code): {kernels}")
+    for n in lengths[1:]:
+        other = layer(n)
+        first = seconds(compiled, other)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        print(f"compiled, first call at N = {n}: {first:.3f} s ({graphs} graphs compiled so far)")
+        kept = [score.topk(n // 10).indices.sort().values for score in (compiled(*other), eager(*other))]
+        print(f"  same top {n // 10} positions in every head as the eager score: {torch.equal(*kept)}")
+    per_call = {"compiled": median_ms(compiled)}
+    if args.device == "cpu" and scoring_cpu.kernel() is not None:
+        per_call["shipped (C kernel)"] = median_ms(eager)
+    os.environ["NESTEDKV_CPU_KERNEL"] = "0"  # from here on the eager tensor path, as on a GPU
     scoring_cpu.kernel.cache_clear()
-    compiled = torch.compile(eager, dynamic=True)
-    start = time.perf_counter()
-    scores = compiled(keys, values)
-    print(f"first compiled call (compiles), N = {args.length}: {time.perf_counter() - start:.1f} s")
-    kept = [score.topk(args.kept).indices.sort().values for score in (scores, eager(keys, values))]
-    print(f"same top {args.kept} positions in every head as eager: {torch.equal(*kept)}")
-    start = time.perf_counter()
-    compiled(*layer(args.other_length))
-    print(f"first compiled call at N = {args.other_length}: {time.perf_counter() - start:.1f} s")
-    timed("eager tensor path", eager)
-    timed("compiled tensor path", compiled)
-
+    per_call["eager tensor path"] = median_ms(eager)
+    for name, ms in per_call.items():
+        print(f"{name}: {ms:.2f} ms per call (median of {args.repeats}), N = {lengths[0]}")
 
 if __name__ == "__main__":
     main()

@@ -146,8 +146,8 @@ def block_means(prefix: torch.Tensor, centre: torch.Tensor, block_size: int) -> 
     count = block_count(n, block_size)
     # The edges of block_bounds, made on the device from N: no list of Python ints, so no copy from the host
     # and no compiled graph specialised to one N.
-    steps = torch.arange(count + 1, device=prefix.device)
-    bounds = torch.where(steps < count, steps * block_size, n)  # the last block ends at N
+    bounds = torch.arange(0, (count + 1) * block_size, block_size, device=prefix.device)
+    bounds[-1] = n  # the last block ends at N
     edges = prefix[..., bounds, :]  # (..., n_blocks + 1, d): a gather of a few rows
     lengths = bounds.diff().to(prefix.dtype).unsqueeze(-1)
     return (edges[..., 1:, :] - edges[..., :-1, :]) / lengths + centre
@@ -158,9 +158,9 @@ def window_means(prefix: torch.Tensor, centre: torch.Tensor, window: int) -> tor
     n = prefix.shape[-2] - 1
     w = min(window, n)
     sums = prefix[..., 1:, :].clone()  # prefix[i + 1]: the window of position i ends after i
-    sums[..., w:, :] -= prefix[..., 1 : n + 1 - w, :]  # the first w windows start at position 0, where the prefix is 0
+    sums[..., w:, :].sub_(prefix[..., 1 : n + 1 - w, :])  # the first w windows start at 0, where the prefix is 0
     lengths = torch.arange(1, n + 1, dtype=prefix.dtype, device=prefix.device).clamp_max(window).unsqueeze(-1)
-    return sums.div_(lengths).add_(centre)
+    return torch.addcdiv(centre, sums, lengths)  # centre + sums / lengths, in one pass
 
 
 def anchors(k_hat: torch.Tensor, config: NestedKVConfig) -> dict[str, torch.Tensor]:
