@@ -652,6 +652,19 @@ def test_cuda_score_of_rotated_keys_equals_the_cpu_score():
     assert_close_up_to_rank_steps(scores, nestedkv_score(keys, config, values, rotary), config)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compiled_score_equals_the_cpu_score():
+    """The compiled score on CUDA (Triton kernels) against the CPU score of the same rotated keys and values, at two
+    lengths of one graph: the same scores up to summation order."""
+    config = NestedKVConfig()
+    for n in (4097, 6000):
+        keys, values = random_keys_and_values(n, torch.bfloat16)
+        rotary = random_rotary(1, n, 64, False, torch.Generator().manual_seed(n))
+        on_gpu = Rotary(*(part.cuda() for part in (rotary.cos, rotary.sin, rotary.perm, rotary.sign)))
+        scores = compiled_nestedkv_score()(keys.cuda(), config, values.cuda(), on_gpu).cpu()
+        assert_close_up_to_rank_steps(scores, nestedkv_score(keys, config, values, rotary), config)
+
+
 def test_score_keeps_the_positions_of_the_reference_implementation_on_real_keys(model, scoring_path):
     """Keys of every layer of the real model after a short prefill of random tokens."""
     cache = DynamicCache()
