@@ -129,7 +129,8 @@ def centred_prefix(k_hat: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     sum that grows with N, so that float32 differences of prefix sums stay accurate on long contexts.
     """
     *lead, n, d = k_hat.shape
-    prefix = k_hat.new_zeros(*lead, n + 1, d)
+    prefix = k_hat.new_empty(*lead, n + 1, d)
+    prefix[..., 0, :] = 0
     prefix[..., 1:, :].copy_(k_hat).sub_(centre)  # written in place: no padded copy
     if prefix.device.type == "cpu":
         return prefix.cumsum_(dim=-2)
@@ -426,13 +427,14 @@ def nestedkv_score(
 @functools.cache
 def compiled_nestedkv_score(backend: str | Callable = "inductor") -> Callable[..., torch.Tensor]:
     """:func:`nestedkv_score` under ``torch.compile``, built on first use: the tensor path fused into a few
-    kernels, for a GPU, where the eager score is bound by launching its ~124 small operations per layer
+    kernels, for a GPU, where the eager score is bound by launching its ~130 small operations per layer
     (``docs/benchmarks_cuda.md``). One graph with no break serves every shape (``dynamic=True``): the block
-    edges, the recency ramp and the head chunks are tensors or arithmetic of N, not lists of Python ints,
-    so a new context length does not recompile (contexts shorter than a block and settings that change
-    which steps run do). Same arguments and result as :func:`nestedkv_score`, up to the rounding of
-    reordered sums. On the CPU the C kernel path is faster (``docs/scoring_speed.md``). ``backend``: torch.compile's
-    (the tests count graphs with a counting one)."""
+    edges and the recency ramp are computed from N on the device, not made from lists of Python ints, and all
+    heads go at once, so a new context length does not recompile. What does: a context shorter than a block,
+    settings that change which steps run, and on the CPU inductor's choice of a more precise accumulation for
+    reductions past 4096 elements (a graph past about 4k positions, another past about 41k). Same arguments and
+    result as :func:`nestedkv_score`, up to the rounding of reordered sums. On the CPU the C kernel path is
+    faster (``docs/scoring_speed.md``). ``backend``: torch.compile's (the tests count graphs with a counting one)."""
     return torch.compile(nestedkv_score, backend=backend, dynamic=True, fullgraph=True)
 
 
