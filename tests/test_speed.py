@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nestedkv import cli
+from nestedkv.bench import speed
 from nestedkv.bench.plan import BenchSettings
 from nestedkv.bench.speed import (
     METHODS,
@@ -138,6 +139,19 @@ def test_cli_quick_end_to_end_with_memory(tmp_path, capsys):
     assert [row["length"] for row in report["scaling"]["rows"]] == [1024, 2048, 4096, 8192]
     assert "long_decoding" not in report and "batched_decoding" not in report  # --quick skips both
     assert {"nestedkv_s", "keydiff_s"} <= set(report["scoring"]) and report["scoring"]["compiled_s"] is None
+
+
+def test_cli_compiled_score_option_reaches_the_benchmark(monkeypatch):
+    seen = []
+
+    def record(model, settings, **kwargs):
+        seen.append(settings)
+        raise KeyboardInterrupt  # stop before anything is measured
+
+    monkeypatch.setattr(speed, "run_bench", record)
+    for argv, compiled in (([], False), (["--compiled-score"], True)):
+        assert cli.main(["bench", "--random-shape", "tiny", "--quick", *argv]) == 130
+        assert seen[-1].compiled_score is compiled
 
 
 @pytest.mark.parametrize(
