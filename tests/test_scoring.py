@@ -19,6 +19,7 @@ from nestedkv.scoring import (
     anchors,
     block_bounds,
     block_cosine_anomaly,
+    block_count,
     block_means,
     centred_prefix,
     compiled_nestedkv_score,
@@ -78,6 +79,17 @@ def test_default_block_size_is_clipped_n_over_32(n, size):
 )
 def test_block_bounds_including_the_trailing_block(n, size, expected):
     assert block_bounds(n, size) == expected
+
+
+def test_block_count_cuts_what_cutting_and_merging_the_trailing_block_cuts():
+    """``block_count``'s arithmetic (what a compiled score needs: no branch on N) against the rule written out: blocks
+    of ``b``, a trailing block shorter than ``b // 2`` merged into the one before."""
+    for size in range(1, 70):
+        for n in range(1, 300):
+            bounds = [*range(0, n, size), n]
+            if len(bounds) > 2 and n - bounds[-2] < size // 2:
+                del bounds[-2]
+            assert block_bounds(n, size) == bounds and block_count(n, size) == len(bounds) - 1
 
 
 def test_centred_prefix_sums_spans():
