@@ -4,7 +4,8 @@ What compiling costs (the first call; then the first call at each other context 
 graph already made), whether the compiled score keeps the positions the eager one keeps, how many kernels one
 compiled call runs (counted in inductor's generated code: fused kernels plus operations it leaves to PyTorch)
 against the operations the eager tensor path dispatches (``scripts/score_launches.py`` counts those per
-function), and the time per call of each path. On the CPU the shipped path (the C kernel) is timed too.
+function), and the time per call of each path, taking turns (``nestedkv.bench.speed.interleaved_medians``). On
+the CPU the shipped path (the C kernel) is timed too.
 docs/scoring_speed.md and docs/benchmarks_cuda.md quote its output.
 
     PYTHONPATH=src .venv/bin/python scripts/score_compiled.py [--device cuda] [--lengths 4096,5000,8192]
@@ -13,14 +14,14 @@ docs/scoring_speed.md and docs/benchmarks_cuda.md quote its output.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import time
+from functools import partial
 
 import torch
 from torch._inductor.utils import run_and_get_code
 
 from nestedkv import scoring_cpu
+from nestedkv.bench.speed import interleaved_medians, timed
 from nestedkv.scoring import Rotary, compiled_nestedkv_score, nestedkv_score
 from nestedkv.settings import NestedKVConfig
 
@@ -52,19 +53,11 @@ def main() -> None:
     lengths = [int(length) for length in args.lengths.split(",")]
     generator = torch.Generator(args.device).manual_seed(0)
     config = NestedKVConfig()
-    synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
 
     def layer(n: int) -> tuple[torch.Tensor, torch.Tensor, Rotary]:
         keys, values = (torch.randn(1, args.heads, n, 64, generator=generator, device=args.device).to(
             getattr(torch, args.dtype)) for _ in range(2))
         return keys, values, llama_rotary(n, 64, args.device)
-
-    def seconds(score, inputs) -> float:
-        synchronize()
-        start = time.perf_counter()
-        score(*inputs)
-        synchronize()
-        return time.perf_counter() - start
 
     def eager(keys, values, rotary) -> torch.Tensor:
         return nestedkv_score(keys, config, values, rotary)
@@ -72,34 +65,36 @@ def main() -> None:
     def compiled(keys, values, rotary) -> torch.Tensor:
         return compiled_nestedkv_score()(keys, config, values, rotary)
 
-    def median_ms(score) -> float:
-        score(*inputs)
-        times = sorted(seconds(score, inputs) for _ in range(args.repeats))
-        return times[len(times) // 2] * 1e3
+    def tensor_path(keys, values, rotary) -> torch.Tensor:
+        """The eager score without the C kernel: what a GPU (or a CPU without a C compiler) runs."""
+        kernel = scoring_cpu.kernel
+        scoring_cpu.kernel = lambda: None
+        try:
+            return eager(keys, values, rotary)
+        finally:
+            scoring_cpu.kernel = kernel
 
     inputs = layer(lengths[0])
-    start = time.perf_counter()
-    _, code = run_and_get_code(compiled, *inputs)  # the first call: compiles, and hands over the generated code
-    synchronize()
-    print(f"compiled, first call at N = {lengths[0]} (compiles): {time.perf_counter() - start:.1f} s")
+    # the first call compiles, and hands over the generated code
+    first, (_, code) = timed(partial(run_and_get_code, compiled, *inputs), args.device)
+    print(f"compiled, first call at N = {lengths[0]} (compiles): {first:.1f} s")
     call = [line for source in code if "def call(" in source for line in source.split("def call(", 1)[1].splitlines()]
     kernels = sum(bool(KERNEL_CALL.match(line)) for line in call)
     print(f"kernels one compiled call runs (inductor's generated code): {kernels}")
     for n in lengths[1:]:
         other = layer(n)
-        first = seconds(compiled, other)
+        first, _ = timed(partial(compiled, *other), args.device)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         print(f"compiled, first call at N = {n}: {first:.3f} s ({graphs} graphs compiled so far)")
         kept = [score.topk(n // 10).indices.sort().values for score in (compiled(*other), eager(*other))]
         print(f"  same top {n // 10} positions in every head as the eager score: {torch.equal(*kept)}")
-    per_call = {"compiled": median_ms(compiled)}
+    paths = {"compiled": compiled, "eager tensor path": tensor_path}
     if args.device == "cpu" and scoring_cpu.kernel() is not None:
-        per_call["shipped (C kernel)"] = median_ms(eager)
-    os.environ["NESTEDKV_CPU_KERNEL"] = "0"  # from here on the eager tensor path, as on a GPU
-    scoring_cpu.kernel.cache_clear()
-    per_call["eager tensor path"] = median_ms(eager)
-    for name, ms in per_call.items():
-        print(f"{name}: {ms:.2f} ms per call (median of {args.repeats}), N = {lengths[0]}")
+        paths["shipped (C kernel)"] = eager
+    calls = {name: partial(score, *inputs) for name, score in paths.items()}
+    for name, seconds in interleaved_medians(calls, args.repeats, 1, args.device).items():
+        print(f"{name}: {seconds * 1e3:.2f} ms per call (median of {args.repeats}, taking turns), N = {lengths[0]}")
+
 
 if __name__ == "__main__":
     main()

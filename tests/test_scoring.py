@@ -316,17 +316,16 @@ def test_the_compiled_score_is_one_graph_for_every_context_length(monkeypatch):
     counter = CompileCounterWithBackend("eager")
     compiled = compiled_nestedkv_score(counter)
     config = NestedKVConfig()
-    shipped = {}
     for n in (300, 1000, 4097, 40):
         generator = torch.Generator().manual_seed(n)
         rotary = random_rotary(1, n, 64, False, generator)
         keys, values = torch.randn(2, 1, 3, n, 64, generator=generator)
-        shipped[n] = nestedkv_score(keys, config, values, rotary)  # the C kernel's path where it builds
+        shipped = nestedkv_score(keys, config, values, rotary)  # the C kernel's path where it builds
         with monkeypatch.context() as patch:
             patch.setattr(scoring_cpu, "kernel", lambda: None)
             assert torch.equal(compiled(keys, config, values, rotary), nestedkv_score(keys, config, values, rotary))
         assert counter.frame_count == (1 if n >= config.block_size else 2)
-        assert_same_kept_positions(compiled(keys, config, values, rotary), shipped[n], atol=1e-5)
+        assert_same_kept_positions(compiled(keys, config, values, rotary), shipped, atol=1e-5)
 
 
 def test_undo_rotary_inverts_the_rotation():
