@@ -116,6 +116,28 @@ def test_the_compiled_score_keeps_what_the_eager_score_keeps(model, context_ids)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs <= 1
 
 
+def test_a_score_that_torch_compile_cannot_build_is_refused_in_one_line(model, context_ids, monkeypatch):
+    """Where torch.compile cannot build (no C++ compiler for inductor, no Triton on a GPU) ``compile_score=True``
+    stops with one line naming the cause and the way out, not torch's page of trace. The backend here fails as
+    inductor does without a compiler; a real one cannot be taken away reliably (inductor's disk cache may
+    already hold the built kernel)."""
+
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("No working C++ compiler found in torch._inductor.config.cpp.cxx\n(many more lines)")
+
+    monkeypatch.setattr(
+        "nestedkv.press.compiled_nestedkv_score",
+        lambda: torch.compile(nestedkv_score, backend=no_compiler, dynamic=True, fullgraph=True),
+    )
+    with pytest.raises(ValueError) as refused:
+        prefill(model, context_ids[:, :300], NestedKVPress(0.9, compile_score=True))
+    assert str(refused.value) == (
+        "compile_score=True: torch.compile could not build the score on this machine (RuntimeError: No working C++ "
+        "compiler found in torch._inductor.config.cpp.cxx); use compile_score=False (the eager score keeps the "
+        "same positions)"
+    )
+
+
 def test_a_ramp_tied_to_the_budget_weighs_each_layer_at_its_own_ratio(model, context_ids):
     """``recency_over_kept`` with budgets that differ across layers: each layer keeps what its own ratio's ramp
     weight keeps (keys turned back by hand as above), and that differs from the fixed ramp's choice."""

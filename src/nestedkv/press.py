@@ -362,7 +362,8 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
 
     ``compile_score``: score with :func:`~nestedkv.scoring.compiled_nestedkv_score` (``torch.compile``, one graph
     for every context length; the first prefill pays the compilation): for a GPU, where the eager score is bound
-    by its many small kernel launches; on the CPU the default path (a C kernel) is faster.
+    by its many small kernel launches; on the CPU the default path (a C kernel) is faster. Where torch.compile
+    cannot build (no C++ compiler, no Triton), the first prefill stops with a one-line ``ValueError``.
     """
 
     compile_score: bool = False
@@ -407,7 +408,16 @@ class NestedKVPress(_LeavesModelAsFound, NestedKVSettings, ScorerPress):
                 )
         # scores only pick positions: no gradient through them
         score = compiled_nestedkv_score() if self.compile_score else nestedkv_score
-        return score(keys.detach(), self.score_config(), values.detach(), rotary)
+        try:
+            return score(keys.detach(), self.score_config(), values.detach(), rotary)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            # torch's message runs to many lines (a compiler's output, hints for its own bug reports)
+            first_line = next(iter(str(error.inner_exception).strip().splitlines()), "")
+            cause = f"{type(error.inner_exception).__name__}: {first_line}"
+            raise ValueError(  # the CLI prints a ValueError as one line
+                f"compile_score=True: torch.compile could not build the score on this machine ({cause}); "
+                "use compile_score=False (the eager score keeps the same positions)"
+            ) from error
 
     def score_config(self) -> NestedKVConfig:
         """The score's settings at this press's (or layer's) ratio: the press itself, or, with a ramp tied
